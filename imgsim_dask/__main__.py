@@ -1,0 +1,5 @@
+"""`python -m imgsim_dask` runs the CLI."""
+
+from .cli import main
+
+main()

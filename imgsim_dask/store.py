@@ -1,0 +1,146 @@
+"""Store: one extracted source on disk, `STORE/NAME/`, and its HDF5 export.
+
+    features.zarr   rows x dim float32, row i <-> row i of the row table, NaN rows for failures
+    rows.parquet/   one part file per partition: kept CSV fields, `row`, status columns
+    meta.json       model, weights, dim, counts, timings, versions; written last, so a store
+                    without it is incomplete
+
+Only the driver writes (one writer, chunk-aligned, part files renamed into place), so
+workers need no shared filesystem and no two writers ever touch one Zarr chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from .errors import StoreError
+from .fetch import OK
+
+FEATURES = "features.zarr"
+ROWS = "rows.parquet"
+META = "meta.json"
+DEFAULT_STORE = "imgsim-store"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same directory, then rename into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class FeatureStore:
+    """A complete extracted source: features, row table and metadata."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def meta(self) -> dict:
+        return json.loads((self.path / META).read_text())
+
+    @property
+    def features(self) -> zarr.Array:
+        """The rows x dim float32 feature array (lazy, on disk)."""
+        return zarr.open_array(self.path / FEATURES, mode="r")
+
+    def rows(self, columns: list[str] | None = None) -> pd.DataFrame:
+        """The row table, sorted by row id."""
+        table = pd.read_parquet(self.path / ROWS, columns=columns)
+        return table.sort_values("row", ignore_index=True) if "row" in table else table
+
+    def status_counts(self) -> dict[str, int]:
+        counts = self.rows(["status"])["status"].value_counts()
+        return {str(k): int(v) for k, v in counts.items()}
+
+    def export_h5(self, path: str | os.PathLike) -> tuple[Path, Path]:
+        """Write the original's layout: HDF5 dataset `data` (ok rows, row order) + a TSV of fields."""
+        import h5py
+
+        target = Path(path)
+        if not target.parent.is_dir():
+            raise StoreError(f"cannot write {target}: directory {target.parent} does not exist")
+        rows = self.rows()
+        ok = rows["status"] == OK
+        features = self.features[:][ok.to_numpy()]
+        fields_path = target.with_name(f"{target.stem}_fields.csv")
+        fields = rows.loc[ok, list(self.meta["fields"])]
+
+        def write_h5(tmp: str) -> None:
+            with h5py.File(tmp, "w") as h5:
+                h5.create_dataset("data", data=features)
+                h5.attrs["model"] = self.meta["model"]
+                h5.attrs["rows"] = rows.loc[ok, "row"].to_numpy()
+
+        _atomic_write(target, write_h5)
+        _atomic_write(fields_path, lambda tmp: fields.to_csv(tmp, sep="\t", index=False))
+        return target, fields_path
+
+
+def open_store(store: str | os.PathLike, name: str) -> FeatureStore:
+    """Open a complete source by name, or raise a one-line `StoreError`."""
+    path = Path(store) / name
+    if not path.is_dir():
+        known = sorted(p.name for p in Path(store).iterdir() if (p / META).is_file()) \
+            if Path(store).is_dir() else []
+        hint = f" (known: {', '.join(known)})" if known else ""
+        raise StoreError(f"no source named {name!r} in store {store}{hint}")
+    if not (path / META).is_file():
+        raise StoreError(f"source {name!r} in {store} is incomplete (the extraction did not "
+                         "finish); run the extraction again with --overwrite")
+    return FeatureStore(path)
+
+
+class StoreWriter:
+    """Creates a source and writes it one partition at a time, then seals it with meta.json."""
+
+    def __init__(self, store: str | os.PathLike, name: str, n_rows: int, dim: int,
+                 chunk_rows: int, overwrite: bool = False):
+        if not name or name != Path(name).name or name.startswith("."):
+            raise StoreError(f"invalid source name {name!r}: use a plain name like 'books'")
+        self.path = Path(store) / name
+        if self.path.exists():
+            if not overwrite:
+                raise StoreError(f"source {name!r} already exists in {store}; "
+                                 "pass --overwrite to replace it")
+            shutil.rmtree(self.path)
+        try:
+            (self.path / ROWS).mkdir(parents=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create {self.path}: {exc.strerror or exc}") from None
+        self.chunk_rows = chunk_rows
+        self.features = zarr.create_array(
+            self.path / FEATURES, shape=(n_rows, dim), chunks=(max(1, min(chunk_rows, n_rows)), dim),
+            dtype="float32", fill_value=np.nan,
+        )
+
+    def write_partition(self, index: int, features: np.ndarray, rows: pd.DataFrame) -> None:
+        """Write partition `index` (rows [index*chunk_rows, ...)): one Zarr chunk, one part file."""
+        start = index * self.chunk_rows
+        self.features[start:start + len(features)] = features
+        part = self.path / ROWS / f"part-{index:05d}.parquet"
+        _atomic_write(part, lambda tmp: rows.to_parquet(tmp, index=False))
+
+    def finish(self, meta: dict) -> FeatureStore:
+        """Seal the source: after this it opens as complete."""
+        _atomic_write(self.path / META,
+                      lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, default=str)))
+        return FeatureStore(self.path)
