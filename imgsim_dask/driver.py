@@ -126,7 +126,7 @@ def _run(client: Client, source: CsvSource, name: str, store: str, options: Extr
             if last_use[block] == k:
                 block_futures.pop(block)  # the rows task keeps it alive as long as needed
         first_row = k * options.partition_rows
-        rows = client.submit(assemble_partition, first_row, slices, key=f"rows-{k:05d}-{token}",
+        rows = client.submit(assemble_partition, first_row, slices, list(source.keep), key=f"rows-{k:05d}-{token}",
                              retries=TASK_RETRIES)
         fetched = client.submit(fetch_partition, rows, source.url_col, fetch_options,
                                 key=f"fetch-{k:05d}-{token}", resources=fetch_resources,

