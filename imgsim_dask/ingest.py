@@ -57,7 +57,10 @@ def inspect_csv(
     head = _read_head(path)
     if not head.strip():
         raise InputError(f"{path}: the CSV file is empty")
-    first_line = head.splitlines()[0]
+    lines = [line for line in head.splitlines() if line.strip()]
+    if header and len(lines) < 2 and len(head.encode()) < _SNIFF_BYTES:
+        raise InputError(f"{path}: no data rows (only a header?)")
+    first_line = lines[0]
     parsed = next(csv.reader(io.StringIO(first_line), delimiter=delimiter))
     if len(parsed) == 1:
         hint = next((d for d in _OTHER_DELIMITERS if d != delimiter and d in first_line), None)

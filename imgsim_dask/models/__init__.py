@@ -107,7 +107,7 @@ def _weights_file(model: str, path: Path, source: str) -> Weights:
 
 
 def _mobilenet_default() -> Weights:
-    from .mobilenet import WEIGHTS_FILE, WEIGHTS_URL
+    from .mobilenet import WEIGHTS_FILE
 
     cached = keras_cache_dir() / "models" / WEIGHTS_FILE
     if cached.is_file():
@@ -117,11 +117,11 @@ def _mobilenet_default() -> Weights:
     try:
         downloaded = Path(download_weights())
     except Exception as exc:  # Keras wraps every network failure differently
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][-120:]
         raise WeightsError(
-            f"MobileNet ImageNet weights unavailable (download failed: {reason}). Provide them "
-            f"with --weights PATH, or copy {WEIGHTS_FILE} to {cached}, or allow the download "
-            f"from {WEIGHTS_URL}; or use --model efficientnet-lite0, whose weights install offline"
+            f"MobileNet ImageNet weights unavailable (download failed: {reason}); provide them "
+            f"with --weights PATH, or put {WEIGHTS_FILE} in {cached.parent}, or use "
+            "--model efficientnet-lite0 (its weights install offline)"
         ) from None
     return _weights_file("mobilenet", downloaded, f"keras download {downloaded}")
 
