@@ -32,47 +32,88 @@ def cli(verbose: bool) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def _options(*decorators):
+    """Apply click options in the order they read."""
+    def apply(command):
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+    return apply
+
+
+csv_options = _options(
+    click.option("--delimiter", default=",", show_default=True, help="CSV field delimiter."),
+    click.option("--no-header", is_flag=True, help="The CSV has no header row."),
+    click.option("--cols", help="Columns to keep, comma-separated (with --no-header: names for "
+                                "all)."),
+    click.option("--url-col", help="Column holding the image URL or path [default: last kept "
+                                   "column]."),
+    click.option("--id-col", help="Column identifying a row [default: first column]."),
+)
+model_options = _options(
+    click.option("--model", default="mobilenet", show_default=True,
+                  type=click.Choice(["mobilenet", "efficientnet-lite0"])),
+    click.option("--weights", help="Weights file, or 'random' (tests/benchmarks only)."),
+    click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1)),
+    click.option("--partition-rows", default=512, show_default=True, type=click.IntRange(1),
+                 help="Rows per partition (and per Zarr chunk)."),
+    click.option("--fetch-threads", default=16, show_default=True, type=click.IntRange(1),
+                 help="Concurrent downloads per fetch worker process."),
+    click.option("--timeout", default=20.0, show_default=True, type=click.FloatRange(0.1),
+                 help="Read timeout per request, seconds."),
+    click.option("--overwrite", is_flag=True, help="Replace an existing source of this name."),
+    click.option("--progress/--no-progress", default=True, show_default=True),
+)
+cluster_options = _options(
+    click.option("--scheduler", help="Dask scheduler address [default: "
+                                     "$DASK_SCHEDULER_ADDRESS, else a local cluster]."),
+    click.option("--workers", type=click.IntRange(1), help="Fetch workers of the local cluster."),
+)
+match_options = _options(
+    click.option("--thresh", "threshold", type=float,
+                 help="Keep pairs with similarity >= THRESH [default: the model's, 0.845 for "
+                      "mobilenet; none with --top-k]."),
+    click.option("--top-k", type=click.IntRange(1), help="Keep the K best matches per row."),
+    click.option("--max-pairs", type=click.IntRange(1),
+                 help="Stop early if the estimated pair count exceeds this."),
+    click.option("--out", type=click.Path(), help="Result table: .parquet, .csv or a directory."),
+)
+
+
+def _csv_kwargs(kw: dict) -> dict:
+    """Pop the CSV options; `--delimiter '\\t'` means a tab."""
+    delimiter = kw.pop("delimiter")
+    return {"delimiter": "\t" if delimiter == "\\t" else delimiter,
+            "header": not kw.pop("no_header"), "cols": _split(kw.pop("cols")),
+            "url_col": kw.pop("url_col"), "id_col": kw.pop("id_col")}
+
+
+def _extract_options(kw: dict):
+    from .driver import ExtractOptions
+    from .fetch import FetchOptions
+
+    return ExtractOptions(
+        model=kw.pop("model"), weights=kw.pop("weights"), batch_size=kw.pop("batch_size"),
+        partition_rows=kw.pop("partition_rows"), overwrite=kw.pop("overwrite"),
+        fetch=FetchOptions(threads=kw.pop("fetch_threads"), read_timeout=kw.pop("timeout")),
+        progress=kw.pop("progress"),
+    )
+
+
 @cli.command()
 @click.argument("csv", type=str)
 @click.option("--name", required=True, help="Name of the source in the store.")
 @store_option
-@click.option("--delimiter", default=",", show_default=True, help="CSV field delimiter.")
-@click.option("--no-header", is_flag=True, help="The CSV has no header row.")
-@click.option("--cols", help="Columns to keep, comma-separated (with --no-header: names for all).")
-@click.option("--url-col", help="Column holding the image URL or path [default: last kept column].")
-@click.option("--id-col", help="Column identifying a row [default: first column].")
-@click.option("--model", default="mobilenet", show_default=True,
-              type=click.Choice(["mobilenet", "efficientnet-lite0"]))
-@click.option("--weights", help="Weights file, or 'random' (tests/benchmarks only).")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
-@click.option("--partition-rows", default=512, show_default=True, type=click.IntRange(1),
-              help="Rows per partition (and per Zarr chunk).")
-@click.option("--fetch-threads", default=16, show_default=True, type=click.IntRange(1),
-              help="Concurrent downloads per fetch worker process.")
-@click.option("--timeout", default=20.0, show_default=True, type=click.FloatRange(0.1),
-              help="Read timeout per request, seconds.")
-@click.option("--scheduler", help="Dask scheduler address [default: $DASK_SCHEDULER_ADDRESS, "
-                                  "else a local cluster].")
-@click.option("--workers", type=click.IntRange(1), help="Fetch workers of the local cluster.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing source of this name.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
-def extract(csv, name, store, delimiter, no_header, cols, url_col, id_col, model, weights,
-            batch_size, partition_rows, fetch_threads, timeout, scheduler, workers, overwrite,
-            progress):
+@csv_options
+@model_options
+@cluster_options
+def extract(csv, name, store, scheduler, workers, **kw):
     """Extract CNN features for every row of CSV into STORE/NAME."""
-    from .driver import ExtractOptions, extract as run_extract
-    from .fetch import FetchOptions
+    from .driver import extract as run_extract
 
-    if delimiter == "\\t":
-        delimiter = "\t"
-    options = ExtractOptions(
-        model=model, weights=weights, batch_size=batch_size, partition_rows=partition_rows,
-        fetch=FetchOptions(threads=fetch_threads, read_timeout=timeout), overwrite=overwrite,
-        progress=progress,
-    )
+    csv_kwargs = _csv_kwargs(kw)
     source = run_extract(csv, name, store, scheduler=scheduler, workers=workers,
-                         delimiter=delimiter, header=not no_header, cols=_split(cols),
-                         url_col=url_col, id_col=id_col, options=options)
+                         options=_extract_options(kw), **csv_kwargs)
     _print_summary(source)
 
 
@@ -111,6 +152,86 @@ def export(name, store, h5_path):
 
     h5, fields = open_store(store, name).export_h5(h5_path)
     click.echo(f"wrote {h5} and {fields}")
+
+
+@cli.command()
+@click.argument("name1")
+@click.argument("name2")
+@store_option
+@match_options
+@cluster_options
+def match(name1, name2, store, **kw):
+    """Match source NAME1 against NAME2 (the same name: near-duplicates within it)."""
+    from .pairs import match_sources
+
+    _print_match(match_sources(name1, name2, store, **kw))
+
+
+@cli.command()
+@click.argument("name")
+@store_option
+@match_options
+@cluster_options
+def dedupe(name, store, **kw):
+    """Find near-duplicate groups within one source (each pair once, with a group id)."""
+    from .pairs import match_sources
+
+    _print_match(match_sources(name, name, store, **kw))
+
+
+@cli.command()
+@click.argument("csv1")
+@click.argument("csv2", required=False)
+@click.option("--names", nargs=2, help="Source names [default: the CSV file stems].")
+@store_option
+@csv_options
+@model_options
+@match_options
+@cluster_options
+def run(csv1, csv2, names, store, threshold, top_k, max_pairs, out, scheduler, workers, **kw):
+    """Extract CSV1 and CSV2 (skipping complete sources) and match them; one CSV: dedupe it."""
+    from .workflow import run as run_job
+
+    csv_kwargs = _csv_kwargs(kw)
+    result = run_job(csv1, csv2, list(names) if names else None, store, out=out,
+                     threshold=threshold, top_k=top_k, max_pairs=max_pairs,
+                     scheduler=scheduler, workers=workers, csv_options=csv_kwargs,
+                     options=_extract_options(kw))
+    _print_match(result)
+
+
+@cli.command()
+@click.option("--dir", "workdir", default="imgsim-demo", show_default=True,
+              type=click.Path(file_okay=False), help="Where the demo writes images and results.")
+@click.option("--workers", type=click.IntRange(1), help="Fetch workers of the local cluster.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def demo(workdir, workers, progress):
+    """Offline demo: serve sample photos and edited copies on 127.0.0.1, extract, match."""
+    from pathlib import Path
+
+    from .demo import serve_directory, write_csvs
+    from .driver import ExtractOptions
+    from .workflow import run as run_job
+
+    root = Path(workdir)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    with serve_directory(root / "images") as base_url:
+        catalogue, uploads = write_csvs(root, base_url)
+        click.echo(f"serving {len(list((root / 'images').iterdir()))} demo images at {base_url}")
+        options = ExtractOptions(model="efficientnet-lite0", partition_rows=8, batch_size=8,
+                                 overwrite=True, progress=progress)
+        result = run_job(str(uploads), str(catalogue), ["uploads", "catalogue"],
+                         str(root / "store"), out=root / "matches.csv", top_k=1,
+                         threshold=None, workers=workers, options=options)
+    _print_match(result, show=len(result.pairs))
+
+
+def _print_match(result, show: int = 10) -> None:
+    table = result.pairs
+    if len(table) and show:
+        columns = [c for c in table.columns if c.endswith(("_id", "_title"))] + ["similarity"]
+        click.echo(table[columns].head(show).to_string(index=False))
+    click.echo(result.summary())
 
 
 def main() -> None:

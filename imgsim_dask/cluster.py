@@ -66,5 +66,5 @@ def connect(scheduler: str | None = None, client: Client | None = None,
 
 def workers_with(client: Client, resource: str) -> list[str]:
     """Addresses of the workers that advertise `resource`."""
-    workers = client.scheduler_info(n_workers=-1)["workers"]
+    workers = client.scheduler_info()["workers"]
     return [addr for addr, info in workers.items() if info.get("resources", {}).get(resource)]

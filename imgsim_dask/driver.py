@@ -154,7 +154,7 @@ def _run(client: Client, source: CsvSource, name: str, store: str, options: Extr
             for status, count in rows["status"].value_counts().items():
                 counts[str(status)] = counts.get(str(status), 0) + int(count)
             progress.update(len(rows))
-            progress.set_postfix(failed=n_rows_failed(counts), refresh=False)
+            progress.set_postfix(failed=_failed(counts), refresh=False)
             if next_k < len(plan):
                 nxt = submit(next_k)
                 index_of[nxt.key] = next_k
@@ -187,12 +187,12 @@ def _run(client: Client, source: CsvSource, name: str, store: str, options: Extr
     return writer.finish(meta)
 
 
-def n_rows_failed(counts: dict[str, int]) -> int:
+def _failed(counts: dict[str, int]) -> int:
     return sum(v for k, v in counts.items() if k != OK)
 
 
 def _fetch_slots(client: Client, fetch_resources: dict | None) -> int:
-    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    workers = client.scheduler_info()["workers"].values()
     if fetch_resources:
         return int(sum(w.get("resources", {}).get(NET, 0) for w in workers))
     return int(sum(w.get("nthreads", 1) for w in workers))

@@ -31,7 +31,7 @@ META = "meta.json"
 DEFAULT_STORE = "imgsim-store"
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same directory, then rename into place."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
@@ -90,8 +90,8 @@ class FeatureStore:
                 h5.attrs["model"] = self.meta["model"]
                 h5.attrs["rows"] = rows.loc[ok, "row"].to_numpy()
 
-        _atomic_write(target, write_h5)
-        _atomic_write(fields_path, lambda tmp: fields.to_csv(tmp, sep="\t", index=False))
+        atomic_write(target, write_h5)
+        atomic_write(fields_path, lambda tmp: fields.to_csv(tmp, sep="\t", index=False))
         return target, fields_path
 
 
@@ -137,10 +137,10 @@ class StoreWriter:
         start = index * self.chunk_rows
         self.features[start:start + len(features)] = features
         part = self.path / ROWS / f"part-{index:05d}.parquet"
-        _atomic_write(part, lambda tmp: rows.to_parquet(tmp, index=False))
+        atomic_write(part, lambda tmp: rows.to_parquet(tmp, index=False))
 
     def finish(self, meta: dict) -> FeatureStore:
         """Seal the source: after this it opens as complete."""
-        _atomic_write(self.path / META,
+        atomic_write(self.path / META,
                       lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, default=str)))
         return FeatureStore(self.path)

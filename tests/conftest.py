@@ -20,10 +20,22 @@ from PIL import Image
 SEED_DEMO = Path(__file__).resolve().parents[2] / "shared" / "seed" / "demo"
 
 
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
+
+
 @pytest.fixture(autouse=True)
 def loopback_only(monkeypatch):
-    """Fail the test on any attempt to connect to a non-loopback address."""
+    """Fail the test on any attempt to resolve or connect to anything but loopback."""
     real_connect = socket.socket.connect
+    real_getaddrinfo = socket.getaddrinfo
+
+    def guarded_getaddrinfo(host, *args, **kwargs):
+        if host is not None and str(host).lower() not in LOOPBACK_NAMES \
+                and not str(host).startswith("127."):
+            raise AssertionError(f"test tried to resolve {host!r}")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
 
     def guarded(sock, address):
         if sock.family in (socket.AF_INET, socket.AF_INET6):
