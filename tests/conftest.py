@@ -125,3 +125,26 @@ def client():
             Client(cluster) as dask_client:
         dask_client.wait_for_workers(2, timeout=120)
         yield dask_client
+
+
+def _save_legacy_h5(model, path):
+    """Write weights in the Keras-applications .h5 layout (what the Keras cache holds)."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    with h5py.File(path, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, model)
+
+
+@pytest.fixture(scope="session")
+def mobilenet_h5(tmp_path_factory):
+    """A MobileNet no-top weights file with non-default values (stands in for ImageNet weights)."""
+    import keras
+
+    from imgsim_dask.models.mobilenet import WEIGHTS_FILE, build_mobilenet
+
+    keras.utils.set_random_seed(7)
+    backbone = build_mobilenet(None).get_layer("mobilenet_1.00_224")
+    path = tmp_path_factory.mktemp("keras") / WEIGHTS_FILE
+    _save_legacy_h5(backbone, path)
+    return path

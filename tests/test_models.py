@@ -9,7 +9,7 @@ import pytest
 
 from imgsim_dask.errors import WeightsError
 from imgsim_dask.models import build_model, get_spec, resolve_weights
-from imgsim_dask.models.mobilenet import WEIGHTS_FILE, build_mobilenet
+from imgsim_dask.models.mobilenet import WEIGHTS_FILE
 
 
 def test_specs():
@@ -44,27 +44,6 @@ def test_download_failure_names_every_way_out(tmp_path, monkeypatch):
 def unit(x) -> np.ndarray:
     x = np.asarray(x, np.float64)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def _save_legacy_h5(model, path):
-    """Write weights in the Keras-applications .h5 layout (what the cache holds)."""
-    import h5py
-    from keras.src.legacy.saving import legacy_h5_format
-
-    with h5py.File(path, "w") as f:
-        legacy_h5_format.save_weights_to_hdf5_group(f, model)
-
-
-@pytest.fixture(scope="module")
-def mobilenet_h5(tmp_path_factory):
-    """A MobileNet no-top weights file with non-default values (stands in for ImageNet weights)."""
-    import keras
-
-    keras.utils.set_random_seed(7)
-    backbone = build_mobilenet(None).get_layer("mobilenet_1.00_224")
-    path = tmp_path_factory.mktemp("keras") / WEIGHTS_FILE
-    _save_legacy_h5(backbone, path)
-    return path
 
 
 def test_keras_cache_is_used_and_loaded(tmp_path, monkeypatch, mobilenet_h5):
