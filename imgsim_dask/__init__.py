@@ -3,7 +3,13 @@
 from .driver import ExtractOptions, extract
 from .errors import ImgsimError
 from .fetch import FetchOptions
+from .match import MatchOptions, match_features
+from .pairs import MatchResult, match_sources
 from .store import FeatureStore, open_store
+from .workflow import run
 
-__all__ = ["ExtractOptions", "FeatureStore", "FetchOptions", "ImgsimError", "extract", "open_store"]
+__all__ = [
+    "ExtractOptions", "FeatureStore", "FetchOptions", "ImgsimError", "MatchOptions", "MatchResult",
+    "extract", "match_features", "match_sources", "open_store", "run",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,110 @@
+"""Demo: a small offline image set, served over real HTTP from 127.0.0.1.
+
+The photographs ship with scikit-image. A "catalogue" holds the originals; an "uploads"
+collection holds edited copies (resized, cropped, re-encoded, watermarked, greyscale,
+mirrored) of some of them plus photographs the catalogue does not have. Matching uploads
+against the catalogue should find exactly the copies.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image, ImageDraw, ImageOps
+
+CATALOGUE = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "camera.png",
+             "coins.png", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png",
+             "retina.jpg", "brick.png", "page.png")
+UNRELATED = ("moon.png", "grass.png", "gravel.png", "clock_motion.png")
+
+
+def _edits() -> dict[str, callable]:
+    """Named edits that keep an image 'the same picture' for a person."""
+    def watermark(image: Image.Image) -> Image.Image:
+        image = image.copy()
+        draw = ImageDraw.Draw(image)
+        w, h = image.size
+        draw.rectangle((w // 20, h - h // 6, w // 2, h - h // 20), fill=(255, 255, 255))
+        draw.text((w // 16, h - h // 7), "(c) imgsim demo", fill=(0, 0, 0))
+        return image
+
+    def crop(image: Image.Image) -> Image.Image:
+        w, h = image.size
+        return image.crop((w // 10, h // 10, w - w // 10, h - h // 10))
+
+    return {
+        "resized": lambda im: im.resize((im.width // 2, im.height // 2)),
+        "cropped": crop,
+        "recompressed": lambda im: im,  # saved at JPEG quality 15 below
+        "watermarked": watermark,
+        "greyscale": lambda im: ImageOps.grayscale(im).convert("RGB"),
+        "mirrored": ImageOps.mirror,
+    }
+
+
+def sample_path(filename: str) -> Path:
+    """A sample photograph shipped inside scikit-image (read from disk, never downloaded)."""
+    import skimage.data
+
+    return Path(skimage.data.__file__).parent / filename
+
+
+def build_images(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Write the demo images under `root`; return the catalogue and uploads tables (id, title, file)."""
+    root.mkdir(parents=True, exist_ok=True)
+    catalogue, uploads = [], []
+    for filename in CATALOGUE:
+        stem = filename.rsplit(".", 1)[0]
+        image = Image.open(sample_path(filename)).convert("RGB")
+        image.save(root / f"{stem}.jpg", quality=92)
+        catalogue.append({"id": f"cat-{stem}", "title": stem, "file": f"{stem}.jpg"})
+    edits = list(_edits().items())
+    for i, filename in enumerate(CATALOGUE[:len(edits) + 2]):
+        stem = filename.rsplit(".", 1)[0]
+        edit, apply = edits[i % len(edits)]
+        image = apply(Image.open(sample_path(filename)).convert("RGB"))
+        image.save(root / f"{stem}-{edit}.jpg", quality=15 if edit == "recompressed" else 90)
+        uploads.append({"id": f"up-{stem}-{edit}", "title": f"{stem} ({edit})",
+                        "file": f"{stem}-{edit}.jpg"})
+    for filename in UNRELATED:
+        stem = filename.rsplit(".", 1)[0]
+        Image.open(sample_path(filename)).convert("RGB").save(root / f"{stem}.jpg", quality=90)
+        uploads.append({"id": f"up-{stem}", "title": stem, "file": f"{stem}.jpg"})
+    return pd.DataFrame(catalogue), pd.DataFrame(uploads)
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def serve_directory(root: Path) -> Iterator[str]:
+    """Serve `root` over HTTP on 127.0.0.1 (a free port) while the block runs; yield the base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(root)))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="imgsim-demo-http", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def write_csvs(workdir: Path, base_url: str) -> tuple[Path, Path]:
+    """Build the images and write `catalogue.csv` and `uploads.csv` whose URLs point at `base_url`."""
+    catalogue, uploads = build_images(workdir / "images")
+    paths = []
+    for name, table in (("catalogue", catalogue), ("uploads", uploads)):
+        table = table.assign(url=base_url + "/" + table.pop("file"))
+        path = workdir / f"{name}.csv"
+        table.to_csv(path, index=False)
+        paths.append(path)
+    return paths[0], paths[1]

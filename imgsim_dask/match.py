@@ -1,0 +1,549 @@
+"""Match: score the feature rows of A against those of B and keep only the pairs that matter.
+
+The n x m similarity matrix never exists. The driver reads B slice by slice and scatters the
+slices to the workers tagged `GPU`, where an aligned copy (`bslice-NNNNN-<token>`) stays
+resident for the whole run; then it streams blocks of A through a bounded window of
+`score-NNNNN-<token>` tasks and collects their pairs as they complete. Each task splits its
+block's rows over a few threads; each thread computes one sgemm per B slice into a reused
+buffer and keeps either every pair at or above the threshold or each row's top k (a running
+merge), so only pairs leave the task. Memory per task is about `block_rows x slice_rows x 5`
+bytes (similarities + a mask) besides B, whatever n and m are. `client=None` runs the same
+kernel in-process.
+
+Semantics, fixed here once:
+
+- Rows that are not finite or are all zero (failed rows are stored all-NaN) never match.
+- Similarities are float32 dot products (cosine for L2-normalised rows); the threshold is
+  compared in float32 (`sim >= float32(threshold)`).
+- Threshold mode: every pair with `sim >= threshold`.
+- Top-k mode: for each A row, its k best B rows ordered by similarity descending, then row
+  of B ascending (so ties are broken by the smaller row id, deterministically). With a
+  threshold too, those of the k that fall below it are dropped.
+- Self match (A is B): a row never matches itself and each unordered pair appears once, as
+  `row_a < row_b`. Threshold mode: every pair `i < j` with `sim >= threshold`. Top-k mode:
+  each row takes its k best neighbours other than itself (ties as above, then the threshold
+  filter), and the pair set is the union of those choices, so a pair is kept when either row
+  chose the other; its similarity is the larger of the (at most two, equal up to float32
+  rounding) computed values.
+- Output order: `row_a` ascending, then similarity descending, then `row_b` ascending.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from distributed import Client, as_completed
+
+from .cluster import GPU, workers_with
+from .errors import ImgsimError, InputError
+
+logger = logging.getLogger(__name__)
+
+TASK_RETRIES = 2  # as in the driver (B itself is scattered data: it lives as long as its workers)
+ESTIMATE_SAMPLE_ROWS = 256
+MIN_ROWS_PER_THREAD = 64  # below this, splitting a block over threads costs more than it gives
+_PARTITION_ROWS = 256  # rows per np.partition call in the top-k kernel (bounds its temporary)
+_LOWEST = np.float32(-np.finfo(np.float32).max)  # below every real similarity, above -inf
+
+Pairs = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+@dataclass(frozen=True)
+class MatchOptions:
+    """What to keep and how to cut the work.
+
+    `block_rows` rows of A per task against resident slices of `slice_rows` rows of B: a task
+    needs about `block_rows * slice_rows * 5` bytes besides its inputs (40 MiB by default).
+    `threads` (default: the CPUs this process may use) split a block's rows inside a task;
+    each thread runs its own sgemm, so the kernel uses every core even where BLAS is limited
+    to one thread (Dask's nanny sets OPENBLAS_NUM_THREADS=1 in workers). `max_pairs` stops a
+    run before scoring when the estimated pair count exceeds it.
+    """
+
+    threshold: float | None = None
+    top_k: int | None = None
+    block_rows: int = 2048
+    slice_rows: int = 4096
+    max_pairs: int | None = None
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.threshold is not None and not (-1.0 <= float(self.threshold) <= 1.0):
+            raise InputError(f"--thresh {self.threshold} is outside [-1, 1] (cosine similarity)")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+            raise InputError(f"--top-k must be an integer of at least 1, got {self.top_k!r}")
+        for name in ("block_rows", "slice_rows"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise InputError(f"{name} must be an integer of at least 1, got {value!r}")
+        if self.max_pairs is not None and (not _is_int(self.max_pairs) or self.max_pairs < 0):
+            raise InputError(f"--max-pairs must be a non-negative integer, got {self.max_pairs!r}")
+        if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
+            raise InputError(f"threads must be an integer of at least 1, got {self.threads!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+# --------------------------------------------------------------------------------------
+# Kernel (runs inside a task, or in-process)
+# --------------------------------------------------------------------------------------
+
+def valid_rows(x: np.ndarray) -> np.ndarray:
+    """True for rows that can match: all finite and not all zero."""
+    if x.shape[1] == 0:
+        return np.zeros(len(x), dtype=bool)
+    norms = np.einsum("ij,ij->i", x, x)  # NaN or inf anywhere in a row makes its norm non-finite
+    return np.isfinite(norms) & (norms > 0)
+
+
+def score_block(
+    a_block: np.ndarray,
+    a_start: int,
+    b_slices: Sequence[np.ndarray],
+    b_starts: Sequence[int],
+    threshold: float | None,
+    top_k: int | None,
+    self_match: bool,
+    *,
+    b_valid: Sequence[np.ndarray] | None = None,
+    threads: int | None = None,
+) -> Pairs:
+    """Pairs of A rows `a_start ...` against every B slice: `(rows_a, rows_b, similarity)`.
+
+    `b_slices[j]` holds the B rows starting at `b_starts[j]` (ascending, contiguous, the same
+    for every block); `b_valid[j]` their `valid_rows` mask (computed here when not given).
+    Pairs follow the module's semantics; in self top-k mode they are already canonical
+    (`row_a < row_b`) but a pair chosen from two blocks appears in both blocks' results.
+    """
+    a = _as_float32(a_block)
+    ids = np.arange(a_start, a_start + len(a), dtype=np.int64)
+    return _score_rows(a, ids, b_slices, b_starts, b_valid, threshold, top_k, self_match, threads)
+
+
+def _score_rows(a: np.ndarray, ids: np.ndarray, b_slices: Sequence[np.ndarray],
+                b_starts: Sequence[int], b_valid: Sequence[np.ndarray] | None,
+                threshold: float | None, top_k: int | None, self_match: bool,
+                threads: int | None) -> Pairs:
+    """`score_block` for A rows with global ids `ids` (ascending, not necessarily contiguous)."""
+    if threshold is None and top_k is None:
+        raise InputError("give a threshold, a top-k, or both")
+    slices = [_checked_2d(s) for s in b_slices]  # made float32/aligned one at a time, below
+    starts = [int(s) for s in b_starts]
+    valids = list(b_valid) if b_valid is not None else [valid_rows(s) for s in slices]
+    keep = valid_rows(a)
+    if not keep.all():
+        a, ids = a[keep], ids[keep]
+    nonempty = [j for j, s in enumerate(slices) if len(s)]
+    slices = [slices[j] for j in nonempty]
+    starts = [starts[j] for j in nonempty]
+    valids = [np.asarray(valids[j], dtype=bool) for j in nonempty]
+    if not len(a) or not slices:
+        return _empty()
+
+    n_threads = max(1, min(threads or available_cpus(), len(a) // MIN_ROWS_PER_THREAD))
+    bounds = np.linspace(0, len(a), n_threads + 1).astype(int)
+
+    def run(t: int) -> Pairs:
+        rows = slice(bounds[t], bounds[t + 1])
+        if top_k is None:
+            return _threshold_rows(a[rows], ids[rows], slices, starts, valids, threshold, self_match)
+        return _top_k_rows(a[rows], ids[rows], slices, starts, valids, top_k, threshold, self_match)
+
+    if n_threads == 1:
+        parts = [run(0)]
+    else:
+        with ThreadPoolExecutor(n_threads, thread_name_prefix="score") as pool:
+            parts = list(pool.map(run, range(n_threads)))
+    pairs = _concat(parts)
+    if self_match and top_k is not None:
+        pairs = _dedupe(*pairs)
+    return pairs
+
+
+def _threshold_rows(a: np.ndarray, ids: np.ndarray, slices: list[np.ndarray], starts: list[int],
+                    valids: list[np.ndarray], threshold: float, self_match: bool) -> Pairs:
+    """Every pair with sim >= threshold (self: only ids[i] < row_b), one sgemm per slice."""
+    limit = np.float32(threshold)
+    width = max(len(s) for s in slices)
+    sims_buffer = np.empty(len(a) * width, dtype=np.float32)
+    hits_buffer = np.empty(len(a) * width, dtype=bool)
+    first_id, last_id = int(ids[0]), int(ids[-1])
+    out: list[Pairs] = []
+    for b, start, valid in zip(slices, starts, valids):
+        b = _as_float32(b)
+        skip = 0
+        if self_match:  # only columns after the block's first row can pair with it
+            skip = max(0, first_id + 1 - start)
+            if skip >= len(b):
+                continue
+        cols = len(b) - skip
+        sims = sims_buffer[:len(a) * cols].reshape(len(a), cols)
+        np.matmul(a, b[skip:].T, out=sims)
+        hits = hits_buffer[:sims.size]
+        np.greater_equal(sims.reshape(-1), limit, out=hits)
+        flat = np.flatnonzero(hits)
+        if not flat.size:
+            continue
+        r, c = np.divmod(flat, cols)
+        c += skip
+        keep = None if valid.all() else valid[c]
+        rows_b = c + start
+        if self_match and start + skip <= last_id:  # the block's own triangle
+            above = rows_b > ids[r]
+            keep = above if keep is None else keep & above
+        values = sims.reshape(-1)[flat]
+        rows_a = ids[r]
+        if keep is not None:
+            rows_a, rows_b, values = rows_a[keep], rows_b[keep], values[keep]
+        out.append((rows_a, rows_b, values))
+    return _concat(out)
+
+
+def _top_k_rows(a: np.ndarray, ids: np.ndarray, slices: list[np.ndarray], starts: list[int],
+                valids: list[np.ndarray], k: int, threshold: float | None,
+                self_match: bool) -> Pairs:
+    """Each row's k best (sim desc, row_b asc) over all slices, by a running merge.
+
+    `best_sims`/`best_ids` hold each row's best so far, sorted; once a row holds k, a new
+    column can only enter with a similarity strictly above its k-th (an equal one has a larger
+    row id, since slices come in ascending order), so most columns are rejected by a compare.
+    """
+    n = len(a)
+    best_sims = np.full((n, k), -np.inf, dtype=np.float32)
+    best_ids = np.full((n, k), -1, dtype=np.int64)
+    width = max(len(s) for s in slices)
+    sims_buffer = np.empty(n * width, dtype=np.float32)
+    hits_buffer = np.empty(n * width, dtype=bool)
+    row_index = np.arange(n)
+    for b, start, valid in zip(slices, starts, valids):
+        b = _as_float32(b)
+        cols = len(b)
+        sims = sims_buffer[:n * cols].reshape(n, cols)
+        np.matmul(a, b.T, out=sims)
+        if not valid.all():
+            sims[:, ~valid] = -np.inf
+        if self_match:
+            own = ids - start
+            inside = (own >= 0) & (own < cols)
+            sims[row_index[inside], own[inside]] = -np.inf
+
+        bound = best_sims[:, k - 1].copy()
+        strict = bound > -np.inf  # rows already holding k
+        if not strict.all():
+            # Rows still short of k: only the slice's own k best (with ties) can enter.
+            short = np.flatnonzero(~strict)
+            if cols >= k:
+                for lo in range(0, len(short), _PARTITION_ROWS):
+                    part = sims[short[lo:lo + _PARTITION_ROWS]]
+                    part.partition(cols - k, axis=1)
+                    bound[short[lo:lo + _PARTITION_ROWS]] = part[:, cols - k]
+        bound = np.maximum(bound, _LOWEST)  # never take -inf (invalid, itself)
+        cutoff = np.where(strict, np.nextafter(bound, np.float32(np.inf)), bound)
+        hits = hits_buffer[:sims.size].reshape(n, cols)
+        np.greater_equal(sims, cutoff[:, None], out=hits)
+        flat = np.flatnonzero(hits)
+        if not flat.size:
+            continue
+        r, c = np.divmod(flat, cols)
+        values = sims.reshape(-1)[flat]
+        tie = values == bound[r]
+        if tie.any():  # at most k ties per row can ever be taken: the first k, by column
+            seen = np.cumsum(tie)
+            before = seen - tie
+            first = np.searchsorted(r, r, side="left")
+            rank = before - before[first]
+            keep = ~tie | (rank < k)
+            r, c, values = r[keep], c[keep], values[keep]
+
+        held = best_ids >= 0
+        held_r, held_c = np.nonzero(held)
+        all_r = np.concatenate([held_r, r])
+        all_sims = np.concatenate([best_sims[held_r, held_c], values])
+        all_ids = np.concatenate([best_ids[held_r, held_c], c.astype(np.int64) + start])
+        order = np.lexsort((all_ids, -all_sims, all_r))
+        all_r, all_sims, all_ids = all_r[order], all_sims[order], all_ids[order]
+        rank = np.arange(len(all_r)) - np.searchsorted(all_r, all_r, side="left")
+        take = rank < k
+        best_sims[all_r[take], rank[take]] = all_sims[take]
+        best_ids[all_r[take], rank[take]] = all_ids[take]
+
+    keep = best_ids >= 0
+    if threshold is not None:
+        keep &= best_sims >= np.float32(threshold)
+    r, c = np.nonzero(keep)
+    rows_a, rows_b, values = ids[r], best_ids[r, c], best_sims[r, c]
+    if self_match:
+        rows_a, rows_b = np.minimum(rows_a, rows_b), np.maximum(rows_a, rows_b)
+    return rows_a, rows_b, values
+
+
+def _dedupe(rows_a: np.ndarray, rows_b: np.ndarray, sims: np.ndarray) -> Pairs:
+    """One row per (row_a, row_b): the one with the largest similarity."""
+    if not len(rows_a):
+        return rows_a, rows_b, sims
+    order = np.lexsort((-sims, rows_b, rows_a))
+    rows_a, rows_b, sims = rows_a[order], rows_b[order], sims[order]
+    first = np.ones(len(rows_a), dtype=bool)
+    first[1:] = (rows_a[1:] != rows_a[:-1]) | (rows_b[1:] != rows_b[:-1])
+    return rows_a[first], rows_b[first], sims[first]
+
+
+def _empty() -> Pairs:
+    return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
+
+
+def _concat(parts: Sequence[Pairs]) -> Pairs:
+    parts = [p for p in parts if len(p[0])]
+    if not parts:
+        return _empty()
+    return (np.concatenate([p[0] for p in parts]).astype(np.int64, copy=False),
+            np.concatenate([p[1] for p in parts]).astype(np.int64, copy=False),
+            np.concatenate([p[2] for p in parts]).astype(np.float32, copy=False))
+
+
+def _checked_2d(x: Any) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise InputError(f"features must be a 2-d array (rows x dim), got shape {x.shape}")
+    return x
+
+
+def _as_float32(x: Any) -> np.ndarray:
+    """`x` as a C-contiguous, aligned float32 array, copied only when it is not one already.
+
+    Arrays that arrive over Dask's comms sit at arbitrary byte offsets in the receive buffer
+    (float32 data at an odd address); numpy's matmul then takes a slow path, so copy them.
+    """
+    x = _checked_2d(x)
+    if x.dtype != np.float32 or not (x.flags.c_contiguous and x.flags.aligned):
+        x = np.array(x, dtype=np.float32, order="C")
+    return x
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# --------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------
+
+def match_features(a: Any, b: Any, options: MatchOptions | None = None, *,
+                   client: Client | None = None, self_match: bool = False) -> pd.DataFrame:
+    """Pairs of rows of `a` and `b` as a DataFrame `row_a`, `row_b`, `similarity`.
+
+    `a` and `b` are rows x dim arrays readable on the driver (zarr arrays, numpy arrays);
+    `self_match=True` matches `a` against itself (`b` may be None or `a`). With a
+    `distributed.Client`, blocks are scored on its `GPU` workers; with `client=None` the same
+    kernel runs here, block after block (fine for small jobs).
+    """
+    options = options or MatchOptions()
+    if options.threshold is None and options.top_k is None:
+        raise InputError("give a threshold (--thresh), a top-k (--top-k), or both")
+    if self_match and b is None:
+        b = a
+    n, m, _ = check_shapes(a, b, self_match)
+    if options.max_pairs is not None:
+        expected = _expected_pairs(a, b, options, self_match)
+        if expected > options.max_pairs:
+            raise ImgsimError(
+                f"about {expected:,} pairs expected, more than --max-pairs {options.max_pairs:,}: "
+                f"raise --thresh or use --top-k (or raise --max-pairs)")
+    if n == 0 or m == 0:
+        return pairs_frame(*_empty())
+    if client is None:
+        pairs = _match_here(a, b, options, self_match, n, m)
+    else:
+        pairs = _match_on_cluster(client, a, b, options, self_match, n, m)
+    if self_match and options.top_k is not None:
+        pairs = _dedupe(*pairs)
+    return pairs_frame(*pairs)
+
+
+def check_shapes(a: Any, b: Any, self_match: bool = False) -> tuple[int, int, int]:
+    """`(n, m, dim)` of two feature arrays, or a one-line InputError."""
+    for name, x in (("A", a), ("B", b)):
+        if len(getattr(x, "shape", ())) != 2:
+            raise InputError(f"features {name} must be a 2-d array (rows x dim), "
+                             f"got shape {getattr(x, 'shape', None)}")
+    (n, dim_a), (m, dim_b) = a.shape, b.shape
+    if dim_a != dim_b:
+        raise InputError(f"feature dims differ: A has {dim_a}, B has {dim_b}; "
+                         f"extract both sources with the same model")
+    if self_match and n != m:
+        raise InputError(f"a self match needs one source, got {n} and {m} rows")
+    return int(n), int(m), int(dim_a)
+
+
+def pairs_frame(rows_a: np.ndarray, rows_b: np.ndarray, sims: np.ndarray) -> pd.DataFrame:
+    """The pairs table, sorted by row_a, then similarity descending, then row_b."""
+    order = np.lexsort((rows_b, -sims, rows_a))
+    return pd.DataFrame({"row_a": rows_a[order].astype(np.int64, copy=False),
+                         "row_b": rows_b[order].astype(np.int64, copy=False),
+                         "similarity": sims[order].astype(np.float32, copy=False)})
+
+
+def _slice_starts(m: int, slice_rows: int) -> list[int]:
+    return list(range(0, m, slice_rows))
+
+
+def _read(x: Any, start: int, stop: int) -> np.ndarray:
+    return _as_float32(x[start:stop])
+
+
+def _match_here(a: Any, b: Any, options: MatchOptions, self_match: bool, n: int, m: int) -> Pairs:
+    starts = _slice_starts(m, options.slice_rows)
+    slices = [_read(b, s, min(s + options.slice_rows, m)) for s in starts]
+    valids = [valid_rows(s) for s in slices]
+    parts = []
+    for start in range(0, n, options.block_rows):
+        block = _read(a, start, min(start + options.block_rows, n))
+        parts.append(score_block(block, start, slices, starts, options.threshold, options.top_k,
+                                 self_match, b_valid=valids, threads=options.threads))
+    return _concat(parts)
+
+
+def _match_on_cluster(client: Client, a: Any, b: Any, options: MatchOptions, self_match: bool,
+                      n: int, m: int) -> Pairs:
+    gpu_workers = workers_with(client, GPU)
+    if not gpu_workers:
+        raise ImgsimError("no worker has the GPU resource, so no task could score a block; "
+                          "start one with: dask worker ADDRESS --resources GPU=1 --nthreads 1")
+    token = uuid.uuid4().hex[:8]
+    starts = _slice_starts(m, options.slice_rows)
+    slice_futures, valid_futures = [], []
+    for j, start in enumerate(starts):  # one slice in driver memory at a time
+        raw_key = f"bslice-raw-{j:05d}-{token}"
+        raw = client.scatter({raw_key: _read(b, start, min(start + options.slice_rows, m))},
+                             workers=gpu_workers, hash=False)[raw_key]
+        # An aligned copy made on the worker becomes the resident slice (scattered arrays
+        # land misaligned); the scattered original is released once it is copied.
+        resident = client.submit(_as_float32, raw, key=f"bslice-{j:05d}-{token}",
+                                 resources={GPU: 1}, pure=False)
+        slice_futures.append(resident)
+        valid_futures.append(client.submit(valid_rows, resident, key=f"bvalid-{j:05d}-{token}",
+                                           resources={GPU: 1}, pure=False))
+        del raw
+    logger.debug("B resident on the GPU workers in %d slices", len(starts))
+
+    block_starts = list(range(0, n, options.block_rows))
+    running: dict[str, tuple[Any, Any]] = {}  # score key -> (score future, A block future)
+
+    def submit(i: int):
+        start = block_starts[i]
+        block = _read(a, start, min(start + options.block_rows, n))
+        block_key = f"ablock-{i:05d}-{token}"
+        block_future = client.scatter({block_key: block}, workers=gpu_workers, hash=False)[block_key]
+        future = client.submit(score_block, block_future, start, slice_futures, starts,
+                               options.threshold, options.top_k, self_match,
+                               b_valid=valid_futures, threads=options.threads,
+                               key=f"score-{i:05d}-{token}", resources={GPU: 1},
+                               retries=TASK_RETRIES, pure=False)
+        running[future.key] = (future, block_future)
+        return future
+
+    window = 2 * len(gpu_workers) + 1
+    in_flight = as_completed()
+    next_i = 0
+    parts: list[Pairs] = []
+    try:
+        while next_i < min(window, len(block_starts)):
+            in_flight.add(submit(next_i))
+            next_i += 1
+        for future in in_flight:
+            pairs = future.result()
+            del running[future.key]  # releases the A block on the worker
+            parts.append(pairs)
+            if self_match and options.top_k is not None and len(parts) > 16:
+                parts = [_dedupe(*_concat(parts))]
+            if next_i < len(block_starts):
+                in_flight.add(submit(next_i))
+                next_i += 1
+    finally:  # on an error, stop what is still queued; in any case free B on the workers
+        client.cancel([f for pair in running.values() for f in pair] + slice_futures
+                      + valid_futures)
+    return _concat(parts)
+
+
+# --------------------------------------------------------------------------------------
+# Before the run: how many pairs to expect; after: groups
+# --------------------------------------------------------------------------------------
+
+def estimate_pairs(a: Any, b: Any, threshold: float, self_match: bool = False,
+                   sample_rows: int | None = None, *, slice_rows: int = 4096,
+                   threads: int | None = None, seed: int = 0) -> int:
+    """Estimated pair count at `threshold`: a random sample of A's rows against all of B, scaled.
+
+    The sample (default: 256 rows, or 1% of A when that is more) costs `sample_rows x m`
+    similarities, computed here on the driver with B read slice by slice: at most a few
+    percent of the run it guards. Exact when the sample covers A; rare pairs (a few
+    hundred planted duplicates) come out within a factor of about 2.
+    """
+    if self_match and b is None:
+        b = a
+    n, m, _ = check_shapes(a, b, self_match)
+    if n == 0 or m == 0:
+        return 0
+    size = min(int(sample_rows or max(ESTIMATE_SAMPLE_ROWS, n // 100)), n)
+    picked = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+    rows = _take(a, picked)
+    count = 0
+    for start in _slice_starts(m, slice_rows):
+        b_slice = _read(b, start, min(start + slice_rows, m))
+        # self: count both orientations (without the diagonal) and halve below
+        found = _score_rows(rows, picked.astype(np.int64), [b_slice], [start], None,
+                            threshold, None, False, threads)
+        count += len(found[0]) - (int(np.count_nonzero(found[0] == found[1])) if self_match else 0)
+    total = count * n / size
+    return int(round(total / 2 if self_match else total))
+
+
+def _expected_pairs(a: Any, b: Any, options: MatchOptions, self_match: bool) -> int:
+    n = int(a.shape[0])
+    bound = None if options.top_k is None else n * options.top_k
+    if options.threshold is None:
+        return bound
+    estimate = estimate_pairs(a, b, options.threshold, self_match,
+                              slice_rows=options.slice_rows, threads=options.threads)
+    return estimate if bound is None else min(bound, estimate)
+
+
+def _take(x: Any, rows: np.ndarray) -> np.ndarray:
+    """Rows `rows` (sorted) of an array-like: numpy fancy indexing or zarr's orthogonal one."""
+    if isinstance(x, np.ndarray):
+        return _as_float32(x[rows])
+    if hasattr(x, "oindex"):
+        return _as_float32(x.oindex[rows, :])
+    return _as_float32(np.stack([np.asarray(x[int(i)]) for i in rows]))
+
+
+def connected_groups(rows_a: np.ndarray, rows_b: np.ndarray, n: int) -> np.ndarray:
+    """Group id per row of a self match: the smallest row id of its connected component.
+
+    Rows that matched nothing are their own group.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    rows_a = np.asarray(rows_a, dtype=np.int64)
+    rows_b = np.asarray(rows_b, dtype=np.int64)
+    if n == 0:
+        return np.empty(0, dtype=np.int64)
+    graph = coo_matrix((np.ones(len(rows_a), dtype=np.int8), (rows_a, rows_b)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    _, first = np.unique(labels, return_index=True)  # first row of a label = its smallest
+    return first[labels].astype(np.int64)

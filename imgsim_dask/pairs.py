@@ -1,0 +1,145 @@
+"""Pairs: match two stored sources (or one against itself) and write the result table.
+
+Validates everything the user can get wrong before any scoring starts (names, stores of
+different models, threshold range, output path), runs the engine in `match.py`, then
+joins the fields of both rows to every pair.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from distributed import Client
+
+from .cluster import connect
+from .errors import InputError
+from .match import MatchOptions, connected_groups, match_features
+from .store import DEFAULT_STORE, FeatureStore, atomic_write, open_store
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MatchResult:
+    """The pairs table and what a summary line needs."""
+
+    pairs: pd.DataFrame
+    name1: str
+    name2: str
+    rows1_matched: int
+    rows2_matched: int
+    seconds: float
+    path: Path | None = None
+
+    def summary(self) -> str:
+        where = f" -> {self.path}" if self.path else ""
+        groups = ""
+        if "group" in self.pairs:
+            rows = pd.unique(self.pairs[["row_a", "row_b"]].to_numpy().ravel())
+            groups = (f"; {self.pairs['group'].nunique()} groups, "
+                      f"{len(rows) - self.pairs['group'].nunique()} rows are extra copies")
+        return (f"{len(self.pairs)} pairs; {self.rows1_matched} rows of {self.name1} and "
+                f"{self.rows2_matched} rows of {self.name2} matched{groups}; "
+                f"{self.seconds:.1f} s{where}")
+
+
+def check_output_path(out: str | os.PathLike) -> Path:
+    """The output path if its format is known and its directory writable, else a one-line error."""
+    path = Path(out)
+    if path.suffix not in (".csv", ".parquet") and not path.is_dir():
+        raise InputError(f"--out {out}: use a .csv or .parquet file, or an existing directory")
+    parent = path if path.is_dir() else path.parent
+    if not parent.is_dir():
+        raise InputError(f"--out {out}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"--out {out}: directory {parent} is not writable")
+    return path
+
+
+def match_sources(
+    name1: str,
+    name2: str | None = None,
+    store: str = DEFAULT_STORE,
+    *,
+    out: str | os.PathLike | None = None,
+    threshold: float | None = None,
+    top_k: int | None = None,
+    max_pairs: int | None = None,
+    client: Client | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+) -> MatchResult:
+    """Match `name1` against `name2` (itself when None or equal) and optionally write `out`.
+
+    With neither `threshold` nor `top_k`, the model's recommended threshold applies.
+    """
+    first = open_store(store, name1)
+    second = first if name2 in (None, name1) else open_store(store, name2)
+    self_match = second is first
+    _check_compatible(first, second)
+    if threshold is None and top_k is None:
+        threshold = first.meta["threshold"]
+    if threshold is not None and not -1.0 <= threshold <= 1.0:
+        raise InputError(f"--thresh {threshold} is outside [-1, 1] (cosine similarity)")
+    if top_k is not None and top_k < 1:
+        raise InputError("--top-k must be at least 1")
+    path = check_output_path(out) if out is not None else None
+
+    options = MatchOptions(threshold=threshold, top_k=top_k, max_pairs=max_pairs)
+    started = time.perf_counter()
+    with connect(scheduler, client, workers) as active:
+        found = match_features(first.features, second.features, options, client=active,
+                               self_match=self_match)
+    table = _with_fields(found, first, second, self_match)
+    result = MatchResult(table, first.name, second.name, int(found["row_a"].nunique()),
+                         int(found["row_b"].nunique()), time.perf_counter() - started)
+    if path is not None:
+        result.path = write_table(table, path, f"{first.name}-{second.name}")
+    return result
+
+
+def _check_compatible(first: FeatureStore, second: FeatureStore) -> None:
+    a, b = first.meta, second.meta
+    if (a["model"], a["dim"]) != (b["model"], b["dim"]):
+        raise InputError(f"cannot match {first.name} ({a['model']}, {a['dim']}-d) with "
+                         f"{second.name} ({b['model']}, {b['dim']}-d): extract both with one model")
+    if a.get("weights_sha256") != b.get("weights_sha256") or a["weights"].startswith("random") \
+            != b["weights"].startswith("random"):
+        logger.warning("%s and %s were extracted with different weights (%s / %s): "
+                       "their similarities are not comparable", first.name, second.name,
+                       a["weights"], b["weights"])
+
+
+def _with_fields(found: pd.DataFrame, first: FeatureStore, second: FeatureStore,
+                 self_match: bool) -> pd.DataFrame:
+    """The pairs with every kept field of both rows, `NAME1_<field>` and `NAME2_<field>`."""
+    prefix1, prefix2 = (f"{first.name}_a_", f"{first.name}_b_") if self_match else \
+        (f"{first.name}_", f"{second.name}_")
+    fields1 = first.rows(["row", *first.meta["fields"]]).set_index("row")
+    fields2 = fields1 if self_match else second.rows(["row", *second.meta["fields"]]).set_index("row")
+    left = fields1.loc[found["row_a"].to_numpy()].add_prefix(prefix1).reset_index(drop=True)
+    right = fields2.loc[found["row_b"].to_numpy()].add_prefix(prefix2).reset_index(drop=True)
+    table = pd.concat([found[["row_a", "row_b"]].reset_index(drop=True), left, right,
+                       found[["similarity"]].reset_index(drop=True)], axis=1)
+    if self_match:
+        groups = connected_groups(found["row_a"].to_numpy(), found["row_b"].to_numpy(),
+                                  first.meta["rows"])
+        table["group"] = groups[found["row_a"].to_numpy()].astype(np.int64)
+    return table
+
+
+def write_table(table: pd.DataFrame, path: Path, stem: str) -> Path:
+    """Write Parquet or CSV (by suffix; a directory gets `stem.parquet`), atomically."""
+    if path.is_dir():
+        path = path / f"{stem}.parquet"
+    if path.suffix == ".csv":
+        atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
+    else:
+        atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
+    return path

@@ -1,0 +1,143 @@
+"""Matching stored sources: the result table, self-match groups, `run` end to end, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from imgsim_dask.driver import ExtractOptions
+from imgsim_dask.demo import serve_directory, write_csvs
+from imgsim_dask.errors import InputError, StoreError
+from imgsim_dask.pairs import match_sources
+from imgsim_dask.store import StoreWriter
+from imgsim_dask.workflow import run
+
+from test_cli import assert_usage_error, imgsim
+
+
+def make_source(store, name, features, model="mobilenet", ids=None):
+    """A complete source written through the real StoreWriter (features as given)."""
+    n, dim = features.shape
+    writer = StoreWriter(store, name, n, dim, chunk_rows=4)
+    ids = ids or [f"{name}-{i}" for i in range(n)]
+    for k, start in enumerate(range(0, n, 4)):
+        stop = min(n, start + 4)
+        status = ["ok" if not np.isnan(features[i]).any() else "not_found"
+                  for i in range(start, stop)]
+        rows = pd.DataFrame({"row": range(start, stop), "id": ids[start:stop],
+                             "url": [f"http://127.0.0.1/{name}/{i}.jpg" for i in range(start, stop)],
+                             "status": status})
+        writer.write_partition(k, features[start:stop], rows)
+    return writer.finish({"name": name, "model": model, "dim": dim, "threshold": 0.845,
+                          "weights": "file test", "weights_sha256": "x", "fields": ["id", "url"],
+                          "rows": n})
+
+
+def unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture
+def sources(tmp_path):
+    rng = np.random.default_rng(3)
+    b = unit(rng.normal(size=(10, 64)))
+    a = unit(rng.normal(size=(7, 64)))
+    a[0] = unit(b[[2]] + 0.05 * rng.normal(size=(1, 64)))[0]  # near-duplicate of b2
+    a[3] = b[5]  # exact copy of b5
+    a[6] = np.nan  # a failed row
+    make_source(tmp_path, "a", a)
+    make_source(tmp_path, "b", b)
+    return tmp_path, a, b
+
+
+def test_threshold_table_has_fields_of_both_rows(client, sources, tmp_path):
+    store, a, b = sources
+    out = tmp_path / "pairs.csv"
+    result = match_sources("a", "b", str(store), out=out, client=client)
+    table = result.pairs
+    assert list(table.columns) == ["row_a", "row_b", "a_id", "a_url", "b_id", "b_url",
+                                   "similarity"]
+    assert table[["a_id", "b_id"]].values.tolist() == [["a-0", "b-2"], ["a-3", "b-5"]]
+    assert table["similarity"].iloc[1] == pytest.approx(1.0, abs=1e-5)
+    assert (result.rows1_matched, result.rows2_matched) == (2, 2)
+    written = pd.read_csv(out, dtype={"a_id": str})
+    assert written["a_id"].tolist() == ["a-0", "a-3"]
+    assert "2 pairs" in result.summary()
+
+
+def test_top1_reproduces_the_originals_iteration(client, sources):
+    store, a, b = sources
+    result = match_sources("a", "b", str(store), top_k=1, threshold=0.845, client=client)
+    dense = np.nan_to_num(a, nan=0) @ b.T
+    best = dense.argmax(axis=1)
+    expected = [(i, int(best[i])) for i in range(len(a))
+                if not np.isnan(a[i]).any() and dense[i, best[i]] >= 0.845]
+    assert list(zip(result.pairs["row_a"], result.pairs["row_b"])) == expected
+
+
+def test_self_match_groups(client, tmp_path):
+    rng = np.random.default_rng(5)
+    x = unit(rng.normal(size=(9, 32)))
+    x[4] = x[1]
+    x[7] = x[1]
+    x[8] = x[2]
+    make_source(tmp_path, "s", x)
+    result = match_sources("s", "s", str(tmp_path), threshold=0.99, client=client)
+    pairs = set(zip(result.pairs["row_a"], result.pairs["row_b"]))
+    assert pairs == {(1, 4), (1, 7), (4, 7), (2, 8)}
+    groups = dict(zip(result.pairs["row_a"], result.pairs["group"]))
+    assert groups == {1: 1, 4: 1, 2: 2}
+    assert {"s_a_id", "s_b_id", "group"} <= set(result.pairs.columns)
+
+
+def test_bad_match_requests(client, sources, tmp_path):
+    store, a, b = sources
+    make_source(store, "wide", unit(np.ones((2, 128))), model="efficientnet-lite0")
+    with pytest.raises(InputError, match="extract both with one model"):
+        match_sources("a", "wide", str(store), client=client)
+    with pytest.raises(InputError, match=r"outside \[-1, 1\]"):
+        match_sources("a", "b", str(store), threshold=1.5, client=client)
+    with pytest.raises(StoreError, match="no source named 'zz'"):
+        match_sources("a", "zz", str(store), client=client)
+    with pytest.raises(InputError, match="does not exist"):
+        match_sources("a", "b", str(store), out=tmp_path / "no" / "dir.csv", client=client)
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["match", "a", "nope"], "no source named 'nope'"),
+        (["match", "a", "b", "--thresh", "2"], "outside [-1, 1]"),
+        (["match", "a", "b", "--out", "/proc/forbidden/x.parquet"], "does not exist"),
+        (["match", "a", "b", "--out", "x.txt"], "use a .csv or .parquet"),
+        (["match", "a", "wide"], "extract both with one model"),
+    ],
+)
+def test_match_cli_errors(sources, args, fragment):
+    store, _, _ = sources
+    make_source(store, "wide", unit(np.ones((2, 128))), model="efficientnet-lite0")
+    assert_usage_error(imgsim(*args, "--store", store, cwd=store), fragment)
+
+
+def test_run_end_to_end_over_http(client, tmp_path):
+    """`run` on the demo set served over HTTP: every edited copy finds its original."""
+    root = tmp_path / "demo"
+    (root / "images").mkdir(parents=True)
+    with serve_directory(root / "images") as base_url:
+        catalogue, uploads = write_csvs(root, base_url)
+        result = run(str(uploads), str(catalogue), ["uploads", "catalogue"], str(root / "store"),
+                     out=root / "matches.parquet", top_k=1, threshold=0.70, client=client,
+                     options=ExtractOptions(model="efficientnet-lite0", partition_rows=8))
+    table = pd.read_parquet(root / "matches.parquet")
+    assert {"uploads_id", "uploads_title", "uploads_url", "catalogue_id", "similarity"} <= \
+        set(table.columns)
+    copies = pd.read_csv(uploads)
+    expected = {row.id: "cat-" + row.id.split("-")[1] for row in copies.itertuples()
+                if row.title.endswith(")")}
+    assert dict(zip(table["uploads_id"], table["catalogue_id"])) == expected
+    assert result.rows1_matched == len(expected)
+    meta = json.loads((root / "store" / "uploads" / "meta.json").read_text())
+    assert meta["model"] == "efficientnet-lite0"
