@@ -1,9 +1,12 @@
 """Ingest: read a CSV of image URLs with a Dask dataframe and fix every row's id before work starts.
 
 The CSV is checked on the driver first (so a bad file fails in a second with one clear
-line), then read by Dask in byte blocks. Block lengths are counted in a first cheap pass;
-`plan_partitions` cuts the global row range into fixed-size partitions that are aligned
-with the feature store's chunks, whatever the CSV block boundaries are.
+line), then read by Dask in byte blocks, each parsed with the `csv` module into a pandas
+frame of strings. A row with too many or too few fields is kept, with the reason in
+`INGEST_ERROR`, and becomes a `bad_row` status later: never a crash, never a silent shift
+(pandas' parser drops or shifts such fields with only a warning). Block lengths are
+counted in a first cheap pass; `plan_partitions` cuts the global row range into fixed-size
+partitions that are aligned with the feature store's chunks, whatever the block boundaries.
 """
 
 from __future__ import annotations
@@ -11,16 +14,20 @@ from __future__ import annotations
 import csv
 import io
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import dask.dataframe as dd
 import fsspec
 import pandas as pd
+from dask import delayed
+from dask.bytes import read_bytes
 
 from .errors import InputError
 
 ROW_COLUMN = "row"
+INGEST_ERROR = "_ingest_error"  # travels from ingest to fetch, never to the outputs
+RESERVED_COLUMNS = (ROW_COLUMN, "status", "error", "http_status", "bytes", "sha256", "width",
+                    "height", INGEST_ERROR)
 _SNIFF_BYTES = 64 * 1024
 _OTHER_DELIMITERS = (";", "\t", "|", ",")
 
@@ -101,9 +108,11 @@ def inspect_csv(
         if column not in names:
             raise InputError(f"{path}: {option} {column!r} is not a column "
                              f"(columns: {', '.join(names)})")
-    if ROW_COLUMN in names:
-        raise InputError(f"{path}: column name {ROW_COLUMN!r} is reserved; rename it")
     keep = keep + tuple(c for c in (ident, url) if c not in keep)
+    clash = [c for c in keep if c in RESERVED_COLUMNS]
+    if clash:
+        raise InputError(f"{path}: column name {clash[0]!r} is reserved for the row table; "
+                         "rename it, or leave it out with --cols")
     return CsvSource(path, delimiter, header, names, keep, url, ident)
 
 
@@ -124,41 +133,60 @@ def _read_head(path: str) -> str:
 
 
 def read_blocks(source: CsvSource, blocksize: int = 16 * 2**20) -> dd.DataFrame:
-    """A lazy Dask dataframe of every column, each field a string, blanks kept as ''.
+    """A lazy Dask dataframe of every column (strings, blanks kept as '') plus `INGEST_ERROR`.
 
-    All columns are parsed (no `usecols`), so a row with too many fields is an error
-    rather than silently truncated; `assemble_partition` keeps the wanted columns.
+    Blocks end at newlines, so a quoted field holding a newline must not straddle a block
+    boundary (as with `dask.dataframe.read_csv`).
     """
-    with _parse_errors():
-        return dd.read_csv(
-            source.path,
-            sep=source.delimiter,
-            header=0 if source.header else None,
-            names=list(source.names),
-            dtype=str,
-            keep_default_na=False,
-            na_filter=False,
-            encoding="utf-8",
-            encoding_errors="replace",
-            blocksize=blocksize,
-            skip_blank_lines=True,
-        )
+    _, [blocks] = read_bytes(source.path, delimiter=b"\n", blocksize=blocksize, sample=False)
+    parts = [delayed(parse_block)(block, source.delimiter, source.names, first=i == 0,
+                                  skip_header=source.header and i == 0,
+                                  dask_key_name=f"csv-block-{i:05d}-{_token(source)}")
+             for i, block in enumerate(blocks)]
+    meta = pd.DataFrame({c: pd.Series(dtype=object) for c in (*source.names, INGEST_ERROR)})
+    return dd.from_delayed(parts, meta=meta, verify_meta=False)
+
+
+def _token(source: CsvSource) -> str:
+    from dask.base import tokenize
+
+    return tokenize(source)[:8]
+
+
+def parse_block(block: bytes, delimiter: str, names: tuple[str, ...], first: bool = False,
+                skip_header: bool = False) -> pd.DataFrame:
+    """Parse one block of CSV bytes: a row per record, `INGEST_ERROR` set for ragged ones.
+
+    `first`: the block starts the file (a UTF-8 byte order mark there is dropped).
+    """
+    text = block.decode("utf-8", errors="replace")
+    if first:
+        text = text.removeprefix("\ufeff")
+    width = len(names)
+    records, errors = [], []
+    try:
+        for fields in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter):
+            if not fields:  # a blank line is not a row
+                continue
+            if skip_header:
+                skip_header = False
+                continue
+            if len(fields) == width:
+                errors.append("")
+            else:
+                errors.append(f"row has {len(fields)} fields, the header {width}")
+                fields = (fields + [""] * width)[:width]
+            records.append(fields)
+    except csv.Error as exc:
+        raise InputError(f"cannot parse the CSV: {exc}") from None
+    frame = pd.DataFrame(records, columns=list(names), dtype=object)
+    frame[INGEST_ERROR] = errors
+    return frame
 
 
 def count_rows(blocks: dd.DataFrame) -> list[int]:
     """Rows per CSV block (the cheap first pass that fixes row ids)."""
-    with _parse_errors():
-        return [int(n) for n in blocks.map_partitions(len).compute()]
-
-
-@contextmanager
-def _parse_errors():
-    """Turn pandas' parser errors (raised locally or on a worker) into one-line `InputError`s."""
-    try:
-        yield
-    except (pd.errors.ParserError, UnicodeError) as exc:
-        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"cannot parse the CSV: {message}") from None
+    return [int(n) for n in blocks.map_partitions(len).compute()]
 
 
 Piece = tuple[int, int, int]  # (block index, start row in block, stop row in block)
@@ -191,7 +219,9 @@ def plan_partitions(block_lengths: list[int], partition_rows: int) -> list[list[
 
 def assemble_partition(first_row: int, slices: list[tuple[pd.DataFrame, int, int]],
                        columns: list[str]) -> pd.DataFrame:
-    """Concatenate block slices into one partition of `columns`, rows numbered from `first_row`."""
+    """Concatenate block slices into one partition of `columns` (plus `INGEST_ERROR`, if the
+    blocks have it), rows numbered from `first_row`."""
+    columns = [*columns, INGEST_ERROR] if INGEST_ERROR in slices[0][0] else columns
     parts = [frame.iloc[start:stop][columns] for frame, start, stop in slices]
     rows = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].reset_index(drop=True)
     rows.insert(0, ROW_COLUMN, range(first_row, first_row + len(rows)))

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from imgsim_dask.errors import InputError
 from imgsim_dask.ingest import (
+    INGEST_ERROR,
     assemble_partition,
     count_rows,
     inspect_csv,
@@ -70,10 +71,23 @@ def test_missing_file(tmp_path):
         inspect_csv(str(tmp_path / "absent.csv"))
 
 
-def test_ragged_rows_are_a_clear_error(tmp_path):
-    path = write(tmp_path, "id,url\n1,a\n2,b,c,d\n")
-    with pytest.raises(InputError, match="cannot parse the CSV"):
-        count_rows(read_blocks(inspect_csv(path)))
+@pytest.mark.parametrize("text", ["id,url\n1,a,extra\n2,b\n3\n4,c,d,e\n",
+                                  "id,url\n1,a\n2,b,extra\n3\n4,c,d,e\n"])
+def test_ragged_rows_are_kept_and_flagged(tmp_path, text):
+    """Extra fields in the first row once made pandas shift every column silently."""
+    frame = read_blocks(inspect_csv(write(tmp_path, text))).compute()
+    assert frame["id"].tolist() == ["1", "2", "3", "4"]
+    assert frame["url"].tolist() == ["a", "b", "", "c"]
+    ragged = {0: 3, 2: 1, 3: 4} if "a,extra" in text else {1: 3, 2: 1, 3: 4}
+    assert frame[INGEST_ERROR].tolist() == [
+        f"row has {ragged[i]} fields, the header 2" if i in ragged else "" for i in range(4)]
+
+
+def test_reserved_column_names_are_refused(tmp_path):
+    with pytest.raises(InputError, match="'status' is reserved"):
+        inspect_csv(write(tmp_path, "id,status,url\n1,new,a.jpg\n"))
+    assert inspect_csv(write(tmp_path, "id,status,url\n1,new,a.jpg\n"),
+                       cols=["id", "url"]).keep == ("id", "url")
 
 
 def test_blanks_and_bad_bytes_survive_as_strings(tmp_path):
