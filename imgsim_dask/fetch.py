@@ -1,8 +1,10 @@
 """Fetch and decode: turn one partition of rows into uint8 model inputs plus a status per row.
 
-Runs on CPU workers. Downloads overlap in a per-process thread pool with one
-`requests.Session` per thread (HTTP keep-alive, urllib3 retries on 429/5xx/connection
-errors). Every row gets a status (`ok` or a failure code) and never stops the run.
+Runs on CPU workers. Downloads overlap in a per-process thread pool; each thread keeps its
+own urllib3 pools (HTTP keep-alive) whose connections obey an address policy (see
+`safehttp`). Every fetch is bounded: connect and read timeouts, a total deadline, a byte
+cap, a redirect cap, bounded retries. Content is identified by its magic bytes, never by
+Content-Type. Every row gets a status (`ok` or a failure code) and never stops the run.
 """
 
 from __future__ import annotations
@@ -10,36 +12,74 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import random
+import stat
 import threading
-import warnings
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urljoin, urlsplit
 
+import certifi
 import numpy as np
 import pandas as pd
-import requests
-import urllib3
-from PIL import Image, ImageOps, UnidentifiedImageError
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
+from PIL import Image, ImageOps
+from urllib3 import BaseHTTPResponse, Retry, Timeout
+from urllib3.exceptions import (
+    HTTPError, InvalidHeader, LocationValueError, NameResolutionError, NewConnectionError,
+    PoolError, ProtocolError,
+)
+from urllib3.exceptions import TimeoutError as Urllib3Timeout
+
+from .errors import InputError
+from .ingest import INGEST_ERROR
+from .safehttp import AddressPolicy, BlockedAddress, Deadline, GuardedPoolManager, watched_deadline
 
 OK = "ok"
 STATUS_COLUMNS = ("status", "error", "http_status", "bytes", "sha256", "width", "height")
+# Failures worth fetching again later (the server or network may do better next time).
+TRANSIENT_STATUSES = frozenset({
+    "timeout", "connection_error", "dns_error", "truncated", "http_5xx", "http_429", "io_error",
+})
+SCHEMES = ("http", "https", "file")  # "file" covers file:// URLs and plain local paths
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb limit (MAX_IMAGE_PIXELS)
+
 _USER_AGENT = "imgsim-dask/0.1 (+https://pypi.org/project/imgsim-dask/)"
+_HEADERS = {"User-Agent": _USER_AGENT, "Accept": "image/*,*/*;q=0.8"}
+_RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
+_CHUNK_BYTES = 64 * 1024
+_SNIFF_BYTES = 12  # enough for every signature in `sniff_format`
 
 
 @dataclass(frozen=True)
 class FetchOptions:
-    """How images are fetched and decoded."""
+    """How images are fetched and decoded (times in seconds)."""
 
     image_size: int = 224
     threads: int = 16
     connect_timeout: float = 5.0
-    read_timeout: float = 20.0
-    retries: int = 2
+    read_timeout: float = 20.0  # longest wait for the next bytes
+    deadline: float = 60.0  # total per image: connects, retries, redirects and the body
+    retries: int = 2  # for 429, 500/502/503/504 and connection resets only
+    backoff: float = 0.5  # first retry delay, doubled for each further retry
+    max_retry_after: float = 10.0  # a longer Retry-After is not waited for: the row fails
+    max_redirects: int = 5
     max_bytes: int = 32 * 2**20
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused as `bomb`
+    schemes: tuple[str, ...] = SCHEMES  # others get `blocked`
+    allow_link_local: bool = False  # 169.254.0.0/16, fe80::/10 and cloud metadata endpoints
+    public_only: bool = False  # refuse loopback and private addresses too
+    root: str = ""  # when set, local paths must resolve to a file under this directory
     base_dir: str = ""  # relative local paths are resolved against this
+
+    def __post_init__(self):
+        unknown = set(self.schemes) - set(SCHEMES)
+        if unknown:
+            raise InputError(f"unsupported scheme(s) {sorted(unknown)}; choose from {SCHEMES}")
+        if self.deadline <= 0 or self.max_bytes <= 0 or self.retries < 0 \
+                or self.max_redirects < 0:
+            raise InputError("deadline and max_bytes must be positive, retries and "
+                             "max_redirects at least 0")
 
 
 class RowFailure(Exception):
@@ -61,33 +101,19 @@ class FetchedPartition:
 
 _local = threading.local()
 _pool_lock = threading.Lock()
+_jitter = random.Random()  # retry jitter; never touches the global generator that others seed
 _pools: dict[int, ThreadPoolExecutor] = {}
 
 
-def _session(options: FetchOptions) -> requests.Session:
-    """This thread's HTTP session (created once per thread, reused for keep-alive)."""
-    session = getattr(_local, "session", None)
-    if session is None:
-        retry = Retry(
-            total=options.retries,
-            connect=options.retries,
-            read=options.retries,
-            status=options.retries,
-            backoff_factor=0.2,
-            status_forcelist=(429, 500, 502, 503, 504),
-            allowed_methods=frozenset({"GET"}),
-            respect_retry_after_header=True,
-            raise_on_status=False,
-            raise_on_redirect=False,
-        )
-        session = requests.Session()
-        adapter = HTTPAdapter(max_retries=retry, pool_connections=4, pool_maxsize=4)
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-        session.headers["User-Agent"] = _USER_AGENT
-        session.max_redirects = 5
-        _local.session = session
-    return session
+def _pool_manager(options: FetchOptions) -> GuardedPoolManager:
+    """This thread's connection pools for the options' address policy (kept for keep-alive)."""
+    policy = AddressPolicy(options.allow_link_local, options.public_only)
+    managers = getattr(_local, "managers", None)
+    if managers is None:
+        managers = _local.managers = {}
+    if policy not in managers:
+        managers[policy] = GuardedPoolManager(policy, headers=_HEADERS, ca_certs=certifi.where())
+    return managers[policy]
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
@@ -103,104 +129,283 @@ def read_source(url: str, options: FetchOptions) -> tuple[bytes, int | None]:
     url = url.strip()
     if not url:
         raise RowFailure("bad_url", "empty URL")
-    scheme = urlparse(url).scheme.lower()
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
     if scheme in ("http", "https"):
+        _require_scheme(scheme, options)
         return _read_http(url, options)
     if scheme == "file":
-        return _read_file(unquote(urlparse(url).path), options), None
+        _require_scheme("file", options)
+        if parts.netloc not in ("", "localhost"):
+            raise RowFailure("bad_url", f"file URL with a remote host {parts.netloc!r}")
+        return _read_file(unquote(parts.path), options), None
     if scheme and len(scheme) > 1:  # one letter is a Windows drive, not a scheme
         raise RowFailure("bad_url", f"unsupported URL scheme {scheme!r}")
+    _require_scheme("file", options)
     path = url if os.path.isabs(url) else os.path.join(options.base_dir, url)
     return _read_file(path, options), None
 
 
+def _require_scheme(scheme: str, options: FetchOptions) -> None:
+    if scheme not in options.schemes:
+        what = "local files are" if scheme == "file" else f"{scheme} URLs are"
+        raise RowFailure("blocked", f"{what} not allowed (allowed: {', '.join(options.schemes)})")
+
+
 def _read_http(url: str, options: FetchOptions) -> tuple[bytes, int]:
-    try:
-        with _session(options).get(
-            url, stream=True, timeout=(options.connect_timeout, options.read_timeout)
-        ) as response:
-            code = response.status_code
-            if code >= 400:
-                status = "http_5xx" if code >= 500 else f"http_{code}"
-                raise RowFailure(status, f"HTTP {code} {response.reason or ''}".strip(), code)
-            declared = response.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > options.max_bytes:
-                raise RowFailure("too_large", f"Content-Length {declared} exceeds "
-                                 f"{options.max_bytes} bytes", code)
-            body = bytearray()
-            for block in response.iter_content(64 * 1024):
-                body += block
-                if len(body) > options.max_bytes:
-                    raise RowFailure("too_large", f"body exceeds {options.max_bytes} bytes", code)
-            return bytes(body), code
-    except RowFailure:
-        raise
-    except requests.exceptions.Timeout as exc:
-        raise RowFailure("timeout", f"timed out: {type(exc).__name__}") from None
-    except requests.exceptions.TooManyRedirects:
-        raise RowFailure("http_redirects", "too many redirects") from None
-    except requests.exceptions.RetryError as exc:
-        raise RowFailure("http_5xx", f"retries exhausted: {exc}") from None
-    except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
-            requests.exceptions.InvalidSchema, ValueError) as exc:
-        raise RowFailure("bad_url", str(exc)) from None
-    except requests.exceptions.RequestException as exc:
-        if _is_timeout(exc):
-            raise RowFailure("timeout", f"timed out: {exc}"[:300]) from None
-        raise RowFailure("connection_error", f"{type(exc).__name__}: {exc}"[:300]) from None
+    manager = _pool_manager(options)
+    with watched_deadline(options.deadline) as deadline:
+        response = None
+        try:
+            response = _final_response(manager, url, options, deadline)
+            return _read_body(response, options, deadline), response.status
+        except (BlockedAddress, HTTPError) as exc:
+            raise _failure(exc, deadline, response) from None
+        finally:
+            if response is not None:
+                _discard(response)
 
 
-def _is_timeout(exc: BaseException) -> bool:
-    """True when a timeout hides inside urllib3's retry wrapper (`MaxRetryError.reason`)."""
-    reason = getattr(exc.args[0], "reason", None) if exc.args else None
-    return isinstance(reason, TimeoutError | urllib3.exceptions.TimeoutError)
+def _final_response(manager: GuardedPoolManager, url: str, options: FetchOptions,
+                    deadline: Deadline) -> BaseHTTPResponse:
+    """The successful response for `url` after redirects (every hop checked) and retries."""
+    for _ in range(options.max_redirects + 1):
+        response = _get_with_retries(manager, url, options, deadline)
+        location = response.get_redirect_location()
+        if not location:
+            if response.status >= 300:
+                _discard(response)
+                raise _http_failure(response)
+            return response
+        _discard(response)
+        url = urljoin(url, location)
+        scheme = urlsplit(url).scheme.lower()
+        if scheme not in ("http", "https") or scheme not in options.schemes:
+            raise RowFailure("blocked", f"redirect to {url[:200]!r} refused", response.status)
+    raise RowFailure("http_redirects", f"more than {options.max_redirects} redirects",
+                     response.status)
+
+
+def _get_with_retries(manager: GuardedPoolManager, url: str, options: FetchOptions,
+                      deadline: Deadline) -> BaseHTTPResponse:
+    """One GET (redirects not followed), retried with backoff on 429/5xx and connection resets."""
+    attempt = 0
+    while True:
+        try:
+            response = manager.urlopen("GET", url, redirect=False, retries=False,
+                                       preload_content=False, timeout=_timeout(options, deadline))
+        except ProtocolError as exc:  # reset or closed before any response
+            delay = _backoff(attempt, options)
+            if not _is_reset(exc) or attempt >= options.retries or delay >= deadline.remaining():
+                raise
+        else:
+            if response.status not in _RETRIED_STATUSES:
+                return response
+            _discard(response)
+            delay, why_not = _retry_delay(response, attempt, options, deadline)
+            if attempt >= options.retries or why_not:
+                tries = f" after {attempt + 1} attempt{'s' if attempt else ''}"
+                raise _http_failure(response, why_not or tries)
+        time.sleep(delay)
+        attempt += 1
+
+
+def _is_reset(exc: ProtocolError) -> bool:
+    """True when the peer reset or closed the connection (not for malformed responses)."""
+    return any(isinstance(arg, ConnectionError) for arg in exc.args)
+
+
+def _timeout(options: FetchOptions, deadline: Deadline) -> Timeout:
+    remaining = deadline.remaining()
+    if remaining <= 0:
+        raise RowFailure("timeout", f"deadline of {options.deadline:g} s passed")
+    return Timeout(connect=min(options.connect_timeout, remaining),
+                   read=min(options.read_timeout, remaining))
+
+
+def _backoff(attempt: int, options: FetchOptions) -> float:
+    """Exponential backoff with jitter, so that many workers do not retry in step."""
+    return options.backoff * 2**attempt * _jitter.uniform(0.5, 1.0)
+
+
+def _retry_delay(response: BaseHTTPResponse, attempt: int, options: FetchOptions,
+                 deadline: Deadline) -> tuple[float, str]:
+    """Seconds to wait before retrying `response`, and why not to retry at all ('' to retry)."""
+    delay = _backoff(attempt, options)
+    header = response.headers.get("Retry-After")
+    if header:
+        try:
+            delay = Retry.DEFAULT.parse_retry_after(header)
+        except InvalidHeader:
+            pass  # unparseable: keep the backoff
+        else:
+            if delay > options.max_retry_after:
+                return delay, (f" (Retry-After {header.strip()[:40]} is beyond the "
+                               f"{options.max_retry_after:g} s cap)")
+    if delay >= deadline.remaining():
+        return delay, f" (no time left to retry within the {options.deadline:g} s deadline)"
+    return delay, ""
+
+
+def _read_body(response: BaseHTTPResponse, options: FetchOptions, deadline: Deadline) -> bytes:
+    """The body, streamed: refused past `max_bytes` (never read further) or if not an image."""
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > options.max_bytes:
+        raise RowFailure("too_large", f"Content-Length {declared} exceeds {options.max_bytes} "
+                         "bytes", response.status)
+    body = bytearray()
+    sniffed = False
+    while chunk := response.read1(min(_CHUNK_BYTES, options.max_bytes + 1 - len(body))):
+        body += chunk
+        if len(body) > options.max_bytes:
+            raise RowFailure("too_large", f"body exceeds {options.max_bytes} bytes",
+                             response.status)
+        if not sniffed and len(body) >= _SNIFF_BYTES:
+            sniffed = True
+            if sniff_format(body) is None:
+                raise RowFailure("not_image", _NOT_IMAGE, response.status)
+    if deadline.passed:  # the watchdog may have ended the body early
+        raise RowFailure("timeout", f"deadline of {options.deadline:g} s passed", response.status)
+    return bytes(body)
+
+
+def _discard(response: BaseHTTPResponse) -> None:
+    """Close a response not read to the end (its connection too) and give the slot back."""
+    response.close()
+    response.release_conn()
+
+
+def _http_failure(response: BaseHTTPResponse, detail: str = "") -> RowFailure:
+    code = response.status
+    status = "http_5xx" if code >= 500 else f"http_{code}"
+    return RowFailure(status, f"HTTP {code} {response.reason or ''}".strip() + detail, code)
+
+
+def _failure(exc: Exception, deadline: Deadline,
+             response: BaseHTTPResponse | None) -> RowFailure:
+    """The row status for an exception raised while connecting or reading."""
+    code = response.status if response is not None else None
+    # urllib3 puts the readable message last (or first), after the pool or connection
+    text = next((arg for arg in reversed(exc.args) if isinstance(arg, str)), str(exc))
+    if isinstance(exc, PoolError):
+        text = text.removeprefix(f"{exc.pool}: ")
+    message = f"{type(exc).__name__}: {text}"[:300]
+    if deadline.passed:
+        return RowFailure("timeout", f"deadline of {deadline.seconds:g} s passed", code)
+    if isinstance(exc, BlockedAddress):
+        return RowFailure("blocked", str(exc))
+    if isinstance(exc, NameResolutionError):
+        return RowFailure("dns_error", message)
+    if isinstance(exc, NewConnectionError):
+        return RowFailure("connection_error", message)
+    if isinstance(exc, Urllib3Timeout):
+        return RowFailure("timeout", message, code)
+    if isinstance(exc, LocationValueError):
+        return RowFailure("bad_url", message)
+    if response is not None and isinstance(exc, ProtocolError):
+        return RowFailure("truncated", f"body ended early: {message}", code)
+    return RowFailure("connection_error", message, code)
 
 
 def _read_file(path: str, options: FetchOptions) -> bytes:
     try:
-        size = os.path.getsize(path)
-        if size > options.max_bytes:
-            raise RowFailure("too_large", f"file is {size} bytes, over {options.max_bytes}")
+        if options.root:
+            root = os.path.realpath(options.root)
+            path = os.path.realpath(path)
+            if os.path.commonpath([root, path]) != root:
+                raise RowFailure("blocked", f"{path} is outside the root {root}")
+        info = os.stat(path)
+        if stat.S_ISDIR(info.st_mode):
+            raise RowFailure("not_found", f"is a directory: {path}")
+        if not stat.S_ISREG(info.st_mode):
+            raise RowFailure("io_error", f"not a regular file: {path}")
+        if info.st_size > options.max_bytes:
+            raise RowFailure("too_large", f"file is {info.st_size} bytes, over {options.max_bytes}")
         with open(path, "rb") as f:
-            return f.read()
+            data = f.read(options.max_bytes + 1)
+        if len(data) > options.max_bytes:
+            raise RowFailure("too_large", f"file grew past {options.max_bytes} bytes")
+        return data
     except FileNotFoundError:
         raise RowFailure("not_found", f"no such file: {path}") from None
-    except IsADirectoryError:
-        raise RowFailure("not_found", f"is a directory: {path}") from None
     except OSError as exc:
         raise RowFailure("io_error", f"{type(exc).__name__}: {exc}") from None
 
 
-def decode_image(data: bytes, size: int) -> tuple[np.ndarray, int, int]:
-    """Decode image bytes to uint8 RGB `size` x `size`; return it with the original width, height."""
+_NOT_IMAGE = "not a JPEG, PNG, GIF, WebP, BMP, TIFF or AVIF image (by its first bytes)"
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The Pillow format named by the magic bytes at the start of `data`, or None."""
+    head = bytes(data[:_SNIFF_BYTES])
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head.startswith(b"BM"):
+        return "BMP"
+    if head.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")):
+        return "TIFF"
+    if head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis", b"mif1", b"msf1"):
+        return "AVIF"
+    return None
+
+
+def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS
+                 ) -> tuple[np.ndarray, int, int]:
+    """Decode image bytes to uint8 RGB `size` x `size`; return it with the original width, height.
+
+    Only the format its magic bytes name is tried (no other Pillow decoder sees the bytes),
+    and an image over `max_pixels` is refused from its header, before any pixel is decoded.
+    """
+    image_format = sniff_format(data)
+    if image_format is None:
+        raise RowFailure("not_image", _NOT_IMAGE)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-                image.draft("RGB", (size, size))  # JPEG: decode at a reduced DCT scale
-                image = ImageOps.exif_transpose(image)
-                if image.mode != "RGB":
-                    image = image.convert("RGB")
-                image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-                return np.asarray(image, dtype=np.uint8), width, height
-    except UnidentifiedImageError:
-        raise RowFailure("not_image", "not a recognised image format") from None
+        with Image.open(io.BytesIO(data), formats=[image_format]) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise RowFailure("bomb", f"{width}x{height} pixels exceed the limit of "
+                                 f"{max_pixels}")
+            image.draft("RGB", (size, size))  # JPEG: decode at a reduced DCT scale
+            image = _to_rgb(ImageOps.exif_transpose(image))
+            image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+            return np.asarray(image, dtype=np.uint8), width, height
+    except RowFailure:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise RowFailure("bomb", str(exc)[:300]) from None
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+    except Exception as exc:  # any error while parsing untrusted bytes means a corrupt image
         raise RowFailure("decode_error", f"{type(exc).__name__}: {exc}"[:300]) from None
 
 
-def _fetch_one(url: str, options: FetchOptions) -> tuple[np.ndarray | None, dict]:
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB; 16/32-bit greyscale is scaled down to 8 bits instead of clipped to white."""
+    if image.mode.startswith("I"):
+        pixels = np.asarray(image).astype(np.int64)
+        if pixels.max(initial=0) > 255:
+            pixels = pixels // 257
+        image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "L")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _fetch_one(url: str, options: FetchOptions,
+               ingest_error: str = "") -> tuple[np.ndarray | None, dict]:
     record: dict = {"status": OK, "error": "", "http_status": None, "bytes": None,
                     "sha256": "", "width": None, "height": None}
     try:
+        if ingest_error:  # a ragged CSV row: its fields cannot be trusted, so no fetch
+            raise RowFailure("bad_row", ingest_error)
         data, http_status = read_source(url, options)
         record["http_status"] = http_status
         record["bytes"] = len(data)
         record["sha256"] = hashlib.sha256(data).hexdigest()
-        pixels, record["width"], record["height"] = decode_image(data, options.image_size)
+        pixels, record["width"], record["height"] = decode_image(
+            data, options.image_size, options.max_pixels)
         return pixels, record
     except RowFailure as failure:
         record["status"] = failure.status
@@ -211,10 +416,14 @@ def _fetch_one(url: str, options: FetchOptions) -> tuple[np.ndarray | None, dict
 
 
 def fetch_partition(rows: pd.DataFrame, url_col: str, options: FetchOptions) -> FetchedPartition:
-    """Fetch and decode every row of a partition concurrently; failures become statuses."""
+    """Fetch and decode every row of a partition concurrently; failures become statuses.
+
+    Rows flagged by ingest (`INGEST_ERROR`, e.g. too many fields) become `bad_row`.
+    """
     urls = rows[url_col].astype(str).tolist()
-    results = list(_pool(options.threads).map(lambda u: _fetch_one(u, options), urls))
-    table = rows.copy()
+    flags = rows[INGEST_ERROR].tolist() if INGEST_ERROR in rows else [""] * len(urls)
+    results = list(_pool(options.threads).map(lambda u, f: _fetch_one(u, options, f), urls, flags))
+    table = rows.drop(columns=[INGEST_ERROR], errors="ignore")
     records = pd.DataFrame([record for _, record in results], index=table.index)
     for column in STATUS_COLUMNS:
         table[column] = records[column]

@@ -92,3 +92,16 @@ def test_demo_covers_group_with_efficientnet(client, tmp_path):
     worst_same = min(similarity[p] for p in pairs if p in same)
     best_different = max(similarity[p] for p in pairs if p not in same)
     assert worst_same > best_different, (worst_same, best_different)
+
+
+def test_row_level_problems_become_statuses(client, tmp_path, image_dir):
+    """Ragged rows, duplicate ids and blank URLs are rows with a status, not a crash."""
+    chelsea = image_dir / "chelsea.jpg"
+    csv = tmp_path / "rows.csv"
+    csv.write_bytes(f"id,url\na,{chelsea},extra\na,{chelsea}\nb\nc,\nd,caf\xe9\n".encode("latin-1"))
+    source = extract(str(csv), "rows", str(tmp_path), client=client, weights="random")
+    rows = source.rows()
+    assert rows["id"].tolist() == ["a", "a", "b", "c", "d"]
+    assert rows["status"].tolist() == ["bad_row", "ok", "bad_row", "bad_url", "not_found"]
+    assert rows["error"][0] == "row has 3 fields, the header 2"
+    assert "_ingest_error" not in rows

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from PIL import Image, features
 
-from imgsim_dask.fetch import OK, FetchOptions, RowFailure, decode_image, fetch_partition
+from imgsim_dask.fetch import (
+    OK, FetchOptions, RowFailure, decode_image, fetch_partition, sniff_format,
+)
 
 
 def test_partition_statuses(http_server, image_dir):
@@ -68,6 +72,63 @@ def test_decode_modes_to_rgb(mode):
     pixels, width, height = decode_image(buffer.getvalue(), 224)
     assert pixels.shape == (224, 224, 3) and pixels.dtype == np.uint8
     assert (width, height) == (300, 200)
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped():
+    buffer = io.BytesIO()
+    Image.new("I;16", (300, 200), 32896).save(buffer, format="PNG")  # mid-grey in 16 bits
+    pixels, _, _ = decode_image(buffer.getvalue(), 224)
+    assert np.all(pixels == 128)
+
+
+@pytest.mark.parametrize("image_format", ["JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF"])
+def test_sniffed_formats_decode(image_format):
+    if image_format == "AVIF" and not features.check("avif"):
+        pytest.skip("Pillow built without AVIF")
+    buffer = io.BytesIO()
+    Image.new("RGB", (120, 80), (200, 30, 60)).save(buffer, format=image_format)
+    assert sniff_format(buffer.getvalue()) == image_format
+    pixels, width, height = decode_image(buffer.getvalue(), 224)
+    assert (width, height) == (120, 80) and pixels.shape == (224, 224, 3)
+
+
+def test_animated_gif_decodes_its_first_frame():
+    frames = [Image.new("RGB", (64, 64), color) for color in ((255, 0, 0), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=100)
+    pixels, _, _ = decode_image(buffer.getvalue(), 224)
+    assert pixels[..., 0].mean() > 200 and pixels[..., 2].mean() < 50
+
+
+@pytest.mark.parametrize("data", [
+    b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n",  # would reach Ghostscript
+    b"8BPS\x00\x01" + bytes(64),  # Photoshop
+    b"<svg xmlns='http://www.w3.org/2000/svg'/>",
+    b"",
+], ids=["eps", "psd", "svg", "empty"])
+def test_only_listed_formats_reach_a_decoder(data):
+    with pytest.raises(RowFailure) as info:
+        decode_image(data, 224)
+    assert info.value.status == "not_image"
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height pixels and holds none."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side, max_pixels", [(30_000, None), (100, 9_999)],
+                         ids=["over-pillow-error-limit", "over-max-pixels"])
+def test_bomb_refused_before_decoding(side, max_pixels):
+    options = {"max_pixels": max_pixels} if max_pixels else {}
+    with pytest.raises(RowFailure) as info:
+        decode_image(_png_header_only(side, side), 224, **options)
+    assert info.value.status == "bomb"
 
 
 def test_exif_orientation_applied():

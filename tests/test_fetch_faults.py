@@ -1,0 +1,495 @@
+"""Fetching against a real fault-injecting HTTP server on 127.0.0.1, and the address guard.
+
+Every fault ends as its own row status within a bounded time. The link-local / metadata
+guard is tested through a patched resolver: no test sends a packet anywhere but loopback
+(the conftest guard fails any other connect; `connects` below records every attempt).
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import ssl
+import struct
+import threading
+import time
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+import pandas as pd
+import pytest
+import urllib3
+from PIL import Image
+
+from imgsim_dask.fetch import OK, FetchOptions, fetch_partition
+from imgsim_dask.safehttp import AddressPolicy, BlockedAddress, GuardedPoolManager
+
+METADATA_IP = "169.254.169.254"
+HUGE_BYTES = 256 * 2**20
+CAP_BYTES = 2**20
+
+
+def _jpeg() -> bytes:
+    ramp = np.linspace(0, 255, 64 * 48 * 3).astype(np.uint8).reshape(48, 64, 3)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _png_bomb(side: int) -> bytes:
+    """A valid 1-bit PNG of side x side pixels (all black) that compresses to a few KiB."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    rows = (b"\x00" + bytes((side + 7) // 8)) * side
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
+
+
+JPEG = _jpeg()
+BOMB = _png_bomb(12_000)  # 144 M pixels: over Pillow's 89.5 M warning limit, under its error
+
+
+class _FaultServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64  # every fault of a partition connects at once
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _FaultHandler)
+        self.lock = threading.Lock()
+        self.hits: Counter[str] = Counter()
+        self.sent: Counter[str] = Counter()  # body bytes the kernel accepted, per path
+        self.finished: dict[str, threading.Event] = {}
+        self.stop = threading.Event()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}{path}"
+
+    def handle_error(self, request, client_address):  # clients hang up on purpose
+        pass
+
+
+class _FaultHandler(BaseHTTPRequestHandler):
+    """One fault per path; `server.hits` counts requests per path and query."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, so that retries may reuse a connection
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        parts = urlsplit(self.path)
+        query = {key: values[0] for key, values in parse_qs(parts.query).items()}
+        with self.server.lock:
+            self.server.hits[self.path] += 1
+            hit = self.server.hits[self.path]
+        getattr(self, "fault_" + parts.path.strip("/").replace("-", "_"))(hit, query)
+
+    def reply(self, code: int, body: bytes = b"", content_type: str = "image/jpeg",
+              headers: dict | None = None):
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def trickle(self, data: bytes):
+        """Send `data` then a byte every 50 ms until the client goes or the server stops."""
+        self.wfile.write(data)
+        while not self.server.stop.wait(0.05):
+            self.wfile.write(b"\x00")
+
+    def fault_image(self, hit, query):
+        self.reply(200, JPEG)
+
+    def fault_missing(self, hit, query):
+        self.reply(404, b"not here", "text/plain")
+
+    def fault_error_then_ok(self, hit, query):
+        self.reply(500, b"oops", "text/plain") if hit == 1 else self.reply(200, JPEG)
+
+    def fault_always_503(self, hit, query):
+        self.reply(503, b"busy", "text/plain")
+
+    def fault_busy_then_ok(self, hit, query):
+        if hit == 1:
+            self.reply(429, b"slow down", "text/plain", {"Retry-After": query["after"]})
+        else:
+            self.reply(200, JPEG)
+
+    def fault_reset_then_ok(self, hit, query):
+        if hit == 1:  # close with RST before any response
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                       struct.pack("ii", 1, 0))
+            self.close_connection = True
+        else:
+            self.reply(200, JPEG)
+
+    def fault_silent(self, hit, query):
+        self.server.stop.wait(30)
+
+    def fault_trickle_headers(self, hit, query):
+        self.trickle(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+
+    def fault_trickle_body(self, hit, query):
+        self.trickle(b"HTTP/1.1 200 OK\r\nContent-Length: 10000000\r\n\r\n" + JPEG[:100])
+
+    def fault_half(self, hit, query):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(JPEG)))
+        self.end_headers()
+        self.wfile.write(JPEG[: len(JPEG) // 2])
+        self.close_connection = True
+
+    def fault_html(self, hit, query):
+        self.reply(200, b"<!doctype html><html><body>a page, not a photo</body></html>")
+
+    def fault_bomb(self, hit, query):
+        self.reply(200, BOMB, "image/png")
+
+    def fault_huge(self, hit, query):
+        """A body of HUGE_BYTES, close-delimited (no Content-Length) or declared."""
+        self.send_response(200)
+        if query.get("declared"):
+            self.send_header("Content-Length", str(HUGE_BYTES))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        block = JPEG[:16] + bytes(64 * 1024 - 16)
+        try:
+            while self.server.sent["/huge"] < HUGE_BYTES:
+                self.wfile.write(block)
+                self.server.sent["/huge"] += len(block)
+        finally:
+            self.server.finished.setdefault("/huge", threading.Event()).set()
+
+    def fault_loop(self, hit, query):
+        self.reply(302, b"", "text/plain", {"Location": "/loop"})
+
+    def fault_redirect(self, hit, query):
+        self.reply(302, b"", "text/plain", {"Location": query["to"]})
+
+
+@pytest.fixture
+def server():
+    """A fresh fault server per test (fresh hit counters)."""
+    fault_server = _FaultServer()
+    thread = threading.Thread(target=fault_server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield fault_server
+    fault_server.stop.set()
+    fault_server.shutdown()
+    fault_server.server_close()
+
+
+@dataclass
+class FakeDns:
+    """Answers for test host names (all addresses at once); other names go to the guard.
+
+    `later` answers replace `answers` from the second lookup on (DNS rebinding);
+    `calls` counts lookups per name.
+    """
+
+    answers: dict[str, list[str] | Exception] = field(default_factory=dict)
+    later: dict[str, list[str]] = field(default_factory=dict)
+    calls: Counter[str] = field(default_factory=Counter)
+
+
+@pytest.fixture
+def dns(monkeypatch) -> FakeDns:
+    fake = FakeDns()
+    guarded_getaddrinfo = socket.getaddrinfo  # the conftest guard: loopback names only
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host not in fake.answers:
+            return guarded_getaddrinfo(host, port, *args, **kwargs)
+        fake.calls[host] += 1
+        answer = fake.answers[host]
+        if isinstance(answer, Exception):
+            raise answer
+        if fake.calls[host] > 1:
+            answer = fake.later.get(host, answer)
+        return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", (ip, port, 0, 0)) if ":" in ip
+                else (socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in answer]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return fake
+
+
+@pytest.fixture
+def connects(monkeypatch) -> list[str]:
+    """Every address a socket tries to connect to. Non-loopback ones are refused, unsent."""
+    attempts: list[str] = []
+    guarded_connect = socket.socket.connect  # the conftest guard
+
+    def connect(sock, address):
+        attempts.append(address[0])
+        if not address[0].startswith("127."):
+            raise ConnectionRefusedError(f"test refused a connection to {address[0]}")
+        return guarded_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    return attempts
+
+
+def fetch(urls: list[str], **options) -> tuple[pd.DataFrame, float]:
+    """Fetch `urls` as one partition; the row table and the seconds it took."""
+    started = time.perf_counter()
+    fetched = fetch_partition(pd.DataFrame({"url": urls}), "url", FetchOptions(**options))
+    return fetched.rows, time.perf_counter() - started
+
+
+FAST = {"backoff": 0.05, "connect_timeout": 1.0, "read_timeout": 1.0, "deadline": 3.0}
+
+
+@dataclass(frozen=True)
+class Fault:
+    path: str
+    status: str
+    hits: int  # requests the server saw: retries or not
+    max_seconds: float
+    options: dict = field(default_factory=dict)
+    min_seconds: float = 0.0  # a wait that must happen (Retry-After, the deadline)
+
+
+FAULTS = {
+    "served image": Fault("/image", OK, 1, 2),
+    "404 is not retried": Fault("/missing", "http_404", 1, 2),
+    "500 then 200 ends ok": Fault("/error-then-ok", OK, 2, 2),
+    "503 every time: bounded retries": Fault("/always-503", "http_5xx", 3, 2),
+    "429 Retry-After 1 s is honoured": Fault("/busy-then-ok?after=1", OK, 2, 2, min_seconds=1),
+    "429 Retry-After beyond the cap": Fault("/busy-then-ok?after=3600", "http_429", 1, 1),
+    "reset before a response is retried": Fault("/reset-then-ok", OK, 2, 2),
+    "server never answers": Fault("/silent", "timeout", 1, 2, {"read_timeout": 0.5}),
+    # read_timeout (1 s) never fires on a trickle: the deadline ends it
+    "headers trickle forever": Fault("/trickle-headers", "timeout", 1, 2.5, {"deadline": 1.5},
+                                     min_seconds=1.5),
+    "body trickles forever": Fault("/trickle-body", "timeout", 1, 2.5, {"deadline": 1.5},
+                                   min_seconds=1.5),
+    "half the declared body, then close": Fault("/half", "truncated", 1, 2),
+    "HTML served as image/jpeg": Fault("/html", "not_image", 1, 2),
+    "decompression bomb PNG": Fault("/bomb", "bomb", 1, 3),
+    "redirect loop": Fault("/loop", "http_redirects", 6, 2),
+}
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.parametrize("fault", FAULTS.values(), ids=FAULTS.keys())
+def test_fault_gets_its_status_in_bounded_time(server, fault):
+    rows, seconds = fetch([server.url(fault.path)], **{**FAST, **fault.options})
+    row = rows.iloc[0]
+    assert row["status"] == fault.status, row["error"]
+    assert (row["error"] == "") == (fault.status == OK)
+    assert server.hits[fault.path] == fault.hits
+    assert fault.min_seconds <= seconds < fault.max_seconds
+
+
+@pytest.mark.parametrize("declared", [False, True], ids=["streamed", "content-length"])
+def test_body_over_the_cap_is_never_read_past_it(server, monkeypatch, declared):
+    read = Counter()
+    real_read1 = urllib3.response.HTTPResponse.read1
+
+    def counting_read1(self, *args, **kwargs):
+        data = real_read1(self, *args, **kwargs)
+        read["bytes"] += len(data)
+        return data
+
+    monkeypatch.setattr(urllib3.response.HTTPResponse, "read1", counting_read1)
+    url = server.url("/huge" + ("?declared=1" if declared else ""))
+    rows, seconds = fetch([url], **{**FAST, "max_bytes": CAP_BYTES})
+    assert rows["status"].tolist() == ["too_large"] and seconds < 2
+    assert read["bytes"] <= (0 if declared else CAP_BYTES + 1)
+    assert server.finished.setdefault("/huge", threading.Event()).wait(5)
+    assert server.sent["/huge"] < HUGE_BYTES // 4  # the client hung up; only socket buffers filled
+
+
+def test_refused_connection():
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    rows, seconds = fetch([f"http://127.0.0.1:{port}/a.jpg"], **FAST)
+    assert rows["status"].tolist() == ["connection_error"] and seconds < 1
+
+
+def test_deadline_bounds_connects_to_many_unreachable_addresses(dns, monkeypatch):
+    dns.answers["blackhole.test"] = [f"127.0.0.{i}" for i in range(2, 12)]
+
+    def unanswered_connect(sock, address):  # a host that drops SYNs; nothing is sent
+        time.sleep(sock.gettimeout())
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(socket.socket, "connect", unanswered_connect)
+    rows, seconds = fetch(["http://blackhole.test/a.jpg"], **{**FAST, "deadline": 1.5})
+    assert rows["status"].tolist() == ["timeout"] and seconds < 2.5  # not 10 x connect_timeout
+
+
+def test_unresolvable_host(dns, connects):
+    dns.answers["no-such-host.test"] = socket.gaierror(socket.EAI_NONAME, "Name not known")
+    rows, seconds = fetch(["http://no-such-host.test/a.jpg"], **FAST)
+    assert rows["status"].tolist() == ["dns_error"] and seconds < 1
+    assert connects == []
+
+
+def test_metadata_hostname_is_blocked_before_any_connect(dns, connects):
+    dns.answers["metadata.test"] = [METADATA_IP]
+    rows, _ = fetch(["http://metadata.test/latest/meta-data/iam/"], **FAST)
+    assert rows["status"].tolist() == ["blocked"]
+    assert "169.254.169.254" in rows.loc[0, "error"]
+    assert connects == []
+
+
+@pytest.mark.parametrize("answer", [["fe80::1"], ["127.0.0.1", METADATA_IP]],
+                         ids=["ipv6-link-local", "one-of-two-addresses"])
+def test_hosts_resolving_to_link_local_are_blocked(dns, connects, answer):
+    dns.answers["sneaky.test"] = answer
+    rows, _ = fetch(["http://sneaky.test/a.jpg"], **FAST)
+    assert rows["status"].tolist() == ["blocked"] and connects == []
+
+
+@pytest.mark.parametrize("host", [METADATA_IP, "[fe80::1]", "[::ffff:169.254.169.254]",
+                                  "[fd00:ec2::254]", "100.100.100.200"])
+def test_link_local_and_metadata_literals_are_blocked(connects, host):
+    rows, _ = fetch([f"http://{host}/latest/meta-data/"], **FAST)
+    assert rows["status"].tolist() == ["blocked"] and connects == []
+
+
+@pytest.mark.parametrize("target", ["http://metadata.test/latest/meta-data/",
+                                    f"http://{METADATA_IP}/latest/meta-data/",
+                                    "file:///etc/passwd"])
+def test_redirect_to_metadata_or_a_file_is_blocked(server, dns, connects, target):
+    dns.answers["metadata.test"] = [METADATA_IP]
+    rows, _ = fetch([server.url(f"/redirect?to={target}")], **FAST)
+    assert rows["status"].tolist() == ["blocked"]
+    assert sum(server.hits.values()) == 1
+    assert connects and all(address == "127.0.0.1" for address in connects)
+
+
+def test_resolved_once_and_connected_to_the_checked_address(server, dns, connects):
+    """DNS rebinding: a second lookup would answer 169.254.169.254; there is none."""
+    dns.answers["rebind.test"] = ["127.0.0.1"]
+    dns.later["rebind.test"] = [METADATA_IP]
+    port = server.server_address[1]
+    urls = [f"http://rebind.test:{port}/image"] * 3
+    rows, _ = fetch(urls, **FAST, threads=1)
+    assert rows["status"].tolist() == [OK] * 3
+    assert dns.calls["rebind.test"] == 1 and connects == ["127.0.0.1"]  # kept alive
+
+
+def test_allow_link_local_lifts_the_block(dns, connects):
+    dns.answers["metadata.test"] = [METADATA_IP]
+    rows, _ = fetch(["http://metadata.test/latest/"], **FAST, allow_link_local=True)
+    assert rows["status"].tolist() == ["connection_error"]  # the spy refused it, unsent
+    assert connects == [METADATA_IP]
+
+
+def test_public_only_refuses_loopback(server, connects):
+    port = server.server_address[1]
+    urls = [server.url("/image"), f"http://localhost:{port}/image", f"http://[::1]:{port}/image"]
+    rows, _ = fetch(urls, **FAST, public_only=True)
+    assert rows["status"].tolist() == ["blocked"] * 3
+    assert connects == [] and server.hits["/image"] == 0
+
+
+def test_scheme_allow_list(server, tmp_path):
+    image = tmp_path / "a.jpg"
+    image.write_bytes(JPEG)
+    urls = [server.url("/image"), str(image), f"file://{image}", "ftp://127.0.0.1/a.jpg"]
+    rows, _ = fetch(urls, schemes=("https",))
+    assert rows["status"].tolist() == ["blocked", "blocked", "blocked", "bad_url"]
+    rows, _ = fetch(urls[:3], schemes=("http", "file"))
+    assert rows["status"].tolist() == [OK, OK, OK]
+
+
+def test_root_confines_local_paths(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "in.jpg").write_bytes(JPEG)
+    (outside / "out.jpg").write_bytes(JPEG)
+    (root / "escape.jpg").symlink_to(outside / "out.jpg")
+    urls = ["in.jpg", "../outside/out.jpg", "escape.jpg", str(outside / "out.jpg")]
+    rows, _ = fetch(urls, root=str(root), base_dir=str(root))
+    assert rows["status"].tolist() == [OK, "blocked", "blocked", "blocked"]
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_every_fault_in_one_partition_finishes_in_bounded_time(server):
+    """All faults at once, as a worker meets them: one status each, the slowest bounds the run."""
+    urls = [server.url(fault.path) for fault in FAULTS.values()]
+    rows, seconds = fetch(urls, **{**FAST, "read_timeout": 0.5, "deadline": 1.5})
+    assert rows["status"].tolist() == [fault.status for fault in FAULTS.values()]
+    assert seconds < 4
+
+
+def _certificate_authority(tmp_path, server_name: str):
+    """A CA file and a server certificate + key for `server_name`, signed by that CA."""
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def certificate(subject, key, issuer, issuer_key, extensions):
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(datetime.now(UTC) - timedelta(days=1))
+                   .not_valid_after(datetime.now(UTC) + timedelta(days=1))
+                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                                  critical=False)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                       issuer_key.public_key()), critical=False))
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    ca = certificate("imgsim test CA", ca_key, "imgsim test CA", ca_key, [
+        (x509.BasicConstraints(ca=True, path_length=None), True),
+        (x509.KeyUsage(False, False, False, False, False, True, True, False, False), True)])
+    leaf = certificate(server_name, server_key, "imgsim test CA", ca_key, [
+        (x509.BasicConstraints(ca=False, path_length=None), True),
+        (x509.SubjectAlternativeName([x509.DNSName(server_name)]), False),
+        (x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False)])
+    pem = serialization.Encoding.PEM
+    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (tmp_path / "server.pem").write_bytes(leaf.public_bytes(pem) + server_key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return tmp_path / "ca.pem", tmp_path / "server.pem"
+
+
+def test_https_connects_to_the_checked_address_and_verifies_the_host_name(tmp_path, dns, connects):
+    """TLS on a guarded connection: the socket goes to the checked IP, the certificate is
+    verified against the URL's host name, and a metadata host is refused before any connect."""
+    ca_file, server_pem = _certificate_authority(tmp_path, "images.test")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(server_pem)
+    tls_server = _FaultServer()
+    tls_server.socket = context.wrap_socket(tls_server.socket, server_side=True)
+    threading.Thread(target=tls_server.serve_forever, args=(0.05,), daemon=True).start()
+    port = tls_server.server_address[1]
+    dns.answers.update({"images.test": ["127.0.0.1"], "impostor.test": ["127.0.0.1"],
+                        "metadata.test": [METADATA_IP]})
+    manager = GuardedPoolManager(AddressPolicy(), ca_certs=str(ca_file))
+    try:
+        response = manager.urlopen("GET", f"https://images.test:{port}/image", retries=False)
+        assert response.status == 200 and response.data == JPEG
+        with pytest.raises(urllib3.exceptions.SSLError):  # certificate is for images.test
+            manager.urlopen("GET", f"https://impostor.test:{port}/image", retries=False)
+        with pytest.raises(BlockedAddress):
+            manager.urlopen("GET", f"https://metadata.test:{port}/", retries=False)
+    finally:
+        tls_server.stop.set()
+        tls_server.shutdown()
+        tls_server.server_close()
+    assert connects == ["127.0.0.1", "127.0.0.1"]
