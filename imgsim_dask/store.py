@@ -2,11 +2,15 @@
 
     features.zarr   rows x dim float32, row i <-> row i of the row table, NaN rows for failures
     rows.parquet/   one part file per partition: kept CSV fields, `row`, status columns
+    plan.json       what the extraction was started with (rows, model, weights, CSV...);
+                    `--resume` continues only an extraction with the same plan
     meta.json       model, weights, dim, counts, timings, versions; written last, so a store
                     without it is incomplete
 
 Only the driver writes (one writer, chunk-aligned, part files renamed into place), so
-workers need no shared filesystem and no two writers ever touch one Zarr chunk.
+workers need no shared filesystem and no two writers ever touch one Zarr chunk. A
+partition is done once its part file exists (it is renamed into place after its Zarr
+chunk is written), which is what `--resume` relies on.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from .fetch import OK
 FEATURES = "features.zarr"
 ROWS = "rows.parquet"
 META = "meta.json"
+PLAN = "plan.json"
 DEFAULT_STORE = "imgsim-store"
 
 
@@ -105,20 +110,32 @@ def open_store(store: str | os.PathLike, name: str) -> FeatureStore:
         raise StoreError(f"no source named {name!r} in store {store}{hint}")
     if not (path / META).is_file():
         raise StoreError(f"source {name!r} in {store} is incomplete (the extraction did not "
-                         "finish); run the extraction again with --overwrite")
+                         "finish); continue it with --resume, or start over with --overwrite")
     return FeatureStore(path)
 
 
 class StoreWriter:
-    """Creates a source and writes it one partition at a time, then seals it with meta.json."""
+    """Creates (or resumes) a source, writes it one partition at a time, seals it with meta.json.
 
-    def __init__(self, store: str | os.PathLike, name: str, n_rows: int, dim: int,
-                 chunk_rows: int, overwrite: bool = False):
+    `plan` describes the extraction (row count, dim, partition size, model, weights, CSV);
+    with `resume=True` an incomplete source started with the same plan is continued:
+    `done` holds the partitions already written, which the caller skips (`complete` is
+    set when there is nothing left to do).
+    """
+
+    def __init__(self, store: str | os.PathLike, name: str, plan: dict,
+                 overwrite: bool = False, resume: bool = False):
         if not name or name != Path(name).name or name.startswith("."):
             raise StoreError(f"invalid source name {name!r}: use a plain name like 'books'")
         self.path = Path(store) / name
+        self.chunk_rows = int(plan["partition_rows"])
+        self.done: set[int] = set()
+        self.complete = False
+        if resume and (self.path / PLAN).is_file():
+            self._reopen(plan)
+            return
         if self.path.exists():
-            if not overwrite:
+            if not (overwrite or resume):
                 raise StoreError(f"source {name!r} already exists in {store}; "
                                  "pass --overwrite to replace it")
             shutil.rmtree(self.path)
@@ -126,21 +143,48 @@ class StoreWriter:
             (self.path / ROWS).mkdir(parents=True)
         except OSError as exc:
             raise StoreError(f"cannot create {self.path}: {exc.strerror or exc}") from None
-        self.chunk_rows = chunk_rows
+        n_rows, dim = int(plan["rows"]), int(plan["dim"])
         self.features = zarr.create_array(
-            self.path / FEATURES, shape=(n_rows, dim), chunks=(max(1, min(chunk_rows, n_rows)), dim),
-            dtype="float32", fill_value=np.nan,
+            self.path / FEATURES, shape=(n_rows, dim),
+            chunks=(max(1, min(self.chunk_rows, n_rows)), dim), dtype="float32",
+            fill_value=np.nan,
         )
+        atomic_write(self.path / PLAN, lambda tmp: Path(tmp).write_text(_dumps(plan)))
+
+    def _reopen(self, plan: dict) -> None:
+        """Continue an interrupted extraction, if it was started with the same plan."""
+        before = json.loads((self.path / PLAN).read_text())
+        changed = [key for key in sorted(set(before) | set(plan)) if before.get(key) != plan.get(key)]
+        if changed:
+            key = changed[0]
+            raise StoreError(f"cannot resume {self.path.name!r}: {key} was {before.get(key)!r}, "
+                             f"now {plan.get(key)!r}; pass --overwrite to start over")
+        if (self.path / META).is_file():
+            self.complete = True
+            return
+        for stray in (self.path / ROWS).glob(".*"):  # temporary files of an interrupted write
+            stray.unlink()
+        self.features = zarr.open_array(self.path / FEATURES, mode="r+")
+        self.done = {int(part.stem.split("-")[1]) for part in (self.path / ROWS).glob("part-*.parquet")}
+
+    def done_rows(self) -> pd.DataFrame:
+        """The row tables of the partitions already written (empty for a fresh source)."""
+        parts = [self.path / ROWS / f"part-{index:05d}.parquet" for index in sorted(self.done)]
+        return pd.concat([pd.read_parquet(p) for p in parts]) if parts else pd.DataFrame()
 
     def write_partition(self, index: int, features: np.ndarray, rows: pd.DataFrame) -> None:
-        """Write partition `index` (rows [index*chunk_rows, ...)): one Zarr chunk, one part file."""
+        """Write partition `index` (rows [index*chunk_rows, ...)): one Zarr chunk, then its part file."""
         start = index * self.chunk_rows
         self.features[start:start + len(features)] = features
         part = self.path / ROWS / f"part-{index:05d}.parquet"
         atomic_write(part, lambda tmp: rows.to_parquet(tmp, index=False))
+        self.done.add(index)
 
     def finish(self, meta: dict) -> FeatureStore:
         """Seal the source: after this it opens as complete."""
-        atomic_write(self.path / META,
-                      lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, default=str)))
+        atomic_write(self.path / META, lambda tmp: Path(tmp).write_text(_dumps(meta)))
         return FeatureStore(self.path)
+
+
+def _dumps(document: dict) -> str:
+    return json.dumps(document, indent=2, default=str)

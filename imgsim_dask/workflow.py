@@ -8,7 +8,7 @@ from pathlib import Path
 
 from distributed import Client
 
-from .cluster import connect
+from .cluster import ClusterOptions, connect
 from .driver import ExtractOptions, extract
 from .errors import InputError, StoreError
 from .pairs import MatchResult, check_output_path, match_sources
@@ -38,6 +38,7 @@ def run(
     client: Client | None = None,
     scheduler: str | None = None,
     workers: int | None = None,
+    cluster_options: ClusterOptions | None = None,
     csv_options: dict | None = None,
     options: ExtractOptions | None = None,
 ) -> MatchResult:
@@ -52,9 +53,9 @@ def run(
         raise InputError(f"--names needs {len(csvs)} name(s), got {len(names)}")
     if out is not None:
         check_output_path(out)
-    with connect(scheduler, client, workers) as active:
+    with connect(scheduler, client, workers, cluster_options) as active:
         for csv, name in zip(csvs, names):
-            if not options.overwrite and _complete(store, name, options.model):
+            if not (options.overwrite or options.resume) and _complete(store, name, options.model):
                 logger.info("%s: already extracted in %s, skipping", name, store)
                 continue
             extract(csv, name, store, client=active, options=options, **(csv_options or {}))

@@ -21,7 +21,7 @@ from test_cli import assert_usage_error, imgsim
 def make_source(store, name, features, model="mobilenet", ids=None):
     """A complete source written through the real StoreWriter (features as given)."""
     n, dim = features.shape
-    writer = StoreWriter(store, name, n, dim, chunk_rows=4)
+    writer = StoreWriter(store, name, {"rows": n, "dim": dim, "partition_rows": 4})
     ids = ids or [f"{name}-{i}" for i in range(n)]
     for k, start in enumerate(range(0, n, 4)):
         stop = min(n, start + 4)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+
+import numpy as np
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +128,27 @@ def _mobilenet_default() -> Weights:
     return _weights_file("mobilenet", downloaded, f"keras download {downloaded}")
 
 
+def set_seeded_weights(model, seed: int = RANDOM_SEED) -> None:
+    """Stand-in weights that depend on `seed` alone, never on global random state.
+
+    (Keras' own initialisers draw from process-wide generators that other threads of a
+    worker may advance, so two workers could build different "random" models.) Kernels are
+    He-normal, batch norms the identity, biases zero.
+    """
+    values = []
+    for i, variable in enumerate(model.weights):
+        shape, name = tuple(variable.shape), variable.path
+        if name.endswith(("gamma", "moving_variance")):
+            values.append(np.ones(shape, np.float32))
+        elif len(shape) >= 2:
+            fan_in = int(np.prod(shape[:2])) if "depthwise" in name else int(np.prod(shape[:-1]))
+            rng = np.random.default_rng([seed, i])
+            values.append((rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32))
+        else:
+            values.append(np.zeros(shape, np.float32))
+    model.set_weights(values)
+
+
 def build_model(weights: Weights, workdir: str):
     """Build the Keras model for `weights` (on a worker); file weights are written to `workdir`."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
@@ -139,15 +162,18 @@ def build_model(weights: Weights, workdir: str):
             with open(tmp, "wb") as f:
                 f.write(weights.data)
             os.replace(tmp, path)
-    keras.utils.set_random_seed(RANDOM_SEED)
     if weights.model == "mobilenet":
         from .mobilenet import build_mobilenet
 
-        return build_mobilenet(path)
+        model = build_mobilenet(path)
+        if weights.is_random:
+            set_seeded_weights(model)
+        return model
     from . import efficientnet_lite as lite
 
     model = lite.build_efficientnet_lite0(include_top=False)
     if weights.is_random:
+        set_seeded_weights(model)
         return model
     if path is None:
         model.load_weights(str(lite.ensure_converted_weights()))

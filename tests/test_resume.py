@@ -1,0 +1,123 @@
+"""Resume: an extraction whose driver was SIGKILLed continues with --resume to the same store.
+
+The driver runs as a real `imgsim extract` process against the session's local cluster
+(`--scheduler`), so killing it leaves the cluster up, as when a laptop's driver dies
+while a remote cluster keeps running.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+
+from imgsim_dask import extract, open_store
+from imgsim_dask.errors import StoreError
+
+PARTITION_ROWS = 8
+ROWS = 160
+
+
+@pytest.fixture(scope="module")
+def many_rows_csv(tmp_path_factory, image_dir):
+    """ROWS local image paths (some missing), enough partitions for a kill to land mid-run."""
+    names = ["astronaut", "chelsea", "coffee", "rocket", "camera", "missing"]
+    table = pd.DataFrame({"id": [f"img{i}" for i in range(ROWS)],
+                          "url": [str(image_dir / f"{names[i % len(names)]}.jpg")
+                                  for i in range(ROWS)]})
+    path = tmp_path_factory.mktemp("resume") / "many.csv"
+    table.to_csv(path, index=False)
+    return path
+
+
+def extract_command(csv, store, scheduler, *extra):
+    return [sys.executable, "-m", "imgsim_dask", "extract", str(csv), "--name", "books",
+            "--store", str(store), "--weights", "random", "--partition-rows",
+            str(PARTITION_ROWS), "--batch-size", "4", "--scheduler", scheduler, "--no-progress",
+            *extra]
+
+
+def written_parts(store: Path) -> int:
+    return len(list((store / "books" / "rows.parquet").glob("part-*.parquet")))
+
+
+def assert_same_store(a, b):
+    assert np.array_equal(a.features[:], b.features[:], equal_nan=True)
+    pd.testing.assert_frame_equal(a.rows(), b.rows())
+    assert a.meta["status_counts"] == b.meta["status_counts"]
+
+
+@pytest.fixture(scope="module")
+def clean(client, many_rows_csv, tmp_path_factory):
+    """The store of an undisturbed run."""
+    return extract(str(many_rows_csv), "books", str(tmp_path_factory.mktemp("clean")),
+                   client=client, weights="random", partition_rows=PARTITION_ROWS, batch_size=4)
+
+
+def test_driver_killed_then_resumed_equals_clean_run(client, many_rows_csv, clean, tmp_path):
+    store = tmp_path / "store"
+    total = ROWS // PARTITION_ROWS
+    driver = subprocess.Popen(extract_command(many_rows_csv, store, client.scheduler.address),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while written_parts(store) < 3 and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(30)
+    written = written_parts(store)
+    assert 3 <= written < total, f"the kill should land mid-run, {written} of {total} written"
+    with pytest.raises(StoreError, match="--resume"):
+        open_store(store, "books")
+
+    resumed = subprocess.run(extract_command(many_rows_csv, store, client.scheduler.address,
+                                             "--resume"), capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming, {written} of {total} partitions already written" in resumed.stderr
+    assert_same_store(open_store(store, "books"), clean)
+
+
+def test_partial_partition_is_redone(client, many_rows_csv, clean, tmp_path):
+    """A Zarr chunk written without its part file (killed in between) is written again."""
+    store = tmp_path / "store"
+    options = dict(client=client, weights="random", partition_rows=PARTITION_ROWS, batch_size=4)
+    source = extract(str(many_rows_csv), "books", str(store), **options)
+    (source.path / "meta.json").unlink()
+    (source.path / "rows.parquet" / "part-00002.parquet").unlink()
+    features = zarr.open_array(source.path / "features.zarr", mode="r+")
+    features[2 * PARTITION_ROWS:3 * PARTITION_ROWS] = 0.5  # a chunk written before the kill
+    (source.path / "rows.parquet" / ".part-00003.parquet.tmp").write_bytes(b"half")
+
+    resumed = extract(str(many_rows_csv), "books", str(store), resume=True, **options)
+    assert_same_store(resumed, clean)
+    assert not list((source.path / "rows.parquet").glob(".*"))
+
+
+def test_resume_of_complete_store_changes_nothing(client, many_rows_csv, tmp_path):
+    options = dict(client=client, weights="random", partition_rows=PARTITION_ROWS, batch_size=4)
+    first = extract(str(many_rows_csv), "books", str(tmp_path), **options)
+    meta = (first.path / "meta.json").read_text()
+    again = extract(str(many_rows_csv), "books", str(tmp_path), resume=True, **options)
+    assert (again.path / "meta.json").read_text() == meta
+
+
+def test_resume_refuses_a_different_plan(client, many_rows_csv, tmp_path):
+    csv = tmp_path / "in.csv"
+    csv.write_text(Path(many_rows_csv).read_text())
+    options = dict(client=client, weights="random", batch_size=4)
+    source = extract(str(csv), "books", str(tmp_path), partition_rows=PARTITION_ROWS, **options)
+    (source.path / "meta.json").unlink()
+    with pytest.raises(StoreError, match="cannot resume 'books': partition_rows was 8, now 16"):
+        extract(str(csv), "books", str(tmp_path), partition_rows=16, resume=True, **options)
+    with csv.open("a") as f:
+        f.write(f"late,{csv}\n")
+    with pytest.raises(StoreError, match="cannot resume 'books': csv_bytes was"):
+        extract(str(csv), "books", str(tmp_path), partition_rows=PARTITION_ROWS, resume=True,
+                **options)

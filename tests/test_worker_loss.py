@@ -1,0 +1,76 @@
+"""Worker loss: a `dask worker` process SIGKILLed mid-run does not fail the extraction.
+
+Two worker processes that can each fetch and run the model; one is killed once a few
+partitions are written. Dask recomputes its lost tasks on the other (`retries=`), the
+driver writes every partition exactly once, and the store equals an undisturbed run's.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from distributed import Client
+
+from imgsim_dask import extract
+from imgsim_dask.store import StoreWriter
+
+from test_remote import add_worker, scheduler  # noqa: F401  (the process-cluster fixture)
+
+PARTITION_ROWS = 6
+ROWS = 120
+
+
+def test_worker_killed_mid_run_job_completes_with_same_output(scheduler, tmp_path,  # noqa: F811
+                                                               image_dir, monkeypatch):
+    for _ in range(2):  # no nanny: a killed worker stays dead, as when its machine goes away
+        add_worker(scheduler, "--nthreads", "2", "--resources", "GPU=1,NET=2", "--no-nanny")
+    names = ["astronaut", "chelsea", "coffee", "rocket", "camera"]
+    csv = tmp_path / "in.csv"
+    pd.DataFrame({"url": [str(image_dir / f"{names[i % 5]}.jpg") for i in range(ROWS)]}) \
+        .to_csv(csv, index=False)
+    options = dict(weights="random", partition_rows=PARTITION_ROWS, batch_size=6)
+
+    writes: list[int] = []
+    real_write = StoreWriter.write_partition
+
+    def counting_write(self, index, features, rows):
+        writes.append(index)
+        real_write(self, index, features, rows)
+
+    monkeypatch.setattr(StoreWriter, "write_partition", counting_write)
+
+    with Client(scheduler[0]) as client:
+        client.wait_for_workers(2, timeout=60)
+        clean = extract(str(csv), "clean", str(tmp_path / "store"), client=client, **options)
+        writes.clear()
+
+        killed: dict = {}
+
+        def kill_a_busy_worker_after_three_partitions():
+            while len(writes) < 3:
+                time.sleep(0.005)
+            busy = {addr: keys for addr, keys in client.processing().items() if keys}
+            address, keys = next(iter(busy.items()))
+            pid = client.run(os.getpid, workers=[address])[address]
+            os.kill(pid, signal.SIGKILL)
+            killed.update(tasks=list(keys), written=len(writes))
+
+        thread = threading.Thread(target=kill_a_busy_worker_after_three_partitions, daemon=True)
+        thread.start()
+        disturbed = extract(str(csv), "disturbed", str(tmp_path / "store"), client=client,
+                            **options)
+        thread.join(10)
+        assert killed["tasks"], "the killed worker was running tasks"
+        assert killed["written"] < ROWS // PARTITION_ROWS, "the kill landed mid-run"
+        assert len(client.scheduler_info()["workers"]) == 1
+
+    assert sorted(writes) == list(range(ROWS // PARTITION_ROWS))  # each partition once
+    assert np.array_equal(disturbed.features[:], clean.features[:], equal_nan=True)
+    pd.testing.assert_frame_equal(disturbed.rows(), clean.rows())
+    assert disturbed.meta["status_counts"] == {"ok": ROWS}
