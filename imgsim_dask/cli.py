@@ -61,13 +61,34 @@ model_options = _options(
                  help="Concurrent downloads per fetch worker process."),
     click.option("--timeout", default=20.0, show_default=True, type=click.FloatRange(0.1),
                  help="Read timeout per request, seconds."),
+    click.option("--deadline", default=60.0, show_default=True, type=click.FloatRange(0.1),
+                 help="Total time per image (connects, retries, redirects, body), seconds."),
+    click.option("--schemes", default="http,https,file", show_default=True,
+                 help="URL schemes to fetch (local paths count as file); others are blocked."),
+    click.option("--public-only", is_flag=True,
+                 help="Also refuse loopback and private addresses (for URLs from the open web)."),
+    click.option("--allow-link-local", is_flag=True,
+                 help="Allow link-local and cloud metadata addresses (refused by default)."),
     click.option("--overwrite", is_flag=True, help="Replace an existing source of this name."),
+    click.option("--resume", is_flag=True, help="Continue an interrupted extraction of this "
+                                                "name: written partitions are kept."),
     click.option("--progress/--no-progress", default=True, show_default=True),
 )
 cluster_options = _options(
     click.option("--scheduler", help="Dask scheduler address [default: "
                                      "$DASK_SCHEDULER_ADDRESS, else a local cluster]."),
+    click.option("--scheduler-file", type=click.Path(dir_okay=False),
+                 help="Scheduler file written by `dask scheduler --scheduler-file`."),
     click.option("--workers", type=click.IntRange(1), help="Fetch workers of the local cluster."),
+    click.option("--tls-ca-file", metavar="PATH",
+                 help="CA certificate (PEM) of a tls:// cluster."),
+    click.option("--tls-cert", metavar="PATH", help="Client certificate (PEM) signed by that CA."),
+    click.option("--tls-key", metavar="PATH",
+                 help="Client private key (PEM) [default: inside --tls-cert]."),
+    click.option("--wait-workers", default=0.0, show_default=True, type=click.FloatRange(0),
+                 metavar="SECONDS", help="Wait this long for a GPU worker to join a remote cluster."),
+    click.option("--report", type=click.Path(dir_okay=False),
+                 help="Write Dask's performance report (HTML) to this file."),
 )
 match_options = _options(
     click.option("--thresh", "threshold", type=float,
@@ -88,6 +109,17 @@ def _csv_kwargs(kw: dict) -> dict:
             "url_col": kw.pop("url_col"), "id_col": kw.pop("id_col")}
 
 
+def _cluster_options(kw: dict):
+    """Pop the cluster options."""
+    from .cluster import ClusterOptions
+
+    return ClusterOptions(
+        scheduler=kw.pop("scheduler"), scheduler_file=kw.pop("scheduler_file"),
+        workers=kw.pop("workers"), tls_ca_file=kw.pop("tls_ca_file"),
+        tls_cert=kw.pop("tls_cert"), tls_key=kw.pop("tls_key"),
+        wait_workers=kw.pop("wait_workers"), report=kw.pop("report"))
+
+
 def _extract_options(kw: dict):
     from .driver import ExtractOptions
     from .fetch import FetchOptions
@@ -95,7 +127,11 @@ def _extract_options(kw: dict):
     return ExtractOptions(
         model=kw.pop("model"), weights=kw.pop("weights"), batch_size=kw.pop("batch_size"),
         partition_rows=kw.pop("partition_rows"), overwrite=kw.pop("overwrite"),
-        fetch=FetchOptions(threads=kw.pop("fetch_threads"), read_timeout=kw.pop("timeout")),
+        resume=kw.pop("resume"),
+        fetch=FetchOptions(threads=kw.pop("fetch_threads"), read_timeout=kw.pop("timeout"),
+                           deadline=kw.pop("deadline"), schemes=tuple(_split(kw.pop("schemes")) or ()),
+                           public_only=kw.pop("public_only"),
+                           allow_link_local=kw.pop("allow_link_local")),
         progress=kw.pop("progress"),
     )
 
@@ -107,12 +143,12 @@ def _extract_options(kw: dict):
 @csv_options
 @model_options
 @cluster_options
-def extract(csv, name, store, scheduler, workers, **kw):
+def extract(csv, name, store, **kw):
     """Extract CNN features for every row of CSV into STORE/NAME."""
     from .driver import extract as run_extract
 
     csv_kwargs = _csv_kwargs(kw)
-    source = run_extract(csv, name, store, scheduler=scheduler, workers=workers,
+    source = run_extract(csv, name, store, cluster_options=_cluster_options(kw),
                          options=_extract_options(kw), **csv_kwargs)
     _print_summary(source)
 
@@ -164,7 +200,8 @@ def match(name1, name2, store, **kw):
     """Match source NAME1 against NAME2 (the same name: near-duplicates within it)."""
     from .pairs import match_sources
 
-    _print_match(match_sources(name1, name2, store, **kw))
+    cluster = _cluster_options(kw)  # the rest of kw are match options
+    _print_match(match_sources(name1, name2, store, cluster_options=cluster, **kw))
 
 
 @cli.command()
@@ -176,7 +213,8 @@ def dedupe(name, store, **kw):
     """Find near-duplicate groups within one source (each pair once, with a group id)."""
     from .pairs import match_sources
 
-    _print_match(match_sources(name, name, store, **kw))
+    cluster = _cluster_options(kw)  # the rest of kw are match options
+    _print_match(match_sources(name, name, store, cluster_options=cluster, **kw))
 
 
 @cli.command()
@@ -188,14 +226,14 @@ def dedupe(name, store, **kw):
 @model_options
 @match_options
 @cluster_options
-def run(csv1, csv2, names, store, threshold, top_k, max_pairs, out, scheduler, workers, **kw):
+def run(csv1, csv2, names, store, threshold, top_k, max_pairs, out, **kw):
     """Extract CSV1 and CSV2 (skipping complete sources) and match them; one CSV: dedupe it."""
     from .workflow import run as run_job
 
     csv_kwargs = _csv_kwargs(kw)
     result = run_job(csv1, csv2, list(names) if names else None, store, out=out,
                      threshold=threshold, top_k=top_k, max_pairs=max_pairs,
-                     scheduler=scheduler, workers=workers, csv_options=csv_kwargs,
+                     cluster_options=_cluster_options(kw), csv_options=csv_kwargs,
                      options=_extract_options(kw))
     _print_match(result)
 

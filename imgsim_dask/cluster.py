@@ -1,19 +1,26 @@
-"""Clusters: connect to an existing scheduler, or start the embedded local one.
+"""Clusters: connect to an existing scheduler (over TLS if asked), or start the embedded local one.
 
-No cluster manager of our own: an address (or `DASK_SCHEDULER_ADDRESS`) for anything
-remote, and for the embedded default a `SpecCluster` bound to 127.0.0.1 with one model
+No cluster manager of our own: an address, a scheduler file or `DASK_SCHEDULER_ADDRESS` for
+anything remote, and for the embedded default a `SpecCluster` bound to 127.0.0.1 with one model
 worker tagged `GPU` (one thread: the model owns its process) and fetch workers tagged `NET`.
+`require_workers` is the pre-flight check every job runs before submitting anything.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import dask
-from distributed import Client, Nanny, Scheduler, SpecCluster
+from distributed import Client, Nanny, Scheduler, SpecCluster, performance_report
+from distributed.security import Security
 
 from .errors import ImgsimError
 
@@ -22,6 +29,45 @@ logger = logging.getLogger(__name__)
 GPU = "GPU"
 NET = "NET"
 FETCH_THREADS_PER_WORKER = 2
+PACKAGE = "imgsim-dask"
+CONNECT_TIMEOUT_S = 20.0
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """Where a job runs and how it is watched.
+
+    `scheduler` (an address) or `scheduler_file` name a remote cluster, else
+    `DASK_SCHEDULER_ADDRESS`, else a local cluster with `workers` fetch workers. The three
+    `tls_*` files are the client's CA, certificate and key for a `tls://` scheduler.
+    `wait_workers` is how long to wait for a GPU worker to join a remote cluster; `report`
+    is where Dask's performance report (HTML) goes.
+    """
+
+    scheduler: str | None = None
+    scheduler_file: str | None = None
+    workers: int | None = None
+    tls_ca_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    wait_workers: float = 0.0
+    report: str | None = None
+
+    def security(self) -> Security | None:
+        """Dask `Security` for the client from the TLS files, or None (Dask's config applies)."""
+        files = {"--tls-ca-file": self.tls_ca_file, "--tls-cert": self.tls_cert,
+                 "--tls-key": self.tls_key}
+        if not any(files.values()):
+            return None
+        for flag in ("--tls-ca-file", "--tls-cert"):
+            if not files[flag]:
+                raise ImgsimError(f"TLS needs --tls-ca-file and --tls-cert (and --tls-key unless "
+                                  f"the key is in the certificate file); {flag} is missing")
+        for flag, path in files.items():
+            if path and not Path(path).is_file():
+                raise ImgsimError(f"{flag} {path}: no such file")
+        return Security(tls_ca_file=self.tls_ca_file, tls_client_cert=self.tls_cert,
+                        tls_client_key=self.tls_key, require_encryption=True)
 
 
 def local_cluster(fetch_workers: int | None = None,
@@ -45,26 +91,128 @@ def local_cluster(fetch_workers: int | None = None,
 
 @contextmanager
 def connect(scheduler: str | None = None, client: Client | None = None,
-            workers: int | None = None) -> Iterator[Client]:
-    """A client: the one given, one for `scheduler` (or the configured address), or a local cluster."""
+            workers: int | None = None, options: ClusterOptions | None = None) -> Iterator[Client]:
+    """A client: the one given, one for a remote scheduler, or one for a new local cluster.
+
+    `scheduler` and `workers` override the fields of `options`. A client this opens logs the
+    dashboard link and, with `options.report`, writes Dask's performance report on exit; a
+    client given is used as it is (its owner reports).
+    """
     if client is not None:
         yield client
         return
-    address = scheduler or dask.config.get("scheduler-address", None)
-    if address:
+    overrides = {"scheduler": scheduler, "workers": workers}
+    options = replace(options or ClusterOptions(),
+                      **{k: v for k, v in overrides.items() if v is not None})
+    report = _report_path(options.report) if options.report else None
+    with ExitStack() as stack:
+        address = _remote_address(options)
+        if address:
+            active = stack.enter_context(_remote_client(address, options))
+        else:
+            if options.security():
+                raise ImgsimError("--tls-ca-file/--tls-cert/--tls-key are for a remote scheduler: "
+                                  "pass --scheduler tls://HOST:PORT or --scheduler-file too")
+            cluster = stack.enter_context(local_cluster(options.workers))
+            active = stack.enter_context(Client(cluster))
+            active.wait_for_workers(len(cluster.worker_spec), timeout="120s")
+        logger.info("dashboard: %s", active.dashboard_link)
+        if report:
+            stack.enter_context(performance_report(filename=str(report)))
+        yield active
+    if report:
+        logger.info("performance report: %s", report)
+
+
+def _report_path(path: str) -> Path:
+    report = Path(path)
+    if not report.parent.is_dir():
+        raise ImgsimError(f"--report {path}: directory {report.parent} does not exist")
+    return report
+
+
+def _remote_address(options: ClusterOptions) -> str | None:
+    """The scheduler's address from the options, the scheduler file, or Dask's config."""
+    if options.scheduler:
+        return options.scheduler
+    if options.scheduler_file:
         try:
-            remote = Client(address, timeout="20s")
-        except OSError as exc:
-            raise ImgsimError(f"cannot connect to the scheduler at {address}: {exc}") from None
-        with remote:
-            yield remote
-        return
-    with local_cluster(workers) as cluster, Client(cluster) as local:
-        local.wait_for_workers(len(cluster.worker_spec), timeout="120s")
-        yield local
+            return json.loads(Path(options.scheduler_file).read_text())["address"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ImgsimError(f"--scheduler-file {options.scheduler_file}: no scheduler address "
+                              f"in it ({exc})") from None
+    return dask.config.get("scheduler-address", None)
+
+
+@contextmanager
+def _remote_client(address: str, options: ClusterOptions) -> Iterator[Client]:
+    security = options.security()
+    if security is not None and "://" not in address:
+        address = f"tls://{address}"
+    scheme = address.split("://", 1)[0] if "://" in address else "tcp"
+    if security is not None and scheme != "tls":
+        raise ImgsimError(f"TLS files given, but the scheduler address {address} is not tls://")
+    if security is None and scheme == "tls" and not dask.config.get(
+            "distributed.comm.tls.client.cert", None):
+        raise ImgsimError(f"the scheduler at {address} uses TLS: pass --tls-ca-file, --tls-cert "
+                          "and --tls-key (or set distributed.comm.tls in the Dask config)")
+    timeout = max(CONNECT_TIMEOUT_S, options.wait_workers)
+    try:
+        remote = Client(address, security=security, timeout=f"{timeout}s")
+    except Exception as exc:  # refused, timed out, TLS handshake rejected: all one message
+        reason = str(exc) or type(exc).__name__
+        raise ImgsimError(f"cannot connect to the scheduler at {address}: {reason}") from None
+    with remote:
+        if options.wait_workers:
+            _wait_for_gpu_worker(remote, options.wait_workers)
+        yield remote
+
+
+def _wait_for_gpu_worker(client: Client, timeout: float) -> None:
+    """Wait up to `timeout` seconds for a `GPU` worker to join (workers may start after the job)."""
+    deadline = time.monotonic() + timeout
+    while not workers_with(client, GPU) and time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 def workers_with(client: Client, resource: str) -> list[str]:
     """Addresses of the workers that advertise `resource`."""
     workers = client.scheduler_info()["workers"]
     return [addr for addr, info in workers.items() if info.get("resources", {}).get(resource)]
+
+
+def require_workers(client: Client, *, fetch: bool, stage: str) -> list[str]:
+    """Pre-flight: the `GPU` workers, or one error naming what the cluster lacks for `stage`.
+
+    `fetch=True` (extraction) also needs a worker that can fetch images: `NET` workers when
+    there are any, else any worker (a warning says the GPU workers will fetch too). Every
+    worker must run this client's version of the package.
+    """
+    workers = client.scheduler_info()["workers"]
+    gpu = workers_with(client, GPU)
+    start = f"start one with: dask worker {client.scheduler.address} --nthreads 1 --resources GPU=1"
+    if not workers and fetch:
+        raise ImgsimError(f"the cluster has no workers: none has the GPU resource that the "
+                          f"{stage} tasks need and none can fetch images; {start}, and fetch "
+                          f"workers with --nthreads 8 --resources NET=8")
+    if not gpu:
+        raise ImgsimError(f"no worker has the GPU resource, which the {stage} tasks need; {start}")
+    if fetch and not workers_with(client, NET):
+        logger.warning("no worker has the NET resource: fetch tasks run on any worker, the GPU "
+                       "workers included")
+    _check_versions(client)
+    return gpu
+
+
+def _check_versions(client: Client) -> None:
+    """Every worker must run the same version of the package as this client."""
+    mine = version(PACKAGE)
+    found = client.run(version, PACKAGE, on_error="return")
+    missing = sorted(addr for addr, v in found.items() if isinstance(v, PackageNotFoundError))
+    if missing:
+        raise ImgsimError(f"{PACKAGE} is not installed on worker(s) {', '.join(missing)}; "
+                          f"install {PACKAGE}=={mine} there")
+    other = sorted(f"{addr} ({v})" for addr, v in found.items() if v != mine)
+    if other:
+        raise ImgsimError(f"worker(s) {', '.join(other)} run another {PACKAGE} than this "
+                          f"client's {mine}; install the same version everywhere")

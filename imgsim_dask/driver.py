@@ -17,9 +17,9 @@ from pathlib import Path
 
 from distributed import Client, as_completed
 
-from .cluster import GPU, NET, connect, workers_with
+from .cluster import GPU, NET, ClusterOptions, connect, require_workers, workers_with
 from .embed import ModelPlugin, embed_partition
-from .errors import ImgsimError, InputError, StoreError
+from .errors import InputError, StoreError
 from .fetch import OK, FetchOptions, fetch_partition
 from .ingest import CsvSource, assemble_partition, count_rows, inspect_csv, plan_partitions, read_blocks
 from .models import Weights, get_spec, resolve_weights
@@ -40,6 +40,7 @@ class ExtractOptions:
     partition_rows: int = 512
     fetch: FetchOptions = field(default_factory=FetchOptions)
     overwrite: bool = False
+    resume: bool = False
     progress: bool = False
 
 
@@ -51,6 +52,7 @@ def extract(
     client: Client | None = None,
     scheduler: str | None = None,
     workers: int | None = None,
+    cluster_options: ClusterOptions | None = None,
     delimiter: str = ",",
     header: bool = True,
     cols: list[str] | None = None,
@@ -62,7 +64,8 @@ def extract(
     """Extract features for every row of `csv` into `store/name` and return the stored source.
 
     Runs on `client` if given, else on the scheduler at `scheduler` (or
-    `DASK_SCHEDULER_ADDRESS`), else on an embedded local cluster. Keyword arguments named
+    `DASK_SCHEDULER_ADDRESS`), else on an embedded local cluster; `cluster_options` adds
+    TLS, a scheduler file and a performance report. Keyword arguments named
     like `ExtractOptions` fields (`model=`, `batch_size=`, ...) override `options`.
     """
     options = _merge_options(options, option_fields)
@@ -70,13 +73,15 @@ def extract(
     spec = get_spec(options.model)
     if options.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
-    if (Path(store) / name).exists() and not options.overwrite:
-        raise StoreError(f"source {name!r} already exists in {store}; pass --overwrite to replace it")
+    if options.overwrite and options.resume:
+        raise InputError("--overwrite and --resume exclude each other")
+    if (Path(store) / name).exists() and not (options.overwrite or options.resume):
+        raise StoreError(f"source {name!r} already exists in {store}; pass --overwrite to "
+                         "replace it (or --resume to continue an interrupted extraction)")
     weights = resolve_weights(options.model, options.weights)
     fetch_options = FetchOptions(**{**asdict(options.fetch), "image_size": spec.image_size,
                                     "base_dir": source.base_dir})
-    with connect(scheduler, client, workers) as active:
-        logger.info("dashboard: %s", active.dashboard_link)
+    with connect(scheduler, client, workers, cluster_options) as active:
         return _run(active, source, name, store, options, weights, fetch_options)
 
 
@@ -94,10 +99,7 @@ def _merge_options(options: ExtractOptions | None, overrides: dict) -> ExtractOp
 def _run(client: Client, source: CsvSource, name: str, store: str, options: ExtractOptions,
          weights: Weights, fetch_options: FetchOptions) -> FeatureStore:
     started = time.perf_counter()
-    gpu_workers = workers_with(client, GPU)
-    if not gpu_workers:
-        raise ImgsimError("no worker has the GPU resource, so no task could run the model; "
-                          "start one with: dask worker ADDRESS --resources GPU=1 --nthreads 1")
+    gpu_workers = require_workers(client, fetch=True, stage="embed")
     fetch_resources = {NET: 1} if workers_with(client, NET) else None
 
     blocks = read_blocks(source)
@@ -108,13 +110,21 @@ def _run(client: Client, source: CsvSource, name: str, store: str, options: Extr
     plan = plan_partitions(block_lengths, options.partition_rows)
     spec = get_spec(options.model)
 
+    writer = StoreWriter(store, name, _plan(source, options, weights, n_rows, spec.dim),
+                         options.overwrite, options.resume)
+    if writer.complete:
+        logger.info("%s: already complete in %s, nothing to resume", name, store)
+        return FeatureStore(writer.path)
+    todo = [k for k in range(len(plan)) if k not in writer.done]
+    if writer.done:
+        logger.info("%s: resuming, %d of %d partitions already written", name,
+                    len(writer.done), len(plan))
     plugin = ModelPlugin(weights)
     client.register_plugin(plugin)
-    writer = StoreWriter(store, name, n_rows, spec.dim, options.partition_rows, options.overwrite)
 
     token = uuid.uuid4().hex[:8]
     delayed_blocks = blocks.to_delayed()
-    last_use = {block: k for k, pieces in enumerate(plan) for block, _, _ in pieces}
+    last_use = {block: k for k in todo for block, _, _ in plan[k]}
     block_futures: dict = {}
 
     def submit(k: int):
@@ -138,28 +148,34 @@ def _run(client: Client, source: CsvSource, name: str, store: str, options: Extr
     window = 2 * len(gpu_workers) + _fetch_slots(client, fetch_resources) + 2
     index_of = {}
     in_flight = as_completed()
-    next_k = 0
-    while next_k < min(window, len(plan)):
-        future = submit(next_k)
-        index_of[future.key] = next_k
-        in_flight.add(future)
-        next_k += 1
+    queue = iter(todo)
+
+    def submit_next() -> None:
+        k = next(queue, None)
+        if k is not None:
+            future = submit(k)
+            index_of[future.key] = k
+            in_flight.add(future)
+
+    for _ in range(window):
+        submit_next()
 
     counts: dict[str, int] = {}
-    progress = _progress_bar(options.progress, n_rows, name)
+    done_rows = writer.done_rows()
+    _count(counts, done_rows)
+    progress = _progress_bar(options.progress, n_rows, name, initial=len(done_rows))
     try:
         for future in in_flight:
             features, rows = future.result()
             writer.write_partition(index_of.pop(future.key), features, rows)
-            for status, count in rows["status"].value_counts().items():
-                counts[str(status)] = counts.get(str(status), 0) + int(count)
+            _count(counts, rows)
             progress.update(len(rows))
             progress.set_postfix(failed=_failed(counts), refresh=False)
-            if next_k < len(plan):
-                nxt = submit(next_k)
-                index_of[nxt.key] = next_k
-                in_flight.add(nxt)
-                next_k += 1
+            submit_next()
+    except KeyboardInterrupt:
+        logger.warning("%s: interrupted with %d of %d partitions written; continue with --resume",
+                       name, len(writer.done), len(plan))
+        raise
     finally:
         progress.close()
 
@@ -187,6 +203,27 @@ def _run(client: Client, source: CsvSource, name: str, store: str, options: Extr
     return writer.finish(meta)
 
 
+def _plan(source: CsvSource, options: ExtractOptions, weights: Weights, n_rows: int,
+          dim: int) -> dict:
+    """What fixes the extraction's output: a resumed run must agree on all of it."""
+    csv = {"csv": source.path}
+    if "://" not in source.path:
+        stat = Path(source.path).stat()
+        csv = {"csv": str(Path(source.path).resolve()), "csv_bytes": stat.st_size,
+               "csv_mtime_ns": stat.st_mtime_ns}
+    return {**csv, "rows": n_rows, "dim": dim, "partition_rows": options.partition_rows,
+            "model": options.model, "weights": weights.sha256 or weights.source,
+            "fields": list(source.keep), "url_col": source.url_col, "id_col": source.id_col,
+            "delimiter": source.delimiter, "header": source.header}
+
+
+def _count(counts: dict[str, int], rows) -> None:
+    """Add the rows' statuses to `counts`."""
+    if len(rows):
+        for status, count in rows["status"].value_counts().items():
+            counts[str(status)] = counts.get(str(status), 0) + int(count)
+
+
 def _failed(counts: dict[str, int]) -> int:
     return sum(v for k, v in counts.items() if k != OK)
 
@@ -198,10 +235,11 @@ def _fetch_slots(client: Client, fetch_resources: dict | None) -> int:
     return int(sum(w.get("nthreads", 1) for w in workers))
 
 
-def _progress_bar(enabled: bool, total: int, name: str):
+def _progress_bar(enabled: bool, total: int, name: str, initial: int = 0):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="img", desc=f"extract {name}", disable=not enabled,
+    return tqdm(total=total, initial=initial, unit="img", desc=f"extract {name}",
+                disable=not enabled,
                 dynamic_ncols=True, smoothing=0.05)
 
 

@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 from distributed import Client, as_completed
 
-from .cluster import GPU, workers_with
+from .cluster import GPU, require_workers
 from .errors import ImgsimError, InputError
 
 logger = logging.getLogger(__name__)
@@ -419,10 +419,7 @@ def _match_here(a: Any, b: Any, options: MatchOptions, self_match: bool, n: int,
 
 def _match_on_cluster(client: Client, a: Any, b: Any, options: MatchOptions, self_match: bool,
                       n: int, m: int) -> Pairs:
-    gpu_workers = workers_with(client, GPU)
-    if not gpu_workers:
-        raise ImgsimError("no worker has the GPU resource, so no task could score a block; "
-                          "start one with: dask worker ADDRESS --resources GPU=1 --nthreads 1")
+    gpu_workers = require_workers(client, fetch=False, stage="score")
     token = uuid.uuid4().hex[:8]
     starts = _slice_starts(m, options.slice_rows)
     slice_futures, valid_futures = [], []

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from distributed import Client
 
-from .cluster import connect
+from .cluster import ClusterOptions, connect
 from .errors import InputError
 from .match import MatchOptions, connected_groups, match_features
 from .store import DEFAULT_STORE, FeatureStore, atomic_write, open_store
@@ -74,6 +74,7 @@ def match_sources(
     client: Client | None = None,
     scheduler: str | None = None,
     workers: int | None = None,
+    cluster_options: ClusterOptions | None = None,
 ) -> MatchResult:
     """Match `name1` against `name2` (itself when None or equal) and optionally write `out`.
 
@@ -93,7 +94,7 @@ def match_sources(
 
     options = MatchOptions(threshold=threshold, top_k=top_k, max_pairs=max_pairs)
     started = time.perf_counter()
-    with connect(scheduler, client, workers) as active:
+    with connect(scheduler, client, workers, cluster_options) as active:
         found = match_features(first.features, second.features, options, client=active,
                                self_match=self_match)
     table = _with_fields(found, first, second, self_match)

@@ -214,13 +214,14 @@ def test_edge_sources(client):
 
 
 def test_no_gpu_worker_is_one_line_error():
-    class NoGpu:
-        def scheduler_info(self, n_workers=-1):
-            return {"workers": {"tcp://127.0.0.1:1": {"resources": {"NET": 2}}}}
+    from distributed import Client, LocalCluster
 
-    with pytest.raises(ImgsimError, match="no worker has the GPU resource") as error:
-        match_features(np.ones((2, 2), np.float32), np.ones((2, 2), np.float32),
-                       MatchOptions(threshold=0.5), client=NoGpu())
+    with LocalCluster(n_workers=1, processes=False, protocol="tcp", host="127.0.0.1",
+                      dashboard_address=None, resources={"NET": 2}) as cluster, \
+            Client(cluster) as no_gpu:
+        with pytest.raises(ImgsimError, match="no worker has the GPU resource") as error:
+            match_features(np.ones((2, 2), np.float32), np.ones((2, 2), np.float32),
+                           MatchOptions(threshold=0.5), client=no_gpu)
     assert "\n" not in str(error.value)
 
 
