@@ -220,18 +220,18 @@ def dedupe(name, store, **kw):
 @cli.command()
 @click.argument("csv1")
 @click.argument("csv2", required=False)
-@click.option("--names", nargs=2, help="Source names [default: the CSV file stems].")
+@click.option("--names", help="Source names, comma-separated [default: the CSV file stems].")
 @store_option
 @csv_options
 @model_options
 @match_options
 @cluster_options
 def run(csv1, csv2, names, store, threshold, top_k, max_pairs, out, **kw):
-    """Extract CSV1 and CSV2 (skipping complete sources) and match them; one CSV: dedupe it."""
+    """Extract CSV1 and CSV2 (reusing complete sources) and match them; one CSV: dedupe it."""
     from .workflow import run as run_job
 
     csv_kwargs = _csv_kwargs(kw)
-    result = run_job(csv1, csv2, list(names) if names else None, store, out=out,
+    result = run_job(csv1, csv2, _split(names), store, out=out,
                      threshold=threshold, top_k=top_k, max_pairs=max_pairs,
                      cluster_options=_cluster_options(kw), csv_options=csv_kwargs,
                      options=_extract_options(kw))
@@ -249,6 +249,7 @@ def demo(workdir, workers, progress):
 
     from .demo import serve_directory, write_csvs
     from .driver import ExtractOptions
+    from .models import get_spec
     from .workflow import run as run_job
 
     root = Path(workdir)
@@ -260,7 +261,8 @@ def demo(workdir, workers, progress):
                                  overwrite=True, progress=progress)
         result = run_job(str(uploads), str(catalogue), ["uploads", "catalogue"],
                          str(root / "store"), out=root / "matches.csv", top_k=1,
-                         threshold=None, workers=workers, options=options)
+                         threshold=get_spec(options.model).threshold, workers=workers,
+                         options=options)
     _print_match(result, show=len(result.pairs))
 
 

@@ -115,7 +115,11 @@ def connect(scheduler: str | None = None, client: Client | None = None,
                                   "pass --scheduler tls://HOST:PORT or --scheduler-file too")
             cluster = stack.enter_context(local_cluster(options.workers))
             active = stack.enter_context(Client(cluster))
-            active.wait_for_workers(len(cluster.worker_spec), timeout="120s")
+            try:
+                active.wait_for_workers(len(cluster.worker_spec), timeout="120s")
+            except TimeoutError:
+                raise ImgsimError("the local cluster's workers did not start within 120 s; "
+                                  "see the log above (-v for more)") from None
         logger.info("dashboard: %s", active.dashboard_link)
         if report:
             stack.enter_context(performance_report(filename=str(report)))

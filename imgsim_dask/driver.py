@@ -146,7 +146,7 @@ def _run(client: Client, source: CsvSource, name: str, store: str, options: Extr
                              retries=TASK_RETRIES)
 
     window = 2 * len(gpu_workers) + _fetch_slots(client, fetch_resources) + 2
-    index_of = {}
+    pending: dict = {}  # embed key -> (future, partition)
     in_flight = as_completed()
     queue = iter(todo)
 
@@ -154,27 +154,30 @@ def _run(client: Client, source: CsvSource, name: str, store: str, options: Extr
         k = next(queue, None)
         if k is not None:
             future = submit(k)
-            index_of[future.key] = k
+            pending[future.key] = (future, k)
             in_flight.add(future)
 
-    for _ in range(window):
-        submit_next()
-
     counts: dict[str, int] = {}
-    done_rows = writer.done_rows()
-    _count(counts, done_rows)
-    progress = _progress_bar(options.progress, n_rows, name, initial=len(done_rows))
+    done_statuses = writer.done_statuses()
+    _count(counts, done_statuses)
+    progress = _progress_bar(options.progress, n_rows, name, initial=len(done_statuses))
+    ok_before = counts.get(OK, 0)
     try:
+        for _ in range(window):
+            submit_next()
         for future in in_flight:
             features, rows = future.result()
-            writer.write_partition(index_of.pop(future.key), features, rows)
+            writer.write_partition(pending.pop(future.key)[1], features, rows)
             _count(counts, rows)
             progress.update(len(rows))
             progress.set_postfix(failed=_failed(counts), refresh=False)
             submit_next()
-    except KeyboardInterrupt:
-        logger.warning("%s: interrupted with %d of %d partitions written; continue with --resume",
-                       name, len(writer.done), len(plan))
+    except BaseException as exc:
+        # stop the work still queued (on a shared cluster it would go on fetching)
+        client.cancel([future for future, _ in pending.values()] + list(block_futures.values()))
+        if isinstance(exc, KeyboardInterrupt):
+            logger.warning("%s: interrupted with %d of %d partitions written; continue with "
+                           "--resume", name, len(writer.done), len(plan))
         raise
     finally:
         progress.close()
@@ -196,7 +199,8 @@ def _run(client: Client, source: CsvSource, name: str, store: str, options: Extr
         "partition_rows": options.partition_rows,
         "batch_size": options.batch_size,
         "seconds": round(seconds, 3),
-        "images_per_second": round(counts.get(OK, 0) / seconds, 2) if seconds else None,
+        "images_per_second": round((counts.get(OK, 0) - ok_before) / seconds, 2) if seconds
+        else None,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
     }
@@ -211,8 +215,11 @@ def _plan(source: CsvSource, options: ExtractOptions, weights: Weights, n_rows: 
         stat = Path(source.path).stat()
         csv = {"csv": str(Path(source.path).resolve()), "csv_bytes": stat.st_size,
                "csv_mtime_ns": stat.st_mtime_ns}
+    fetch = {key: getattr(options.fetch, key) for key in (
+        "schemes", "public_only", "allow_link_local", "root", "max_bytes", "max_pixels")}
     return {**csv, "rows": n_rows, "dim": dim, "partition_rows": options.partition_rows,
             "model": options.model, "weights": weights.sha256 or weights.source,
+            "fetch": {k: list(v) if isinstance(v, tuple) else v for k, v in fetch.items()},
             "fields": list(source.keep), "url_col": source.url_col, "id_col": source.id_col,
             "delimiter": source.delimiter, "header": source.header}
 

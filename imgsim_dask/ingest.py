@@ -108,7 +108,9 @@ def inspect_csv(
         if column not in names:
             raise InputError(f"{path}: {option} {column!r} is not a column "
                              f"(columns: {', '.join(names)})")
-    keep = keep + tuple(c for c in (ident, url) if c not in keep)
+    if cols and len(set(cols)) != len(cols):
+        raise InputError(f"{path}: --cols names a column twice: {', '.join(cols)}")
+    keep = tuple(dict.fromkeys(keep + (ident, url)))
     clash = [c for c in keep if c in RESERVED_COLUMNS]
     if clash:
         raise InputError(f"{path}: column name {clash[0]!r} is reserved for the row table; "
@@ -127,7 +129,7 @@ def _read_head(path: str) -> str:
         raise InputError(f"{path}: is a directory, not a CSV file") from None
     except PermissionError:
         raise InputError(f"{path}: permission denied") from None
-    except OSError as exc:
+    except (OSError, ValueError, ImportError) as exc:  # fsspec: unknown protocol, missing driver
         raise InputError(f"{path}: cannot read ({exc})") from None
     return raw.decode("utf-8", errors="replace").lstrip("\ufeff")
 

@@ -134,6 +134,9 @@ class StoreWriter:
         if resume and (self.path / PLAN).is_file():
             self._reopen(plan)
             return
+        if resume and self.path.exists():
+            raise StoreError(f"cannot resume {name!r} in {store}: it has no {PLAN} (not an "
+                             "extraction of this version); pass --overwrite to start over")
         if self.path.exists():
             if not (overwrite or resume):
                 raise StoreError(f"source {name!r} already exists in {store}; "
@@ -167,17 +170,22 @@ class StoreWriter:
         self.features = zarr.open_array(self.path / FEATURES, mode="r+")
         self.done = {int(part.stem.split("-")[1]) for part in (self.path / ROWS).glob("part-*.parquet")}
 
-    def done_rows(self) -> pd.DataFrame:
-        """The row tables of the partitions already written (empty for a fresh source)."""
+    def done_statuses(self) -> pd.DataFrame:
+        """The `status` column of the partitions already written (empty for a fresh source)."""
         parts = [self.path / ROWS / f"part-{index:05d}.parquet" for index in sorted(self.done)]
-        return pd.concat([pd.read_parquet(p) for p in parts]) if parts else pd.DataFrame()
+        return pd.concat([pd.read_parquet(p, columns=["status"]) for p in parts]) if parts \
+            else pd.DataFrame({"status": []})
 
     def write_partition(self, index: int, features: np.ndarray, rows: pd.DataFrame) -> None:
         """Write partition `index` (rows [index*chunk_rows, ...)): one Zarr chunk, then its part file."""
         start = index * self.chunk_rows
-        self.features[start:start + len(features)] = features
-        part = self.path / ROWS / f"part-{index:05d}.parquet"
-        atomic_write(part, lambda tmp: rows.to_parquet(tmp, index=False))
+        try:
+            self.features[start:start + len(features)] = features
+            part = self.path / ROWS / f"part-{index:05d}.parquet"
+            atomic_write(part, lambda tmp: rows.to_parquet(tmp, index=False))
+        except OSError as exc:
+            raise StoreError(f"cannot write partition {index} to {self.path}: "
+                             f"{exc.strerror or exc}; fix it, then continue with --resume") from None
         self.done.add(index)
 
     def finish(self, meta: dict) -> FeatureStore:

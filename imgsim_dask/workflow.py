@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from distributed import Client
 
 from .cluster import ClusterOptions, connect
 from .driver import ExtractOptions, extract
-from .errors import InputError, StoreError
+from .errors import InputError
 from .pairs import MatchResult, check_output_path, match_sources
-from .store import DEFAULT_STORE, open_store
-
-logger = logging.getLogger(__name__)
-
+from .store import DEFAULT_STORE
 
 def default_names(csvs: list[str]) -> list[str]:
     """Source names from CSV file stems, made distinct."""
@@ -42,33 +39,25 @@ def run(
     csv_options: dict | None = None,
     options: ExtractOptions | None = None,
 ) -> MatchResult:
-    """Extract `csv1` (and `csv2`) unless already complete in the store, then match them.
+    """Extract `csv1` (and `csv2`), then match them; one CSV is matched against itself.
 
-    With one CSV the source is matched against itself (near-duplicates within it).
+    A source already in the store from the same CSV and options is reused as it is (an
+    interrupted one is continued, as with `--resume`); one from a different CSV or model
+    is an error unless `overwrite` is set.
     """
     options = options or ExtractOptions()
+    if not options.overwrite:
+        options = replace(options, resume=True)
     csvs = [csv1] + ([csv2] if csv2 else [])
     names = list(names) if names else default_names(csvs)
     if len(names) != len(csvs):
         raise InputError(f"--names needs {len(csvs)} name(s), got {len(names)}")
+    if len(set(names)) != len(names):
+        raise InputError(f"--names must differ, got {', '.join(names)}")
     if out is not None:
         check_output_path(out)
     with connect(scheduler, client, workers, cluster_options) as active:
         for csv, name in zip(csvs, names):
-            if not (options.overwrite or options.resume) and _complete(store, name, options.model):
-                logger.info("%s: already extracted in %s, skipping", name, store)
-                continue
             extract(csv, name, store, client=active, options=options, **(csv_options or {}))
         return match_sources(names[0], names[-1], store, out=out, threshold=threshold,
                              top_k=top_k, max_pairs=max_pairs, client=active)
-
-
-def _complete(store: str, name: str, model: str) -> bool:
-    """True if `name` is a complete source of `model`; an incomplete one is an error to fix."""
-    if not (Path(store) / name).exists():
-        return False
-    source = open_store(store, name)
-    if source.meta["model"] != model:
-        raise StoreError(f"source {name!r} in {store} was extracted with "
-                         f"{source.meta['model']}, not {model}; pass --overwrite to redo it")
-    return True

@@ -84,3 +84,17 @@ def test_extract_200_urls_on_the_default_local_cluster(tmp_path, http_server):
     exported = imgsim("export", "web", "--store", store, "--h5", tmp_path / "web.h5")
     assert exported.returncode == 0, exported.stderr
     assert (tmp_path / "web_fields.csv").is_file()
+
+
+def test_demo_command_finds_every_edited_copy_and_nothing_else(tmp_path):
+    """The README's main job, as `make demo` runs it: offline, on the embedded local cluster."""
+    result = imgsim("demo", "--dir", tmp_path / "demo", "--no-progress", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    uploads = pd.read_csv(tmp_path / "demo" / "uploads.csv")
+    copies = {row.id: "cat-" + row.id.split("-")[1] for row in uploads.itertuples()
+              if row.title.endswith(")")}
+    assert 0 < len(copies) < len(uploads)  # edited copies and unrelated photos
+    matches = pd.read_csv(tmp_path / "demo" / "matches.csv")
+    assert dict(zip(matches["uploads_id"], matches["catalogue_id"])) == copies
+    assert (matches["similarity"] >= 0.70).all()
+    assert f"{len(copies)} pairs" in result.stdout

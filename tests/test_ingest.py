@@ -129,3 +129,15 @@ def test_blocks_and_rows_agree_for_many_small_blocks(tmp_path):
     merged = pd.concat(parts, ignore_index=True)
     assert merged["row"].tolist() == list(range(1000))
     assert merged["id"].tolist() == [str(i) for i in range(1000)]
+
+
+def test_columns_are_kept_once(tmp_path):
+    path = write(tmp_path, "id,title,url\n1,a,b.jpg\n")
+    assert inspect_csv(path, cols=["title"], url_col="url", id_col="url").keep == ("title", "url")
+    with pytest.raises(InputError, match="--cols names a column twice"):
+        inspect_csv(path, cols=["url", "url"])
+
+
+def test_unknown_protocol_is_one_line_error():
+    with pytest.raises(InputError, match="cannot read"):
+        inspect_csv("nosuchproto://bucket/in.csv")

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import zarr
 
-from imgsim_dask import extract, open_store
+from imgsim_dask import ExtractOptions, extract, open_store
 from imgsim_dask.errors import StoreError
 
 PARTITION_ROWS = 8
@@ -121,3 +121,31 @@ def test_resume_refuses_a_different_plan(client, many_rows_csv, tmp_path):
     with pytest.raises(StoreError, match="cannot resume 'books': csv_bytes was"):
         extract(str(csv), "books", str(tmp_path), partition_rows=PARTITION_ROWS, resume=True,
                 **options)
+
+
+def test_resume_never_deletes_a_store_it_did_not_plan(client, many_rows_csv, tmp_path):
+    """A directory without plan.json (older version, or not ours) is refused, not wiped."""
+    (tmp_path / "books").mkdir()
+    (tmp_path / "books" / "keep.txt").write_text("mine")
+    with pytest.raises(StoreError, match="has no plan.json"):
+        extract(str(many_rows_csv), "books", str(tmp_path), client=client, weights="random",
+                resume=True)
+    assert (tmp_path / "books" / "keep.txt").read_text() == "mine"
+
+
+def test_run_reuses_a_source_only_for_the_same_csv(client, many_rows_csv, tmp_path):
+    from imgsim_dask import run
+
+    csv = tmp_path / "books.csv"
+    csv.write_text(Path(many_rows_csv).read_text())
+    options = ExtractOptions(weights="random", partition_rows=PARTITION_ROWS)
+    first = run(str(csv), client=client, store=str(tmp_path / "store"), top_k=1,
+                options=options)
+    meta = (tmp_path / "store" / "books" / "meta.json").read_text()
+    again = run(str(csv), client=client, store=str(tmp_path / "store"), top_k=1, options=options)
+    assert (tmp_path / "store" / "books" / "meta.json").read_text() == meta  # reused as it is
+    pd.testing.assert_frame_equal(again.pairs, first.pairs)
+    with csv.open("a") as f:
+        f.write(f"late,{csv}\n")
+    with pytest.raises(StoreError, match="cannot resume 'books': csv_bytes was"):
+        run(str(csv), client=client, store=str(tmp_path / "store"), top_k=1, options=options)
