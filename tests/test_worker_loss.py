@@ -14,7 +14,6 @@ import time
 
 import numpy as np
 import pandas as pd
-import pytest
 from distributed import Client
 
 from imgsim_dask import extract

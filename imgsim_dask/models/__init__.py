@@ -152,7 +152,6 @@ def set_seeded_weights(model, seed: int = RANDOM_SEED) -> None:
 def build_model(weights: Weights, workdir: str):
     """Build the Keras model for `weights` (on a worker); file weights are written to `workdir`."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
-    import keras
 
     path = None
     if weights.data is not None:
