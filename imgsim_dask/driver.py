@@ -37,7 +37,7 @@ class ExtractOptions:
     model: str = "mobilenet"
     weights: str | None = None
     batch_size: int = 64
-    partition_rows: int = 512
+    partition_rows: int = 256
     fetch: FetchOptions = field(default_factory=FetchOptions)
     overwrite: bool = False
     resume: bool = False

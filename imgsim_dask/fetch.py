@@ -56,7 +56,7 @@ class FetchOptions:
     """How images are fetched and decoded (times in seconds)."""
 
     image_size: int = 224
-    threads: int = 16
+    threads: int = 64  # downloads in flight per worker process: hides per-request latency
     connect_timeout: float = 5.0
     read_timeout: float = 20.0  # longest wait for the next bytes
     deadline: float = 60.0  # total per image: connects, retries, redirects and the body
