@@ -72,6 +72,9 @@ model_options = _options(
     click.option("--overwrite", is_flag=True, help="Replace an existing source of this name."),
     click.option("--resume", is_flag=True, help="Continue an interrupted extraction of this "
                                                 "name: written partitions are kept."),
+    click.option("--retry-failed", is_flag=True,
+                 help="Fetch again the rows of a source whose failure was transient (timeout, "
+                      "5xx, 429, connection errors); the other rows stay as they are."),
     click.option("--progress/--no-progress", default=True, show_default=True),
 )
 cluster_options = _options(
@@ -127,7 +130,7 @@ def _extract_options(kw: dict):
     return ExtractOptions(
         model=kw.pop("model"), weights=kw.pop("weights"), batch_size=kw.pop("batch_size"),
         partition_rows=kw.pop("partition_rows"), overwrite=kw.pop("overwrite"),
-        resume=kw.pop("resume"),
+        resume=kw.pop("resume"), retry_failed=kw.pop("retry_failed"),
         fetch=FetchOptions(threads=kw.pop("fetch_threads"), read_timeout=kw.pop("timeout"),
                            deadline=kw.pop("deadline"), schemes=tuple(_split(kw.pop("schemes")) or ()),
                            public_only=kw.pop("public_only"),

@@ -12,7 +12,7 @@ import datetime as dt
 import logging
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from distributed import Client, as_completed
@@ -20,7 +20,7 @@ from distributed import Client, as_completed
 from .cluster import GPU, NET, ClusterOptions, connect, require_workers, workers_with
 from .embed import ModelPlugin, embed_partition
 from .errors import InputError, StoreError
-from .fetch import OK, FetchOptions, fetch_partition
+from .fetch import OK, TRANSIENT_STATUSES, FetchOptions, fetch_partition
 from .ingest import CsvSource, assemble_partition, count_rows, inspect_csv, plan_partitions, read_blocks
 from .models import Weights, get_spec, resolve_weights
 from .store import DEFAULT_STORE, FeatureStore, StoreWriter
@@ -41,6 +41,7 @@ class ExtractOptions:
     fetch: FetchOptions = field(default_factory=FetchOptions)
     overwrite: bool = False
     resume: bool = False
+    retry_failed: bool = False
     progress: bool = False
 
 
@@ -73,8 +74,10 @@ def extract(
     spec = get_spec(options.model)
     if options.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
-    if options.overwrite and options.resume:
-        raise InputError("--overwrite and --resume exclude each other")
+    if options.overwrite and (options.resume or options.retry_failed):
+        raise InputError("--overwrite excludes --resume and --retry-failed")
+    if options.retry_failed:
+        options = replace(options, resume=True)
     if (Path(store) / name).exists() and not (options.overwrite or options.resume):
         raise StoreError(f"source {name!r} already exists in {store}; pass --overwrite to "
                          "replace it (or --resume to continue an interrupted extraction)")
@@ -112,8 +115,14 @@ def _run(client: Client, source: CsvSource, name: str, store: str, options: Extr
 
     writer = StoreWriter(store, name, _plan(source, options, weights, n_rows, spec.dim),
                          options.overwrite, options.resume)
+    if writer.complete and options.retry_failed:
+        retry = _partitions_with_transient_failures(FeatureStore(writer.path),
+                                                    options.partition_rows)
+        logger.info("%s: retrying %d partition(s) with transient failures", name, len(retry))
+        if retry:
+            writer.reopen(retry)
     if writer.complete:
-        logger.info("%s: already complete in %s, nothing to resume", name, store)
+        logger.info("%s: already complete in %s, nothing to do", name, store)
         return FeatureStore(writer.path)
     todo = [k for k in range(len(plan)) if k not in writer.done]
     if writer.done:
@@ -222,6 +231,13 @@ def _plan(source: CsvSource, options: ExtractOptions, weights: Weights, n_rows: 
             "fetch": {k: list(v) if isinstance(v, tuple) else v for k, v in fetch.items()},
             "fields": list(source.keep), "url_col": source.url_col, "id_col": source.id_col,
             "delimiter": source.delimiter, "header": source.header}
+
+
+def _partitions_with_transient_failures(source: FeatureStore, partition_rows: int) -> set[int]:
+    """Partitions holding a row whose failure may go away on a second try (timeouts, 5xx...)."""
+    rows = source.rows(["row", "status"])
+    failed = rows.loc[rows["status"].isin(TRANSIENT_STATUSES), "row"]
+    return {int(row) // partition_rows for row in failed}
 
 
 def _count(counts: dict[str, int], rows) -> None:

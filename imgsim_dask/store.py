@@ -162,13 +162,20 @@ class StoreWriter:
             key = changed[0]
             raise StoreError(f"cannot resume {self.path.name!r}: {key} was {before.get(key)!r}, "
                              f"now {plan.get(key)!r}; pass --overwrite to start over")
-        if (self.path / META).is_file():
-            self.complete = True
-            return
-        for stray in (self.path / ROWS).glob(".*"):  # temporary files of an interrupted write
-            stray.unlink()
+        self.complete = (self.path / META).is_file()
+        if not self.complete:
+            for stray in (self.path / ROWS).glob(".*"):  # temporary files of an interrupted write
+                stray.unlink()
         self.features = zarr.open_array(self.path / FEATURES, mode="r+")
         self.done = {int(part.stem.split("-")[1]) for part in (self.path / ROWS).glob("part-*.parquet")}
+
+    def reopen(self, partitions: set[int]) -> None:
+        """Mark a complete source's `partitions` to be written again (e.g. to retry failures)."""
+        (self.path / META).unlink(missing_ok=True)  # incomplete until sealed again
+        for index in partitions:
+            (self.path / ROWS / f"part-{index:05d}.parquet").unlink(missing_ok=True)
+        self.done -= partitions
+        self.complete = False
 
     def done_statuses(self) -> pd.DataFrame:
         """The `status` column of the partitions already written (empty for a fresh source)."""

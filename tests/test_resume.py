@@ -20,6 +20,7 @@ import zarr
 
 from imgsim_dask import ExtractOptions, extract, open_store
 from imgsim_dask.errors import StoreError
+from imgsim_dask.fetch import FetchOptions
 
 PARTITION_ROWS = 8
 ROWS = 160
@@ -149,3 +150,55 @@ def test_run_reuses_a_source_only_for_the_same_csv(client, many_rows_csv, tmp_pa
         f.write(f"late,{csv}\n")
     with pytest.raises(StoreError, match="cannot resume 'books': csv_bytes was"):
         run(str(csv), client=client, store=str(tmp_path / "store"), top_k=1, options=options)
+
+
+def test_retry_failed_refetches_only_transient_failures(client, image_dir, tmp_path):
+    """Rows that met a 503 are fetched again once the server recovers; the rest stay as stored."""
+    import threading
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    down = threading.Event()
+    down.set()
+    requests_seen: list[str] = []
+
+    class Flaky(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            requests_seen.append(self.path)
+            if self.path.startswith("/flaky/") and down.is_set():
+                self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.path = self.path.removeprefix("/flaky")
+            super().do_GET()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Flaky, directory=str(image_dir)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    urls = [f"{base}/chelsea.jpg", f"{base}/flaky/coffee.jpg", f"{base}/missing.jpg",
+            f"{base}/rocket.jpg", f"{base}/flaky/astronaut.jpg", f"{base}/camera.jpg"]
+    csv = tmp_path / "in.csv"
+    pd.DataFrame({"id": range(len(urls)), "url": urls}).to_csv(csv, index=False)
+    options = dict(client=client, weights="random", partition_rows=2, batch_size=2,
+                   fetch=FetchOptions(retries=0))
+    try:
+        first = extract(str(csv), "web", str(tmp_path / "store"), **options)
+        assert first.rows()["status"].tolist() == ["ok", "http_5xx", "http_404", "ok",
+                                                   "http_5xx", "ok"]
+        down.clear()
+        requests_seen.clear()
+        again = extract(str(csv), "web", str(tmp_path / "store"), retry_failed=True, **options)
+        clean = extract(str(csv), "clean", str(tmp_path / "store"), **options)
+    finally:
+        server.shutdown()
+        server.server_close()
+    # partitions 0 and 2 held the 503s; partition 1 (the 404 and rocket) was not fetched again
+    assert sorted(requests_seen[:4]) == sorted(
+        ["/chelsea.jpg", "/flaky/coffee.jpg", "/flaky/astronaut.jpg", "/camera.jpg"])
+    assert again.rows()["status"].tolist() == ["ok", "ok", "http_404", "ok", "ok", "ok"]
+    assert again.meta["status_counts"] == {"http_404": 1, "ok": 5}
+    assert np.array_equal(again.features[:], clean.features[:], equal_nan=True)
