@@ -161,6 +161,12 @@ def _print_summary(source) -> None:
     counts = ", ".join(f"{k} {v}" for k, v in meta["status_counts"].items())
     click.echo(f"{meta['name']}: {meta['rows']} rows ({counts}) in {meta['seconds']:.1f} s, "
                f"{meta['images_per_second']} images/s -> {source.path}")
+    stages = meta.get("stages")
+    if stages:
+        fetch, embed = stages["fetch"], stages["embed"]
+        click.echo(f"  fetch {fetch['task_seconds']:.1f} task-s ({fetch['rows_per_task_second']} "
+                   f"rows/s per task), embed {embed['task_seconds']:.1f} task-s "
+                   f"({embed['images_per_task_second']} images/s per task)")
 
 
 @cli.command()
@@ -223,7 +229,7 @@ def dedupe(name, store, **kw):
 @cli.command()
 @click.argument("csv1")
 @click.argument("csv2", required=False)
-@click.option("--names", help="Source names, comma-separated [default: the CSV file stems].")
+@click.option("--names", nargs=2, help="Names of the two sources [default: the CSV file stems].")
 @store_option
 @csv_options
 @model_options
@@ -234,7 +240,7 @@ def run(csv1, csv2, names, store, threshold, top_k, max_pairs, out, **kw):
     from .workflow import run as run_job
 
     csv_kwargs = _csv_kwargs(kw)
-    result = run_job(csv1, csv2, _split(names), store, out=out,
+    result = run_job(csv1, csv2, list(names) if names else None, store, out=out,
                      threshold=threshold, top_k=top_k, max_pairs=max_pairs,
                      cluster_options=_cluster_options(kw), csv_options=csv_kwargs,
                      options=_extract_options(kw))

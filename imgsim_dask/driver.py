@@ -150,6 +150,9 @@ def _run(client: Client, source: CsvSource, name: str, store: str, options: Extr
         fetched = client.submit(fetch_partition, rows, source.url_col, fetch_options,
                                 key=f"fetch-{k:05d}-{token}", resources=fetch_resources,
                                 retries=TASK_RETRIES)
+        size = sum(stop - start for _, start, stop in plan[k])
+        fetched.add_done_callback(
+            lambda f: fetch_bar.update(size) if f.status == "finished" else None)
         return client.submit(embed_partition, fetched, plugin.name, options.batch_size,
                              key=f"embed-{k:05d}-{token}", resources={GPU: 1},
                              retries=TASK_RETRIES)
@@ -167,17 +170,21 @@ def _run(client: Client, source: CsvSource, name: str, store: str, options: Extr
             in_flight.add(future)
 
     counts: dict[str, int] = {}
+    stage_seconds = {"fetch": 0.0, "embed": 0.0}
     done_statuses = writer.done_statuses()
     _count(counts, done_statuses)
-    progress = _progress_bar(options.progress, n_rows, name, initial=len(done_statuses))
+    fetch_bar = _progress_bar(options.progress, n_rows, f"fetch {name}", len(done_statuses), 0)
+    progress = _progress_bar(options.progress, n_rows, f"embed {name}", len(done_statuses), 1)
     ok_before = counts.get(OK, 0)
     try:
         for _ in range(window):
             submit_next()
         for future in in_flight:
-            features, rows = future.result()
+            features, rows, seconds = future.result()
             writer.write_partition(pending.pop(future.key)[1], features, rows)
             _count(counts, rows)
+            for stage, value in seconds.items():
+                stage_seconds[stage] += value
             progress.update(len(rows))
             progress.set_postfix(failed=_failed(counts), refresh=False)
             submit_next()
@@ -189,6 +196,7 @@ def _run(client: Client, source: CsvSource, name: str, store: str, options: Extr
                            "--resume", name, len(writer.done), len(plan))
         raise
     finally:
+        fetch_bar.close()
         progress.close()
 
     seconds = time.perf_counter() - started
@@ -210,6 +218,8 @@ def _run(client: Client, source: CsvSource, name: str, store: str, options: Extr
         "seconds": round(seconds, 3),
         "images_per_second": round((counts.get(OK, 0) - ok_before) / seconds, 2) if seconds
         else None,
+        "stages": _stage_summary(stage_seconds, counts.get(OK, 0) - ok_before,
+                                 n_rows - len(done_statuses)),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
     }
@@ -240,6 +250,17 @@ def _partitions_with_transient_failures(source: FeatureStore, partition_rows: in
     return {int(row) // partition_rows for row in failed}
 
 
+def _stage_summary(stage_seconds: dict[str, float], images: int, rows: int) -> dict:
+    """Task seconds per stage (summed over tasks) and the rate one task slot achieved."""
+    def rate(count: int, seconds: float) -> float | None:
+        return round(count / seconds, 2) if seconds else None
+
+    return {"fetch": {"task_seconds": round(stage_seconds["fetch"], 3),
+                      "rows_per_task_second": rate(rows, stage_seconds["fetch"])},
+            "embed": {"task_seconds": round(stage_seconds["embed"], 3),
+                      "images_per_task_second": rate(images, stage_seconds["embed"])}}
+
+
 def _count(counts: dict[str, int], rows) -> None:
     """Add the rows' statuses to `counts`."""
     if len(rows):
@@ -258,10 +279,10 @@ def _fetch_slots(client: Client, fetch_resources: dict | None) -> int:
     return int(sum(w.get("nthreads", 1) for w in workers))
 
 
-def _progress_bar(enabled: bool, total: int, name: str, initial: int = 0):
+def _progress_bar(enabled: bool, total: int, desc: str, initial: int, position: int):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, unit="img", desc=f"extract {name}",
+    return tqdm(total=total, initial=initial, unit="row", desc=desc, position=position,
                 disable=not enabled,
                 dynamic_ncols=True, smoothing=0.05)
 

@@ -97,6 +97,7 @@ class FetchedPartition:
 
     rows: pd.DataFrame  # input fields + `row` + STATUS_COLUMNS
     pixels: np.ndarray  # uint8 (n_ok, size, size, 3), in row order of the `ok` rows
+    seconds: float = 0.0  # wall time of the fetch task
 
 
 _local = threading.local()
@@ -420,6 +421,7 @@ def fetch_partition(rows: pd.DataFrame, url_col: str, options: FetchOptions) -> 
 
     Rows flagged by ingest (`INGEST_ERROR`, e.g. too many fields) become `bad_row`.
     """
+    started = time.perf_counter()
     urls = rows[url_col].astype(str).tolist()
     flags = rows[INGEST_ERROR].tolist() if INGEST_ERROR in rows else [""] * len(urls)
     results = list(_pool(options.threads).map(lambda u, f: _fetch_one(u, options, f), urls, flags))
@@ -433,4 +435,4 @@ def fetch_partition(rows: pd.DataFrame, url_col: str, options: FetchOptions) -> 
     size = options.image_size
     decoded = [pixels for pixels, _ in results if pixels is not None]
     pixels = np.stack(decoded) if decoded else np.zeros((0, size, size, 3), np.uint8)
-    return FetchedPartition(table, pixels)
+    return FetchedPartition(table, pixels, time.perf_counter() - started)

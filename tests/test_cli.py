@@ -68,6 +68,7 @@ def test_extract_200_urls_on_the_default_local_cluster(tmp_path, http_server):
     assert "dashboard: http://127.0.0.1:" in result.stderr
     assert "RANDOM WEIGHTS" in result.stderr
     assert "web: 200 rows" in result.stdout
+    assert "  fetch " in result.stdout and "images/s per task)" in result.stdout
 
     source = open_store(store, "web")
     rows = source.rows()

@@ -46,6 +46,8 @@ def test_extract_mixed_sources(client, mixed_csv, tmp_path):
     meta = source.meta
     assert meta["status_counts"] == {"bad_url": 1, "http_404": 1, "not_image": 1, "ok": 6}
     assert meta["weights"].startswith("random") and meta["dim"] == 1024
+    assert meta["stages"]["fetch"]["task_seconds"] > 0 and meta["stages"]["embed"]["task_seconds"] > 0
+    assert meta["stages"]["embed"]["images_per_task_second"] > 0
 
     again = extract(str(path), "mixed-again", str(tmp_path), client=client, weights="random",
                     partition_rows=4, batch_size=3)
