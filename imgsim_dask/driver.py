@@ -15,7 +15,7 @@ import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from distributed import Client, as_completed
+from distributed import Client, as_completed, span
 
 from .cluster import GPU, NET, ClusterOptions, connect, require_workers, workers_with
 from .embed import ModelPlugin, embed_partition
@@ -145,17 +145,20 @@ def _run(client: Client, source: CsvSource, name: str, store: str, options: Extr
             if last_use[block] == k:
                 block_futures.pop(block)  # the rows task keeps it alive as long as needed
         first_row = k * options.partition_rows
-        rows = client.submit(assemble_partition, first_row, slices, list(source.keep), key=f"rows-{k:05d}-{token}",
-                             retries=TASK_RETRIES)
-        fetched = client.submit(fetch_partition, rows, source.url_col, fetch_options,
-                                key=f"fetch-{k:05d}-{token}", resources=fetch_resources,
-                                retries=TASK_RETRIES)
+        with span("extract", name, "rows"):  # spans group the stages on the dashboard
+            rows = client.submit(assemble_partition, first_row, slices, list(source.keep),
+                                 key=f"rows-{k:05d}-{token}", retries=TASK_RETRIES)
+        with span("extract", name, "fetch"):
+            fetched = client.submit(fetch_partition, rows, source.url_col, fetch_options,
+                                    key=f"fetch-{k:05d}-{token}", resources=fetch_resources,
+                                    retries=TASK_RETRIES)
         size = sum(stop - start for _, start, stop in plan[k])
         fetched.add_done_callback(
             lambda f: fetch_bar.update(size) if f.status == "finished" else None)
-        return client.submit(embed_partition, fetched, plugin.name, options.batch_size,
-                             key=f"embed-{k:05d}-{token}", resources={GPU: 1},
-                             retries=TASK_RETRIES)
+        with span("extract", name, "embed"):
+            return client.submit(embed_partition, fetched, plugin.name, options.batch_size,
+                                 key=f"embed-{k:05d}-{token}", resources={GPU: 1},
+                                 retries=TASK_RETRIES)
 
     window = 2 * len(gpu_workers) + _fetch_slots(client, fetch_resources) + 2
     pending: dict = {}  # embed key -> (future, partition)

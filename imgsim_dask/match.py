@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from distributed import Client, as_completed
+from distributed import Client, as_completed, span
 
 from .cluster import GPU, require_workers
 from .errors import ImgsimError, InputError
@@ -445,11 +445,12 @@ def _match_on_cluster(client: Client, a: Any, b: Any, options: MatchOptions, sel
         block = _read(a, start, min(start + options.block_rows, n))
         block_key = f"ablock-{i:05d}-{token}"
         block_future = client.scatter({block_key: block}, workers=gpu_workers, hash=False)[block_key]
-        future = client.submit(score_block, block_future, start, slice_futures, starts,
-                               options.threshold, options.top_k, self_match,
-                               b_valid=valid_futures, threads=options.threads,
-                               key=f"score-{i:05d}-{token}", resources={GPU: 1},
-                               retries=TASK_RETRIES, pure=False)
+        with span("match", "score"):
+            future = client.submit(score_block, block_future, start, slice_futures, starts,
+                                   options.threshold, options.top_k, self_match,
+                                   b_valid=valid_futures, threads=options.threads,
+                                   key=f"score-{i:05d}-{token}", resources={GPU: 1},
+                                   retries=TASK_RETRIES, pure=False)
         running[future.key] = (future, block_future)
         return future
 

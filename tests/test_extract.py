@@ -48,6 +48,9 @@ def test_extract_mixed_sources(client, mixed_csv, tmp_path):
     assert meta["weights"].startswith("random") and meta["dim"] == 1024
     assert meta["stages"]["fetch"]["task_seconds"] > 0 and meta["stages"]["embed"]["task_seconds"] > 0
     assert meta["stages"]["embed"]["images_per_task_second"] > 0
+    spans = client.run_on_scheduler(
+        lambda dask_scheduler: [s.name for s in dask_scheduler.extensions["spans"].spans.values()])
+    assert {("extract", "mixed", stage) for stage in ("rows", "fetch", "embed")} <= set(spans)
 
     again = extract(str(path), "mixed-again", str(tmp_path), client=client, weights="random",
                     partition_rows=4, batch_size=3)

@@ -182,6 +182,9 @@ def test_match_features_unit_vectors_on_cluster(client):
     assert len(top) == 2 * len(a) and (top.groupby("row_a").size() == 2).all()
     assert (top[top.row_a.between(100, 139)].groupby("row_a").head(1).row_b.to_numpy()
             == np.arange(40)).all()
+    spans = client.run_on_scheduler(
+        lambda dask_scheduler: [s.name for s in dask_scheduler.extensions["spans"].spans.values()])
+    assert ("match", "score") in spans  # the dashboard groups score tasks under one span
 
 
 def test_match_features_zarr_sources(client, tmp_path):
