@@ -1,6 +1,7 @@
 """MobileNet on CPU: Keras predict_on_batch vs an XLA-compiled call, same weights, same batches.
 
     python scripts/bench_model.py
+"""
 
 import time
 import numpy as np
