@@ -39,7 +39,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 SOURCES = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
            "hubble_deep_field.jpg", "retina.jpg", "brick.png", "grass.png", "ihc.png")
-BATCH = 64
 
 
 def make_images(root: Path, count: int, seed: int = 0) -> list[Path]:
@@ -103,22 +102,23 @@ def decode_original(url: str) -> np.ndarray | None:
         return None
 
 
-def run_original(model, urls: list[str]) -> float:
+def run_original(model, urls: list[str], batch_size: int) -> float:
     """The original's save_data: per batch a fresh pool of 4 fetches, then predict. Seconds."""
     started = time.perf_counter()
     ctx = multiprocessing.get_context("fork")
-    for start in range(0, len(urls), BATCH):
+    for start in range(0, len(urls), batch_size):
         with ctx.Pool(4) as pool:
-            decoded = [x for x in pool.map(decode_original, urls[start:start + BATCH]) if x is not None]
+            decoded = [x for x in pool.map(decode_original, urls[start:start + batch_size])
+                       if x is not None]
         model.predict_on_batch(np.stack(decoded).astype(np.float32))
     return time.perf_counter() - started
 
 
-def run_model_only(model, pixels: np.ndarray) -> float:
+def run_model_only(model, pixels: np.ndarray, batch_size: int) -> float:
     from imgsim_dask.embed import embed_pixels
 
     started = time.perf_counter()
-    embed_pixels(model, pixels, BATCH)
+    embed_pixels(model, pixels, batch_size)
     return time.perf_counter() - started
 
 
@@ -127,7 +127,7 @@ def run_imgsim(client, csv: Path, store: Path, name: str, options: dict) -> floa
 
     started = time.perf_counter()
     source = extract(str(csv), name, str(store), client=client, weights="random",
-                     batch_size=BATCH, overwrite=True, **options)
+                     overwrite=True, **options)
     seconds = time.perf_counter() - started
     assert source.status_counts() == {"ok": source.meta["rows"]}, source.status_counts()
     return seconds
@@ -149,6 +149,10 @@ def main() -> None:
     parser.add_argument("--skip-original", action="store_true")
     parser.add_argument("--partition-rows", type=int, default=ExtractOptions.partition_rows)
     parser.add_argument("--fetch-threads", type=int, default=FetchOptions.threads)
+    parser.add_argument("--batch-size", type=int, default=ExtractOptions.batch_size,
+                        help="model batch for model-only and imgsim")
+    parser.add_argument("--original-batch-size", type=int, default=16,
+                        help="the original's batch (its README's demo sets 16)")
     args = parser.parse_args()
 
     from distributed import Client
@@ -157,7 +161,7 @@ def main() -> None:
     from imgsim_dask.fetch import fetch_partition
     from imgsim_dask.models import build_model, resolve_weights
 
-    options = {"partition_rows": args.partition_rows,
+    options = {"partition_rows": args.partition_rows, "batch_size": args.batch_size,
                "fetch": FetchOptions(threads=args.fetch_threads)}
     paths = make_images(args.cache / str(args.images), args.images)
     server = LatencyServer(paths[0].parent)
@@ -165,14 +169,14 @@ def main() -> None:
     model = build_model(resolve_weights("mobilenet", "random"), str(work))
     pixels = fetch_partition(pd.DataFrame({"url": [str(p) for p in paths]}), "url",
                              FetchOptions()).pixels
-    run_model_only(model, pixels[:BATCH])  # warm-up
+    run_model_only(model, pixels[:args.batch_size], args.batch_size)  # warm-up
     results = [{"config": "model-only (pre-decoded)", "latency_ms": None,
-                "seconds": run_model_only(model, pixels)}]
+                "seconds": run_model_only(model, pixels, args.batch_size)}]
 
     with local_cluster(fetch_workers=1, dashboard_address="127.0.0.1:0") as cluster, \
             Client(cluster) as client:
         client.wait_for_workers(2)
-        run_imgsim(client, write_csv(work / "warm.csv", [str(p) for p in paths[:BATCH]]),
+        run_imgsim(client, write_csv(work / "warm.csv", [str(p) for p in paths[:args.batch_size]]),
                    work / "store", "warm", options)
         local_csv = write_csv(work / "local.csv", [str(p) for p in paths])
         results.append({"config": "imgsim, local files", "latency_ms": None,
@@ -188,7 +192,7 @@ def main() -> None:
             server.latency = latency / 1000
             urls = [f"{server.url}/{p.name}" for p in paths]
             results.append({"config": f"original, HTTP +{latency:g} ms", "latency_ms": latency,
-                            "seconds": run_original(model, urls)})
+                            "seconds": run_original(model, urls, args.original_batch_size)})
 
     model_only = len(paths) / results[0]["seconds"]
     for row in results:
@@ -198,11 +202,14 @@ def main() -> None:
                          and r["latency_ms"] == row["latency_ms"]), None)
         if original and row["config"].startswith("imgsim"):
             row["vs_original"] = round(original["seconds"] / row["seconds"], 2)
-    report = {"images": len(paths), "batch_size": BATCH, "machine": machine(), "results": results}
+    report = {"images": len(paths), "batch_size": args.batch_size,
+              "original_batch_size": args.original_batch_size, "machine": machine(),
+              "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(pd.DataFrame(results).to_string(index=False))
-    plot(results, args.out.with_suffix(".png"), report["machine"])
+    plot(results, args.out.with_suffix(".png"), f"{report['machine']}; batch {args.batch_size}, "
+         f"original batch {args.original_batch_size}")
     print(f"machine: {report['machine']}\nwritten: {args.out} and its .png plot")
 
 
@@ -221,7 +228,7 @@ def plot(results: list[dict], path: Path, machine_line: str) -> None:
     axes.barh(labels[::-1], rates[::-1], color=colours[::-1])
     for y, rate in enumerate(rates[::-1]):
         axes.text(rate, y, f" {rate:.1f}", va="center")
-    axes.set_xlabel("images/s (MobileNet 224, batch 64)")
+    axes.set_xlabel("images/s (MobileNet 224; batch sizes in the title)")
     axes.set_title(machine_line, fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
