@@ -99,3 +99,22 @@ def test_demo_command_finds_every_edited_copy_and_nothing_else(tmp_path):
     assert dict(zip(matches["uploads_id"], matches["catalogue_id"])) == copies
     assert (matches["similarity"] >= 0.70).all()
     assert f"{len(copies)} pairs" in result.stdout
+
+
+def test_fetch_policy_flags_reach_the_workers(tmp_path, http_server):
+    """`--public-only` refuses the loopback server (no fetch), `--schemes http` refuses paths."""
+    csv = tmp_path / "in.csv"
+    csv.write_text(f"id,url\n1,{http_server}/chelsea.jpg\n2,{tmp_path / 'x.jpg'}\n")
+    result = imgsim("extract", csv, "--name", "guarded", "--store", tmp_path / "store",
+                    "--weights", "random", "--no-progress", "--workers", "1", "--public-only",
+                    "--schemes", "http,https", "--deadline", "5", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = open_store(tmp_path / "store", "guarded").rows()
+    assert rows["status"].tolist() == ["blocked", "blocked"]
+    assert "not a public address" in rows["error"][0]
+
+
+def test_run_names_must_match_the_csvs(tmp_path):
+    csv = tmp_path / "in.csv"
+    csv.write_text("id,url\n1,a.jpg\n")
+    assert_usage_error(imgsim("run", csv, "--names", "a", "b", "--store", tmp_path), "--names needs 1")
