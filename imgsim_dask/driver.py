@@ -37,6 +37,7 @@ class ExtractOptions:
     model: str = "mobilenet"
     weights: str | None = None
     batch_size: int = 64
+    runtime: str = "auto"
     partition_rows: int = 256
     fetch: FetchOptions = field(default_factory=FetchOptions)
     overwrite: bool = False
@@ -128,7 +129,7 @@ def _run(client: Client, source: CsvSource, name: str, store: str, options: Extr
     if writer.done:
         logger.info("%s: resuming, %d of %d partitions already written", name,
                     len(writer.done), len(plan))
-    plugin = ModelPlugin(weights)
+    plugin = ModelPlugin(weights, options.runtime)
     client.register_plugin(plugin)
 
     token = uuid.uuid4().hex[:8]
@@ -174,6 +175,7 @@ def _run(client: Client, source: CsvSource, name: str, store: str, options: Extr
 
     counts: dict[str, int] = {}
     stage_seconds = {"fetch": 0.0, "embed": 0.0}
+    runtimes: set[str] = set()  # what `auto` became on the model workers
     done_statuses = writer.done_statuses()
     _count(counts, done_statuses)
     fetch_bar = _progress_bar(options.progress, n_rows, f"fetch {name}", len(done_statuses), 0)
@@ -183,12 +185,13 @@ def _run(client: Client, source: CsvSource, name: str, store: str, options: Extr
         for _ in range(window):
             submit_next()
         for future in in_flight:
-            features, rows, seconds = future.result()
-            writer.write_partition(pending.pop(future.key)[1], features, rows)
-            _count(counts, rows)
-            for stage, value in seconds.items():
+            embedded = future.result()
+            writer.write_partition(pending.pop(future.key)[1], embedded.features, embedded.rows)
+            _count(counts, embedded.rows)
+            runtimes.add(embedded.runtime)
+            for stage, value in embedded.seconds.items():
                 stage_seconds[stage] += value
-            progress.update(len(rows))
+            progress.update(len(embedded.rows))
             progress.set_postfix(failed=_failed(counts), refresh=False)
             submit_next()
     except BaseException as exc:
@@ -218,6 +221,7 @@ def _run(client: Client, source: CsvSource, name: str, store: str, options: Extr
         "status_counts": dict(sorted(counts.items())),
         "partition_rows": options.partition_rows,
         "batch_size": options.batch_size,
+        "runtime": sorted(runtimes),
         "seconds": round(seconds, 3),
         "images_per_second": round((counts.get(OK, 0) - ok_before) / seconds, 2) if seconds
         else None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -16,34 +17,37 @@ from distributed import WorkerPlugin, get_worker
 
 from .fetch import OK, FetchedPartition
 from .models import Weights, build_model
+from .runtime import make_predictor
 
 
 class ModelPlugin(WorkerPlugin):
     """Carries the weights to every worker and holds the model once built."""
 
-    idempotent = True  # registering the same weights again is a no-op
+    idempotent = True  # registering the same weights and runtime again is a no-op
 
-    def __init__(self, weights: Weights):
+    def __init__(self, weights: Weights, runtime: str = "auto"):
         self.weights = weights
-        self.name = f"imgsim-model-{weights.token}"
-        self._model = None
+        self.runtime = runtime
+        self.name = f"imgsim-model-{weights.token}-{runtime}"
+        self._predictor = None
         self._lock = threading.Lock()
 
     def __getstate__(self):
-        return {"weights": self.weights, "name": self.name}
+        return {"weights": self.weights, "runtime": self.runtime}
 
     def __setstate__(self, state):
-        self.__init__(state["weights"])
+        self.__init__(state["weights"], state["runtime"])
 
     def setup(self, worker):
         self._workdir = worker.local_directory
 
-    def model(self):
-        """The Keras model, built on first use."""
+    def predictor(self):
+        """The model under its runtime (`runtime.py`), built on first use."""
         with self._lock:
-            if self._model is None:
-                self._model = build_model(self.weights, self._workdir)
-            return self._model
+            if self._predictor is None:
+                model = build_model(self.weights, self._workdir)
+                self._predictor = make_predictor(model, self.runtime)
+            return self._predictor
 
 
 def batch_rows(images: int, batch_size: int) -> int:
@@ -54,31 +58,41 @@ def batch_rows(images: int, batch_size: int) -> int:
     return min(batch_size, max(8, 1 << (images - 1).bit_length()))
 
 
-def embed_pixels(model, pixels: np.ndarray, batch_size: int) -> np.ndarray:
+def embed_pixels(predictor, pixels: np.ndarray, batch_size: int) -> np.ndarray:
     """L2-normalised float32 features of uint8 images, predicted in batches of fixed shapes."""
-    dim = model.output_shape[-1]
-    out = np.empty((len(pixels), dim), np.float32)
+    out = np.empty((len(pixels), predictor.dim), np.float32)
     buffer = np.zeros((batch_size, *pixels.shape[1:]), np.float32)
     for start in range(0, len(pixels), batch_size):
         chunk = pixels[start:start + batch_size]
         batch = buffer[:batch_rows(len(chunk), batch_size)]
         batch[: len(chunk)] = chunk
         batch[len(chunk):] = 0
-        out[start:start + len(chunk)] = np.asarray(model.predict_on_batch(batch))[: len(chunk)]
+        out[start:start + len(chunk)] = predictor(batch)[: len(chunk)]
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     np.divide(out, norms, out=out, where=norms > 0)
     return out
 
 
+@dataclass
+class EmbeddedPartition:
+    """Features for every row of a partition (NaN rows for failures), its row table, the
+    seconds its fetch and embed tasks took, and the runtime that ran the model."""
+
+    features: np.ndarray
+    rows: pd.DataFrame
+    seconds: dict[str, float]
+    runtime: str
+
+
 def embed_partition(fetched: FetchedPartition, plugin_name: str, batch_size: int
-                    ) -> tuple[np.ndarray, pd.DataFrame, dict[str, float]]:
-    """Features for every row of a partition (NaN rows for failures), its row table, and
-    the seconds its fetch and embed tasks took."""
+                    ) -> EmbeddedPartition:
+    """Run the model over a fetched partition's `ok` images."""
     started = time.perf_counter()
-    model = get_worker().plugins[plugin_name].model()
-    features = np.full((len(fetched.rows), model.output_shape[-1]), np.nan, np.float32)
+    predictor = get_worker().plugins[plugin_name].predictor()
+    features = np.full((len(fetched.rows), predictor.dim), np.nan, np.float32)
     ok = (fetched.rows["status"] == OK).to_numpy()
     if ok.any():
-        features[ok] = embed_pixels(model, fetched.pixels, batch_size)
-    return features, fetched.rows, {"fetch": fetched.seconds,
-                                    "embed": time.perf_counter() - started}
+        features[ok] = embed_pixels(predictor, fetched.pixels, batch_size)
+    return EmbeddedPartition(features, fetched.rows, {"fetch": fetched.seconds,
+                                                      "embed": time.perf_counter() - started},
+                             predictor.name)

@@ -7,7 +7,8 @@ served by an HTTP server on 127.0.0.1 that waits `latency` before every response
 Reported, on the same images and the same model (MobileNet, random weights: the same
 compute as ImageNet weights):
 
-- model-only: the model on pre-decoded uint8 batches, in this process;
+- model-only: the model on pre-decoded uint8 batches, in this process, under imgsim's
+  runtime (`--runtime`, default auto: OpenVINO on a CPU) and under Keras (TensorFlow);
 - imgsim: `imgsim_dask.extract` on the embedded local cluster (warm), per latency and
   with local file paths;
 - original: the original's `save_data` loop — per batch a fresh process pool of 4 that
@@ -114,11 +115,12 @@ def run_original(model, urls: list[str], batch_size: int) -> float:
     return time.perf_counter() - started
 
 
-def run_model_only(model, pixels: np.ndarray, batch_size: int) -> float:
+def run_model_only(predictor, pixels: np.ndarray, batch_size: int) -> float:
     from imgsim_dask.embed import embed_pixels
 
+    embed_pixels(predictor, pixels[:batch_size], batch_size)  # warm-up
     started = time.perf_counter()
-    embed_pixels(model, pixels, batch_size)
+    embed_pixels(predictor, pixels, batch_size)
     return time.perf_counter() - started
 
 
@@ -151,6 +153,8 @@ def main() -> None:
     parser.add_argument("--fetch-threads", type=int, default=FetchOptions.threads)
     parser.add_argument("--batch-size", type=int, default=ExtractOptions.batch_size,
                         help="model batch for model-only and imgsim")
+    parser.add_argument("--runtime", default=ExtractOptions.runtime,
+                        choices=["auto", "openvino", "keras"], help="imgsim's model runtime")
     parser.add_argument("--original-batch-size", type=int, default=16,
                         help="the original's batch (its README's demo sets 16)")
     args = parser.parse_args()
@@ -160,18 +164,22 @@ def main() -> None:
     from imgsim_dask.cluster import local_cluster
     from imgsim_dask.fetch import fetch_partition
     from imgsim_dask.models import build_model, resolve_weights
+    from imgsim_dask.runtime import KerasPredictor, make_predictor
 
     options = {"partition_rows": args.partition_rows, "batch_size": args.batch_size,
-               "fetch": FetchOptions(threads=args.fetch_threads)}
+               "runtime": args.runtime, "fetch": FetchOptions(threads=args.fetch_threads)}
     paths = make_images(args.cache / str(args.images), args.images)
     server = LatencyServer(paths[0].parent)
     work = Path(tempfile.mkdtemp(prefix="imgsim-bench-"))
     model = build_model(resolve_weights("mobilenet", "random"), str(work))
     pixels = fetch_partition(pd.DataFrame({"url": [str(p) for p in paths]}), "url",
                              FetchOptions()).pixels
-    run_model_only(model, pixels[:args.batch_size], args.batch_size)  # warm-up
-    results = [{"config": "model-only (pre-decoded)", "latency_ms": None,
-                "seconds": run_model_only(model, pixels, args.batch_size)}]
+    predictors = [make_predictor(model, args.runtime)]
+    if predictors[0].name != "keras":
+        predictors.append(KerasPredictor(model))
+    results = [{"config": f"model-only, {predictor.name} (pre-decoded)", "latency_ms": None,
+                "seconds": run_model_only(predictor, pixels, args.batch_size)}
+               for predictor in predictors]
 
     with local_cluster(fetch_workers=1, dashboard_address="127.0.0.1:0") as cluster, \
             Client(cluster) as client:
@@ -202,7 +210,7 @@ def main() -> None:
                          and r["latency_ms"] == row["latency_ms"]), None)
         if original and row["config"].startswith("imgsim"):
             row["vs_original"] = round(original["seconds"] / row["seconds"], 2)
-    report = {"images": len(paths), "batch_size": args.batch_size,
+    report = {"images": len(paths), "batch_size": args.batch_size, "runtime": predictors[0].name,
               "original_batch_size": args.original_batch_size, "machine": machine(),
               "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)

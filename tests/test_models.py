@@ -75,6 +75,7 @@ def test_random_weights_are_deterministic_and_loud(tmp_path, caplog):
 def test_partial_batches_use_a_few_small_shapes_with_the_same_features():
     """A partition with 3 `ok` rows runs a batch of 8, not 64, and gets the same features."""
     from imgsim_dask.embed import batch_rows, embed_pixels
+    from imgsim_dask.runtime import KerasPredictor
 
     assert [batch_rows(n, 64) for n in (1, 3, 8, 9, 33, 64)] == [8, 8, 8, 16, 64, 64]
     assert batch_rows(5, 4) == 4
@@ -84,4 +85,4 @@ def test_partial_batches_use_a_few_small_shapes_with_the_same_features():
     padded[:3] = pixels
     full = model.predict_on_batch(padded)[:3]
     full /= np.linalg.norm(full, axis=1, keepdims=True)
-    assert np.allclose(embed_pixels(model, pixels, 64), full, atol=1e-5)
+    assert np.allclose(embed_pixels(KerasPredictor(model), pixels, 64), full, atol=1e-5)

@@ -74,10 +74,12 @@ def test_weights_travel_to_workers_with_empty_caches(scheduler, tmp_path, monkey
 
     from imgsim_dask.embed import embed_pixels
     from imgsim_dask.fetch import FetchOptions, fetch_partition
+    from imgsim_dask.runtime import KerasPredictor
 
     model = build_model(resolve_weights("mobilenet", str(mobilenet_h5)), str(tmp_path))
     pixels = fetch_partition(pd.read_csv(csv), "url", FetchOptions()).pixels
-    assert np.allclose(source.features[:], embed_pixels(model, pixels, 64), atol=1e-4)
+    assert np.allclose(source.features[:], embed_pixels(KerasPredictor(model), pixels, 64),
+                       atol=1e-4)
     assert not (Path(scheduler[1]["KERAS_HOME"]) / "models").exists()
 
 
