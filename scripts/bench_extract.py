@@ -46,6 +46,7 @@ def make_images(root: Path, count: int, seed: int = 0) -> list[Path]:
     """`count` JPEGs, 500-1500 px on the long side, random crops of real photographs."""
     from imgsim_dask.demo import sample_path
 
+    root = root.resolve()  # relative paths in a CSV are read relative to the CSV's folder
     root.mkdir(parents=True, exist_ok=True)
     existing = sorted(root.glob("*.jpg"))
     if len(existing) == count:
