@@ -61,7 +61,7 @@ def batch_rows(images: int, batch_size: int) -> int:
 def embed_pixels(predictor, pixels: np.ndarray, batch_size: int) -> np.ndarray:
     """L2-normalised float32 features of uint8 images, predicted in batches of fixed shapes."""
     out = np.empty((len(pixels), predictor.dim), np.float32)
-    buffer = np.zeros((batch_size, *pixels.shape[1:]), np.float32)
+    buffer = np.zeros((batch_size, *pixels.shape[1:]), predictor.input_dtype)
     for start in range(0, len(pixels), batch_size):
         chunk = pixels[start:start + batch_size]
         batch = buffer[:batch_rows(len(chunk), batch_size)]

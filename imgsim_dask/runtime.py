@@ -7,7 +7,8 @@
 - `auto` (default): `keras` where TensorFlow sees a GPU, else `openvino` where it is
   installed, else `keras`. Each worker decides for itself.
 
-Both take float32 pixels 0..255 of shape (batch, size, size, 3) and return float32 features.
+Both take pixels 0..255 of shape (batch, size, size, 3) as `input_dtype` and return float32
+features.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class KerasPredictor:
     """Keras' `predict_on_batch`."""
 
     name = "keras"
+    input_dtype = np.float32
 
     def __init__(self, model):
         self.model = model
@@ -37,9 +39,12 @@ class KerasPredictor:
 
 class OpenVINOPredictor:
     """The model as OpenVINO IR, compiled for the CPU in float32 with the latency hint (one
-    stream using every core, the best single-batch throughput on a small CPU)."""
+    stream using every core, the best single-batch throughput on a small CPU). It takes
+    uint8 pixels and converts them inside the graph, on all cores (7-10% faster than a
+    float32 copy made in numpy first)."""
 
     name = "openvino"
+    input_dtype = np.uint8
 
     def __init__(self, model):
         import openvino as ov
@@ -47,8 +52,11 @@ class OpenVINOPredictor:
         with tempfile.TemporaryDirectory(prefix="imgsim-openvino-") as tmp:
             ir_path = os.path.join(tmp, "model.xml")  # the weights go to model.bin beside it
             model.export(ir_path, format="openvino", verbose=False)
-            self.compiled = ov.Core().compile_model(
-                ir_path, "CPU",
+            core = ov.Core()
+            preprocess = ov.preprocess.PrePostProcessor(core.read_model(ir_path))
+            preprocess.input().tensor().set_element_type(ov.Type.u8)
+            self.compiled = core.compile_model(
+                preprocess.build(), "CPU",
                 {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"})
         self.dim = int(model.output_shape[-1])
 
