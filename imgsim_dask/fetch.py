@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urljoin, urlsplit
 
 import certifi
-import cv2
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
@@ -35,8 +34,6 @@ from urllib3.exceptions import TimeoutError as Urllib3Timeout
 from .errors import InputError
 from .ingest import INGEST_ERROR
 from .safehttp import AddressPolicy, BlockedAddress, Deadline, GuardedPoolManager, watched_deadline
-
-cv2.setNumThreads(1)  # one resize per download thread; no nested thread pools
 
 OK = "ok"
 STATUS_COLUMNS = ("status", "error", "http_status", "bytes", "sha256", "width", "height")
@@ -377,22 +374,15 @@ def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS
                                  f"{max_pixels}")
             image.draft("RGB", (size, size))  # JPEG: decode at a reduced DCT scale
             ImageOps.exif_transpose(image, in_place=True)
-            return _resize(np.asarray(_to_rgb(image), dtype=np.uint8), size), width, height
+            image = _to_rgb(image).resize((size, size), Image.Resampling.BILINEAR,
+                                          reducing_gap=3.0)
+            return np.asarray(image, dtype=np.uint8), width, height
     except RowFailure:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise RowFailure("bomb", str(exc)[:300]) from None
     except Exception as exc:  # any error while parsing untrusted bytes means a corrupt image
         raise RowFailure("decode_error", f"{type(exc).__name__}: {exc}"[:300]) from None
-
-
-def _resize(pixels: np.ndarray, size: int) -> np.ndarray:
-    """`size` x `size` pixels. Bilinear while shrinking by at most 2x (a JPEG's draft scale
-    leaves at most that), area-averaging beyond (no aliasing); OpenCV's SIMD resize costs a
-    fifth of Pillow's bilinear one (docs/benchmarks.md)."""
-    shrink = max(pixels.shape[0], pixels.shape[1]) / size
-    return cv2.resize(pixels, (size, size),
-                      interpolation=cv2.INTER_AREA if shrink > 2 else cv2.INTER_LINEAR)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
