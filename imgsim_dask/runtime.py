@@ -4,8 +4,8 @@
 - `openvino`: the same model exported to OpenVINO IR by Keras (`model.export(...,
   format="openvino")`) and compiled for the CPU in float32, about 2x Keras' speed on CPU
   for MobileNet with features equal to cosine 1 - 1e-6 (docs/benchmarks.md).
-- `auto` (default): `keras` where TensorFlow sees a GPU, else `openvino` where it is
-  installed, else `keras`. Each worker decides for itself.
+- `auto` (default): `openvino` on a worker whose Keras backend is TensorFlow, TensorFlow
+  sees no GPU and openvino is installed; else `keras`. Each worker decides for itself.
 
 Both take pixels 0..255 of shape (batch, size, size, 3) as `input_dtype` and return float32
 features.
@@ -82,11 +82,13 @@ def resolve_runtime(runtime: str) -> str:
                           "model worker (pip install openvino), or use --runtime keras")
     if runtime != "auto":
         return runtime
+    import keras
+
+    if keras.backend.backend() != "tensorflow" or not openvino_available():
+        return "keras"  # JAX, torch: Keras' OpenVINO export of those needs TensorFlow or torch
     import tensorflow as tf
 
-    if tf.config.list_physical_devices("GPU") or not openvino_available():
-        return "keras"
-    return "openvino"
+    return "keras" if tf.config.list_physical_devices("GPU") else "openvino"
 
 
 def make_predictor(model, runtime: str = "auto") -> KerasPredictor | OpenVINOPredictor:

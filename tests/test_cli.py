@@ -102,13 +102,16 @@ def test_demo_command_finds_every_edited_copy_and_nothing_else(tmp_path):
 
 
 def test_fetch_policy_flags_reach_the_workers(tmp_path, http_server):
-    """`--public-only` refuses the loopback server (no fetch), `--schemes http` refuses paths."""
+    """`--public-only` refuses the loopback server (no fetch), `--schemes http` refuses paths;
+    `--runtime keras` reaches the model worker."""
     csv = tmp_path / "in.csv"
     csv.write_text(f"id,url\n1,{http_server}/chelsea.jpg\n2,{tmp_path / 'x.jpg'}\n")
     result = imgsim("extract", csv, "--name", "guarded", "--store", tmp_path / "store",
                     "--weights", "random", "--no-progress", "--workers", "1", "--public-only",
-                    "--schemes", "http,https", "--deadline", "5", cwd=tmp_path)
+                    "--schemes", "http,https", "--deadline", "5", "--runtime", "keras",
+                    cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert open_store(tmp_path / "store", "guarded").meta["runtime"] == ["keras"]
     rows = open_store(tmp_path / "store", "guarded").rows()
     assert rows["status"].tolist() == ["blocked", "blocked"]
     assert "not a public address" in rows["error"][0]

@@ -41,8 +41,13 @@ def test_openvino_features_equal_keras_float32(model, mobilenet_h5, tmp_path):
 
 
 def test_auto_is_openvino_on_a_cpu_and_keras_without_it(monkeypatch):
+    import keras
+
     assert resolve_runtime("auto") == "openvino"  # this machine has no GPU
     assert resolve_runtime("keras") == "keras"
+    with monkeypatch.context() as patch:  # as under KERAS_BACKEND=jax (the GPU machine's setup)
+        patch.setattr(keras.backend, "backend", lambda: "jax")
+        assert resolve_runtime("auto") == "keras"
     monkeypatch.setitem(sys.modules, "openvino", None)  # as if it were not installed
     assert resolve_runtime("auto") == "keras"
     with pytest.raises(ImgsimError, match="pip install openvino.*--runtime keras"):
