@@ -56,6 +56,14 @@ def test_auto_is_openvino_on_a_cpu_and_keras_without_it(monkeypatch):
         resolve_runtime("onnx")
 
 
+def test_unknown_runtime_is_refused_before_any_work(tmp_path):
+    csv = tmp_path / "in.csv"
+    csv.write_text("url\na.jpg\n")
+    with pytest.raises(ImgsimError, match="unknown runtime 'onnx'; choose one of"):
+        extract(str(csv), "x", str(tmp_path / "store"), runtime="onnx")
+    assert not (tmp_path / "store").exists()
+
+
 def test_extract_records_the_runtime_and_both_agree(client, image_dir, tmp_path):
     csv = tmp_path / "in.csv"
     csv.write_text("url\n" + "".join(f"{image_dir / name}.jpg\n" for name in sample_images()))
