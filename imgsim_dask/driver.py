@@ -23,7 +23,7 @@ from .errors import InputError, StoreError
 from .fetch import OK, TRANSIENT_STATUSES, FetchOptions, fetch_partition
 from .ingest import CsvSource, assemble_partition, count_rows, inspect_csv, plan_partitions, read_blocks
 from .models import Weights, get_spec, resolve_weights
-from .runtime import RUNTIMES
+from .runtime import check_runtime
 from .store import DEFAULT_STORE, FeatureStore, StoreWriter
 
 logger = logging.getLogger(__name__)
@@ -76,9 +76,7 @@ def extract(
     spec = get_spec(options.model)
     if options.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
-    if options.runtime not in RUNTIMES:
-        raise InputError(f"unknown runtime {options.runtime!r}; choose one of: "
-                         f"{', '.join(RUNTIMES)}")
+    check_runtime(options.runtime)
     if options.overwrite and (options.resume or options.retry_failed):
         raise InputError("--overwrite excludes --resume and --retry-failed")
     if options.retry_failed:

@@ -18,7 +18,7 @@ import tempfile
 
 import numpy as np
 
-from .errors import ImgsimError
+from .errors import ImgsimError, InputError
 
 RUNTIMES = ("auto", "openvino", "keras")
 
@@ -73,10 +73,15 @@ def openvino_available() -> bool:
     return True
 
 
+def check_runtime(runtime: str) -> None:
+    """Refuse a runtime name that does not exist (on the driver, before any work)."""
+    if runtime not in RUNTIMES:
+        raise InputError(f"unknown runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+
+
 def resolve_runtime(runtime: str) -> str:
     """The runtime `auto` means on this worker; explicit choices are checked here."""
-    if runtime not in RUNTIMES:
-        raise ImgsimError(f"unknown runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+    check_runtime(runtime)
     if runtime == "openvino" and not openvino_available():
         raise ImgsimError("--runtime openvino: the openvino package is not installed on the "
                           "model worker (pip install openvino), or use --runtime keras")
