@@ -126,9 +126,8 @@ class ProcessCluster:
                    "127.0.0.1", "--no-dashboard", *options)
 
     def stop(self) -> None:
-        for process in reversed(self.processes):
+        for process in reversed(self.processes):  # workers to the end, then the scheduler
             process.terminate()
-        for process in self.processes:
             process.wait(30)
         self.log.close()
 
