@@ -9,6 +9,7 @@ import sys
 import click
 
 from .errors import ImgsimError
+from .runtime import RUNTIMES
 from .store import DEFAULT_STORE
 
 EXIT_USAGE = 2
@@ -56,7 +57,7 @@ model_options = _options(
     click.option("--weights", help="Weights file, or 'random' (tests/benchmarks only)."),
     click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1)),
     click.option("--runtime", default="auto", show_default=True,
-                 type=click.Choice(["auto", "openvino", "keras"]),
+                 type=click.Choice(RUNTIMES),
                  help="What runs the model: auto is keras where TensorFlow sees a GPU, else "
                       "openvino (about 2x keras on CPU, same float32 features)."),
     click.option("--partition-rows", default=256, show_default=True, type=click.IntRange(1),
@@ -133,8 +134,9 @@ def _extract_options(kw: dict):
 
     return ExtractOptions(
         model=kw.pop("model"), weights=kw.pop("weights"), batch_size=kw.pop("batch_size"),
-        runtime=kw.pop("runtime"), partition_rows=kw.pop("partition_rows"), overwrite=kw.pop("overwrite"),
-        resume=kw.pop("resume"), retry_failed=kw.pop("retry_failed"),
+        runtime=kw.pop("runtime"), partition_rows=kw.pop("partition_rows"),
+        overwrite=kw.pop("overwrite"), resume=kw.pop("resume"),
+        retry_failed=kw.pop("retry_failed"),
         fetch=FetchOptions(threads=kw.pop("fetch_threads"), read_timeout=kw.pop("timeout"),
                            deadline=kw.pop("deadline"), schemes=tuple(_split(kw.pop("schemes")) or ()),
                            public_only=kw.pop("public_only"),

@@ -143,6 +143,7 @@ def write_csv(path: Path, urls: list[str]) -> Path:
 
 def main() -> None:
     from imgsim_dask import ExtractOptions, FetchOptions
+    from imgsim_dask.runtime import RUNTIMES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000)
@@ -155,7 +156,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=ExtractOptions.batch_size,
                         help="model batch for model-only and imgsim")
     parser.add_argument("--runtime", default=ExtractOptions.runtime,
-                        choices=["auto", "openvino", "keras"], help="imgsim's model runtime")
+                        choices=RUNTIMES, help="imgsim's model runtime")
     parser.add_argument("--original-batch-size", type=int, default=16,
                         help="the original's batch (its README's demo sets 16)")
     args = parser.parse_args()
