@@ -17,7 +17,7 @@ from pathlib import Path
 
 from distributed import Client, as_completed, span
 
-from .cluster import GPU, NET, ClusterOptions, connect, require_workers, workers_with
+from .cluster import GPU, NET, ClusterOptions, cluster_workers, connect, require_workers, workers_with
 from .embed import ModelPlugin, embed_partition
 from .errors import InputError, StoreError
 from .fetch import OK, TRANSIENT_STATUSES, FetchOptions, fetch_partition
@@ -282,7 +282,7 @@ def _failed(counts: dict[str, int]) -> int:
 
 
 def _fetch_slots(client: Client, fetch_resources: dict | None) -> int:
-    workers = client.scheduler_info()["workers"].values()
+    workers = cluster_workers(client).values()
     if fetch_resources:
         return int(sum(w.get("resources", {}).get(NET, 0) for w in workers))
     return int(sum(w.get("nthreads", 1) for w in workers))

@@ -25,6 +25,8 @@ import yaml
 from distributed import Client
 from distributed.security import Security
 
+from imgsim_dask.cluster import cluster_workers
+
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 CRDS = Path(find_spec("dask_kubernetes").submodule_search_locations[0]) / \
     "operator/deployment/helm/dask-kubernetes-operator/crds"
@@ -251,7 +253,7 @@ def test_local_recipe_starts_a_tls_cluster_with_both_worker_kinds(made_certs, tm
                             require_encryption=True)
         with Client(address, security=security, timeout="30s") as client:
             client.wait_for_workers(2, timeout=60)
-            workers = client.scheduler_info()["workers"].values()
+            workers = cluster_workers(client).values()
             kinds = {w["name"]: (w["resources"], w["nthreads"]) for w in workers}
         assert kinds == {"model-0": ({"GPU": 1}, 1), "fetch-0": ({"NET": 2}, 2)}
     finally:

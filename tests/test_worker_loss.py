@@ -17,6 +17,7 @@ import pandas as pd
 from distributed import Client
 
 from imgsim_dask import extract
+from imgsim_dask.cluster import cluster_workers
 from imgsim_dask.store import StoreWriter
 
 from test_remote import add_worker, scheduler  # noqa: F401  (the process-cluster fixture)
@@ -67,7 +68,7 @@ def test_worker_killed_mid_run_job_completes_with_same_output(scheduler, tmp_pat
         thread.join(10)
         assert killed["tasks"], "the killed worker was running tasks"
         assert killed["written"] < ROWS // PARTITION_ROWS, "the kill landed mid-run"
-        assert len(client.scheduler_info()["workers"]) == 1
+        assert len(cluster_workers(client)) == 1
 
     assert sorted(writes) == list(range(ROWS // PARTITION_ROWS))  # each partition once
     assert np.array_equal(disturbed.features[:], clean.features[:], equal_nan=True)
