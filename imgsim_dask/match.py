@@ -13,8 +13,11 @@ kernel in-process.
 Semantics, fixed here once:
 
 - Rows that are not finite or are all zero (failed rows are stored all-NaN) never match.
-- Similarities are float32 dot products (cosine for L2-normalised rows); the threshold is
-  compared in float32 (`sim >= float32(threshold)`).
+- Similarities are float32 dot products (cosine for L2-normalised rows), clipped to [-1, 1]
+  before anything is compared (float32 rounding takes identical rows a few 1e-7 past 1);
+  the threshold is compared in float32 (`sim >= float32(threshold)`), so `threshold=-1`
+  keeps every pair. Identical rows can score a few 1e-7 below 1: find exact copies by the
+  row table's `sha256`, not by a threshold of 1.
 - Threshold mode: every pair with `sim >= threshold`.
 - Top-k mode: for each A row, its k best B rows ordered by similarity descending, then row
   of B ascending (so ties are broken by the smaller row id, deterministically). With a
@@ -35,7 +38,7 @@ import os
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -51,6 +54,7 @@ TASK_RETRIES = 2  # as in the driver (B itself is scattered data: it lives as lo
 ESTIMATE_SAMPLE_ROWS = 256
 MIN_ROWS_PER_THREAD = 64  # below this, splitting a block over threads costs more than it gives
 _PARTITION_ROWS = 256  # rows per np.partition call in the top-k kernel (bounds its temporary)
+_ROW_GROUP = 32  # rows per top-k merge step: its temporaries take ~60 bytes per candidate
 _LOWEST = np.float32(-np.finfo(np.float32).max)  # below every real similarity, above -inf
 
 Pairs = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -149,6 +153,8 @@ def _score_rows(a: np.ndarray, ids: np.ndarray, b_slices: Sequence[np.ndarray],
     valids = [np.asarray(valids[j], dtype=bool) for j in nonempty]
     if not len(a) or not slices:
         return _empty()
+    if top_k is not None:  # a row cannot have more neighbours than B has rows
+        top_k = min(top_k, sum(len(s) for s in slices))
 
     n_threads = max(1, min(threads or available_cpus(), len(a) // MIN_ROWS_PER_THREAD))
     bounds = np.linspace(0, len(a), n_threads + 1).astype(int)
@@ -189,6 +195,7 @@ def _threshold_rows(a: np.ndarray, ids: np.ndarray, slices: list[np.ndarray], st
         cols = len(b) - skip
         sims = sims_buffer[:len(a) * cols].reshape(len(a), cols)
         np.matmul(a, b[skip:].T, out=sims)
+        np.clip(sims, -1, 1, out=sims)
         hits = hits_buffer[:sims.size]
         np.greater_equal(sims.reshape(-1), limit, out=hits)
         flat = np.flatnonzero(hits)
@@ -230,6 +237,7 @@ def _top_k_rows(a: np.ndarray, ids: np.ndarray, slices: list[np.ndarray], starts
         cols = len(b)
         sims = sims_buffer[:n * cols].reshape(n, cols)
         np.matmul(a, b.T, out=sims)
+        np.clip(sims, -1, 1, out=sims)
         if not valid.all():
             sims[:, ~valid] = -np.inf
         if self_match:
@@ -249,33 +257,10 @@ def _top_k_rows(a: np.ndarray, ids: np.ndarray, slices: list[np.ndarray], starts
                     bound[short[lo:lo + _PARTITION_ROWS]] = part[:, cols - k]
         bound = np.maximum(bound, _LOWEST)  # never take -inf (invalid, itself)
         cutoff = np.where(strict, np.nextafter(bound, np.float32(np.inf)), bound)
-        hits = hits_buffer[:sims.size].reshape(n, cols)
-        np.greater_equal(sims, cutoff[:, None], out=hits)
-        flat = np.flatnonzero(hits)
-        if not flat.size:
-            continue
-        r, c = np.divmod(flat, cols)
-        values = sims.reshape(-1)[flat]
-        tie = values == bound[r]
-        if tie.any():  # at most k ties per row can ever be taken: the first k, by column
-            seen = np.cumsum(tie)
-            before = seen - tie
-            first = np.searchsorted(r, r, side="left")
-            rank = before - before[first]
-            keep = ~tie | (rank < k)
-            r, c, values = r[keep], c[keep], values[keep]
-
-        held = best_ids >= 0
-        held_r, held_c = np.nonzero(held)
-        all_r = np.concatenate([held_r, r])
-        all_sims = np.concatenate([best_sims[held_r, held_c], values])
-        all_ids = np.concatenate([best_ids[held_r, held_c], c.astype(np.int64) + start])
-        order = np.lexsort((all_ids, -all_sims, all_r))
-        all_r, all_sims, all_ids = all_r[order], all_sims[order], all_ids[order]
-        rank = np.arange(len(all_r)) - np.searchsorted(all_r, all_r, side="left")
-        take = rank < k
-        best_sims[all_r[take], rank[take]] = all_sims[take]
-        best_ids[all_r[take], rank[take]] = all_ids[take]
+        for lo in range(0, n, _ROW_GROUP):  # groups bound the temporaries when many columns tie
+            rows = slice(lo, lo + _ROW_GROUP)
+            _merge_slice(sims[rows], cutoff[rows], bound[rows], best_sims[rows], best_ids[rows],
+                         start, hits_buffer)
 
     keep = best_ids >= 0
     if threshold is not None:
@@ -285,6 +270,43 @@ def _top_k_rows(a: np.ndarray, ids: np.ndarray, slices: list[np.ndarray], starts
     if self_match:
         rows_a, rows_b = np.minimum(rows_a, rows_b), np.maximum(rows_a, rows_b)
     return rows_a, rows_b, values
+
+
+def _merge_slice(sims: np.ndarray, cutoff: np.ndarray, bound: np.ndarray, best_sims: np.ndarray,
+                 best_ids: np.ndarray, start: int, hits_buffer: np.ndarray) -> None:
+    """Merge the columns of one slice at or above each row's `cutoff` into its k best, in place.
+
+    A row takes at most k of the columns tied at its `bound` (the first k, by column).
+    """
+    n, cols = sims.shape
+    k = best_sims.shape[1]
+    hits = hits_buffer[:sims.size].reshape(n, cols)
+    np.greater_equal(sims, cutoff[:, None], out=hits)
+    flat = np.flatnonzero(hits)
+    if not flat.size:
+        return
+    r, c = np.divmod(flat, cols)
+    values = sims.reshape(-1)[flat]
+    tie = values == bound[r]
+    if tie.any():
+        seen = np.cumsum(tie)
+        before = seen - tie
+        first = np.searchsorted(r, r, side="left")
+        rank = before - before[first]
+        keep = ~tie | (rank < k)
+        r, c, values = r[keep], c[keep], values[keep]
+
+    held = best_ids >= 0
+    held_r, held_c = np.nonzero(held)
+    all_r = np.concatenate([held_r, r])
+    all_sims = np.concatenate([best_sims[held_r, held_c], values])
+    all_ids = np.concatenate([best_ids[held_r, held_c], c.astype(np.int64) + start])
+    order = np.lexsort((all_ids, -all_sims, all_r))
+    all_r, all_sims, all_ids = all_r[order], all_sims[order], all_ids[order]
+    rank = np.arange(len(all_r)) - np.searchsorted(all_r, all_r, side="left")
+    take = rank < k
+    best_sims[all_r[take], rank[take]] = all_sims[take]
+    best_ids[all_r[take], rank[take]] = all_ids[take]
 
 
 def _dedupe(rows_a: np.ndarray, rows_b: np.ndarray, sims: np.ndarray) -> Pairs:
@@ -357,6 +379,8 @@ def match_features(a: Any, b: Any, options: MatchOptions | None = None, *,
     if self_match and b is None:
         b = a
     n, m, _ = check_shapes(a, b, self_match)
+    if options.top_k is not None:  # k past B's size buys nothing but memory
+        options = replace(options, top_k=min(options.top_k, max(1, m - self_match)))
     if options.max_pairs is not None:
         expected = _expected_pairs(a, b, options, self_match)
         if expected > options.max_pairs:

@@ -22,7 +22,7 @@ from imgsim_dask.match import (MatchOptions, connected_groups, estimate_pairs, m
 def reference(a: np.ndarray, b: np.ndarray, threshold: float | None, top_k: int | None,
               self_match: bool = False) -> pd.DataFrame:
     """The module's semantics, spelled out on the dense matrix."""
-    sims = a.astype(np.float32) @ b.astype(np.float32).T
+    sims = np.clip(a.astype(np.float32) @ b.astype(np.float32).T, -1, 1)
     sims[~valid_rows(a)] = -np.inf
     sims[:, ~valid_rows(b)] = -np.inf
     if self_match:
@@ -151,6 +151,56 @@ def test_ties_break_on_smaller_row_b():
     # row 0 takes 1, 2; rows 1, 2 take 0 and the other; row j >= 3 takes 0, 1
     assert pairs == {(0, 1), (0, 2), (1, 2)} | {(0, j) for j in range(3, 10)} \
         | {(1, j) for j in range(3, 10)}
+
+
+def test_identical_unit_rows_score_within_minus_one_and_one():
+    # float32 rounding puts x.x of a stored (unit-norm) row a few 1e-7 past 1 and x.(-x)
+    # past -1: similarities are clipped, so -1 keeps every pair and none exceeds 1
+    rng = np.random.default_rng(12)
+    a = unit(rng, 200, 1024)
+    b = np.concatenate([a, -a])
+    raw = a @ b.T
+    assert raw.max() > 1 and raw.min() < -1  # the rounding this test is about
+    rows_a, rows_b, sims = score_block(a, 0, [b], [0], -1.0, None, False)
+    assert len(rows_a) == a.shape[0] * b.shape[0]
+    assert sims.max() == 1.0 and sims.min() == -1.0
+    _, rows_b, sims = score_block(a, 0, [b[:150], b[150:]], [0, 150], None, 1, False)
+    assert rows_b.tolist() == list(range(200)) and (sims > 1 - 1e-6).all()
+
+
+def test_top_k_beyond_b_costs_no_memory_and_changes_nothing():
+    import tracemalloc
+
+    rng = np.random.default_rng(13)
+    a, b = unit(rng, 100, 16), unit(rng, 5, 16)
+    tracemalloc.start()
+    huge = _blocks(a, b, MatchOptions(top_k=10 ** 12, block_rows=64, slice_rows=4), False)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2 ** 20  # rows x k buffers are sized by B's 5 rows, not by k
+    assert_same(huge, reference(a, b, None, 5), exact=False)
+    assert_same(match_features(a, b, MatchOptions(top_k=10 ** 12)), huge, exact=False)
+    # --max-pairs bounds top-k by n x min(k, m): 500 pairs here, however large k is
+    assert len(match_features(a, b, MatchOptions(top_k=100, max_pairs=500))) == 500
+
+
+def test_top_k_over_many_tied_columns_stays_in_bounded_memory():
+    # a catalogue full of one placeholder image: every column ties with every other
+    import tracemalloc
+
+    rng = np.random.default_rng(14)
+    a = quantized(rng, 512, 64)  # exact dot products: the ties are exact
+    a[~valid_rows(a)] = 0.125
+    peaks = {}
+    for name, b in (("random", unit(rng, 2048, 64)),
+                    ("tied", np.repeat(a[:1], 2048, axis=0))):
+        tracemalloc.start()
+        rows_a, rows_b, _ = score_block(a, 0, [b], [0], None, 1, False, threads=1)
+        peaks[name] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert len(rows_a) == 512
+    assert rows_b.tolist() == [0] * 512  # ties go to the smallest row of B
+    assert peaks["tied"] < 1.5 * peaks["random"], peaks
 
 
 # -- match_features on the cluster ----------------------------------------------------------
