@@ -91,13 +91,14 @@ def match_sources(
     if top_k is not None and top_k < 1:
         raise InputError("--top-k must be at least 1")
     path = check_output_path(out) if out is not None else None
+    prefixes = _prefixes(first, second, self_match)
 
     options = MatchOptions(threshold=threshold, top_k=top_k, max_pairs=max_pairs)
     started = time.perf_counter()
     with connect(scheduler, client, workers, cluster_options) as active:
         found = match_features(first.features, second.features, options, client=active,
                                self_match=self_match)
-    table = _with_fields(found, first, second, self_match)
+    table = _with_fields(found, first, second, prefixes)
     result = MatchResult(table, first.name, second.name, int(found["row_a"].nunique()),
                          int(found["row_b"].nunique()), time.perf_counter() - started)
     if path is not None:
@@ -117,11 +118,28 @@ def _check_compatible(first: FeatureStore, second: FeatureStore) -> None:
                        a["weights"], b["weights"])
 
 
-def _with_fields(found: pd.DataFrame, first: FeatureStore, second: FeatureStore,
-                 self_match: bool) -> pd.DataFrame:
-    """The pairs with every kept field of both rows, `NAME1_<field>` and `NAME2_<field>`."""
+def _prefixes(first: FeatureStore, second: FeatureStore, self_match: bool) -> tuple[str, str]:
+    """The column prefixes of both sides' fields, or a one-line error if two columns collide."""
     prefix1, prefix2 = (f"{first.name}_a_", f"{first.name}_b_") if self_match else \
         (f"{first.name}_", f"{second.name}_")
+    columns = ["row_a", "row_b", *(prefix1 + f for f in first.meta["fields"]),
+               *(prefix2 + f for f in second.meta["fields"]), "similarity"]
+    if self_match:
+        columns.append("group")
+    clashes = sorted({c for c in columns if columns.count(c) > 1})
+    if clashes:
+        raise InputError(f"the result would have two columns named {', '.join(clashes)} "
+                         f"(source names {first.name!r} and {second.name!r} plus their fields); "
+                         f"rename a source's directory in the store (e.g. {first.name} -> "
+                         f"{first.name}1) and match again")
+    return prefix1, prefix2
+
+
+def _with_fields(found: pd.DataFrame, first: FeatureStore, second: FeatureStore,
+                 prefixes: tuple[str, str]) -> pd.DataFrame:
+    """The pairs with every kept field of both rows, `NAME1_<field>` and `NAME2_<field>`."""
+    self_match = second is first
+    prefix1, prefix2 = prefixes
     fields1 = first.rows(["row", *first.meta["fields"]]).set_index("row")
     fields2 = fields1 if self_match else second.rows(["row", *second.meta["fields"]]).set_index("row")
     left = fields1.loc[found["row_a"].to_numpy()].add_prefix(prefix1).reset_index(drop=True)

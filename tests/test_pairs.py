@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -18,8 +19,10 @@ from imgsim_dask.workflow import run
 from test_cli import assert_usage_error, imgsim
 
 
-def make_source(store, name, features, model="mobilenet", ids=None):
-    """A complete source written through the real StoreWriter (features as given)."""
+def make_source(store, name, features, model="mobilenet", ids=None, extra=None):
+    """A complete source written through the real StoreWriter (features as given); `extra`
+    adds fields (name -> one value per row) after `id` and `url`."""
+    extra = extra or {}
     n, dim = features.shape
     writer = StoreWriter(store, name, {"rows": n, "dim": dim, "partition_rows": 4})
     ids = ids or [f"{name}-{i}" for i in range(n)]
@@ -29,10 +32,10 @@ def make_source(store, name, features, model="mobilenet", ids=None):
                   for i in range(start, stop)]
         rows = pd.DataFrame({"row": range(start, stop), "id": ids[start:stop],
                              "url": [f"http://127.0.0.1/{name}/{i}.jpg" for i in range(start, stop)],
-                             "status": status})
+                             **{f: v[start:stop] for f, v in extra.items()}, "status": status})
         writer.write_partition(k, features[start:stop], rows)
     return writer.finish({"name": name, "model": model, "dim": dim, "threshold": 0.845,
-                          "weights": "file test", "weights_sha256": "x", "fields": ["id", "url"],
+                          "weights": "file test", "weights_sha256": "x", "fields": ["id", "url", *extra],
                           "rows": n})
 
 
@@ -104,6 +107,23 @@ def test_bad_match_requests(client, sources, tmp_path):
         match_sources("a", "zz", str(store), client=client)
     with pytest.raises(InputError, match="does not exist"):
         match_sources("a", "b", str(store), out=tmp_path / "no" / "dir.csv", client=client)
+
+
+def test_colliding_column_names_are_refused_before_scoring(client, sources, monkeypatch):
+    store, a, b = sources
+    make_source(store, "row", a, extra={"a": list("abcdefg")})  # row + _a is the fixed `row_a`
+    make_source(store, "shop", b, extra={"new_id": list(range(10))})  # shop_ + new_id ...
+    make_source(store, "shop_new", b)  # ... and shop_new_ + id
+    cases = [("row", "b", "row_a (source names 'row' and 'b'"), ("shop", "shop_new", "shop_new_id")]
+    with monkeypatch.context() as patched:
+        patched.setattr("imgsim_dask.pairs.match_features", pytest.fail)  # refused before scoring
+        for name1, name2, fragment in cases:
+            with pytest.raises(InputError, match=f"two columns named {re.escape(fragment)}") as error:
+                match_sources(name1, name2, str(store), top_k=1, client=client)
+            assert "\n" not in str(error.value) and "rename" in str(error.value)
+    (store / "shop_new").rename(store / "shop_new1")  # the remedy the error names
+    table = match_sources("shop", "shop_new1", str(store), top_k=1, client=client).pairs
+    assert {"shop_new_id", "shop_new1_id"} <= set(table.columns) and len(table) == 10
 
 
 @pytest.mark.parametrize(
