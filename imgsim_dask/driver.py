@@ -24,7 +24,7 @@ from .fetch import OK, TRANSIENT_STATUSES, FetchOptions, fetch_partition
 from .ingest import CsvSource, assemble_partition, count_rows, inspect_csv, plan_partitions, read_blocks
 from .models import Weights, get_spec, resolve_weights
 from .runtime import check_runtime
-from .store import DEFAULT_STORE, FeatureStore, StoreWriter
+from .store import DEFAULT_STORE, FeatureStore, StoreWriter, check_name
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ def extract(
     like `ExtractOptions` fields (`model=`, `batch_size=`, ...) override `options`.
     """
     options = _merge_options(options, option_fields)
+    check_name(name)
     source = inspect_csv(csv, delimiter, header, cols, url_col, id_col)
     spec = get_spec(options.model)
     if options.batch_size < 1:

@@ -36,11 +36,26 @@ PLAN = "plan.json"
 DEFAULT_STORE = "imgsim-store"
 
 
+def _file_mode() -> int:
+    """The mode open() gives a new file under the current umask (mkstemp's files are 0600)."""
+    try:  # Linux: read the umask without changing it (setting it races other threads)
+        with open("/proc/self/status") as status:
+            mask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+_MAX_NAME_BYTES = 255  # the usual file-name limit
+
+
 def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same directory, then rename into place."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, _file_mode())
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -77,32 +92,60 @@ class FeatureStore:
         return {str(k): int(v) for k, v in counts.items()}
 
     def export_h5(self, path: str | os.PathLike) -> tuple[Path, Path]:
-        """Write the original's layout: HDF5 dataset `data` (ok rows, row order) + a TSV of fields."""
+        """Write the original's layout: HDF5 dataset `data` (ok rows, row order) + a TSV of fields.
+
+        `rows` holds each exported row's id in the row table. Features are copied one Zarr
+        chunk at a time, so a source larger than memory exports too.
+        """
         import h5py
 
         target = Path(path)
         if not target.parent.is_dir():
             raise StoreError(f"cannot write {target}: directory {target.parent} does not exist")
         rows = self.rows()
-        ok = rows["status"] == OK
-        features = self.features[:][ok.to_numpy()]
+        ok = (rows["status"] == OK).to_numpy()
+        features = self.features
         fields_path = target.with_name(f"{target.stem}_fields.csv")
         fields = rows.loc[ok, list(self.meta["fields"])]
+        need = int(ok.sum()) * features.shape[1] * 4 + int(ok.sum()) * 8
+        free = shutil.disk_usage(target.parent).free
+        if need > free:
+            raise StoreError(f"cannot write {target}: it needs about {need / 2**20:,.0f} MiB, "
+                             f"{target.parent} has {free / 2**20:,.0f} MiB free")
 
         def write_h5(tmp: str) -> None:
             with h5py.File(tmp, "w") as h5:
-                h5.create_dataset("data", data=features)
+                data = h5.create_dataset("data", shape=(int(ok.sum()), features.shape[1]),
+                                         dtype="float32")
                 h5.attrs["model"] = self.meta["model"]
-                h5.attrs["rows"] = rows.loc[ok, "row"].to_numpy()
+                h5.create_dataset("rows", data=rows.loc[ok, "row"].to_numpy(np.int64))
+                written, step = 0, features.chunks[0]
+                for start in range(0, features.shape[0], step):
+                    block = features[start:start + step][ok[start:start + step]]
+                    data[written:written + len(block)] = block
+                    written += len(block)
 
-        atomic_write(target, write_h5)
-        atomic_write(fields_path, lambda tmp: fields.to_csv(tmp, sep="\t", index=False))
+        try:
+            atomic_write(target, write_h5)
+            atomic_write(fields_path, lambda tmp: fields.to_csv(tmp, sep="\t", index=False))
+        except OSError as exc:
+            raise StoreError(f"cannot write {target}: {exc.strerror or exc}") from None
         return target, fields_path
+
+
+def check_name(name: str) -> str:
+    """`name` if it can name a source (one plain directory name), else a one-line StoreError."""
+    if not name or name != Path(name).name or name.startswith(".") or "\0" in name \
+            or len(name.encode("utf-8", "surrogateescape")) > _MAX_NAME_BYTES:
+        raise StoreError(f"invalid source name {name[:40]!r}{'...' if len(name) > 40 else ''}: "
+                         f"use a plain name like 'books' (at most {_MAX_NAME_BYTES} bytes, "
+                         f"no '/', not starting with '.')")
+    return name
 
 
 def open_store(store: str | os.PathLike, name: str) -> FeatureStore:
     """Open a complete source by name, or raise a one-line `StoreError`."""
-    path = Path(store) / name
+    path = Path(store) / check_name(name)
     if not path.is_dir():
         known = sorted(p.name for p in Path(store).iterdir() if (p / META).is_file()) \
             if Path(store).is_dir() else []
@@ -125,9 +168,7 @@ class StoreWriter:
 
     def __init__(self, store: str | os.PathLike, name: str, plan: dict,
                  overwrite: bool = False, resume: bool = False):
-        if not name or name != Path(name).name or name.startswith("."):
-            raise StoreError(f"invalid source name {name!r}: use a plain name like 'books'")
-        self.path = Path(store) / name
+        self.path = Path(store) / check_name(name)
         self.chunk_rows = int(plan["partition_rows"])
         self.done: set[int] = set()
         self.complete = False
@@ -137,31 +178,32 @@ class StoreWriter:
         if resume and self.path.exists():
             raise StoreError(f"cannot resume {name!r} in {store}: it has no {PLAN} (not an "
                              "extraction of this version); pass --overwrite to start over")
-        if self.path.exists():
+        if self.path.exists() or self.path.is_symlink():
             if not (overwrite or resume):
                 raise StoreError(f"source {name!r} already exists in {store}; "
                                  "pass --overwrite to replace it")
-            shutil.rmtree(self.path)
+            _remove_source(self.path)
         try:
             (self.path / ROWS).mkdir(parents=True)
+            n_rows, dim = int(plan["rows"]), int(plan["dim"])
+            self.features = zarr.create_array(
+                self.path / FEATURES, shape=(n_rows, dim),
+                chunks=(max(1, min(self.chunk_rows, n_rows)), dim), dtype="float32",
+                fill_value=np.nan,
+            )
+            atomic_write(self.path / PLAN, lambda tmp: Path(tmp).write_text(_dumps(plan)))
         except OSError as exc:
             raise StoreError(f"cannot create {self.path}: {exc.strerror or exc}") from None
-        n_rows, dim = int(plan["rows"]), int(plan["dim"])
-        self.features = zarr.create_array(
-            self.path / FEATURES, shape=(n_rows, dim),
-            chunks=(max(1, min(self.chunk_rows, n_rows)), dim), dtype="float32",
-            fill_value=np.nan,
-        )
-        atomic_write(self.path / PLAN, lambda tmp: Path(tmp).write_text(_dumps(plan)))
 
     def _reopen(self, plan: dict) -> None:
         """Continue an interrupted extraction, if it was started with the same plan."""
         before = json.loads((self.path / PLAN).read_text())
         changed = [key for key in sorted(set(before) | set(plan)) if before.get(key) != plan.get(key)]
-        if changed:
-            key = changed[0]
-            raise StoreError(f"cannot resume {self.path.name!r}: {key} was {before.get(key)!r}, "
-                             f"now {plan.get(key)!r}; pass --overwrite to start over")
+        if changed:  # name the cause, not a consequence (a new model changes dim too)
+            key = min(changed, key=lambda k: (k not in ("model", "weights", "csv"), k))
+            raise StoreError(f"source {self.path.name!r} in {self.path.parent} was started with "
+                             f"{key} {before.get(key)!r}, now {plan.get(key)!r}; pass --overwrite "
+                             f"to start over, or use another --name")
         self.complete = (self.path / META).is_file()
         if not self.complete:
             for stray in (self.path / ROWS).glob(".*"):  # temporary files of an interrupted write
@@ -197,8 +239,22 @@ class StoreWriter:
 
     def finish(self, meta: dict) -> FeatureStore:
         """Seal the source: after this it opens as complete."""
-        atomic_write(self.path / META, lambda tmp: Path(tmp).write_text(_dumps(meta)))
+        try:
+            atomic_write(self.path / META, lambda tmp: Path(tmp).write_text(_dumps(meta)))
+        except OSError as exc:
+            raise StoreError(f"cannot write {self.path / META}: {exc.strerror or exc}; fix it, "
+                             "then continue with --resume") from None
         return FeatureStore(self.path)
+
+
+def _remove_source(path: Path) -> None:
+    """Delete a source for --overwrite; refuse anything that is not one (or an empty folder)."""
+    if path.is_dir() and not path.is_symlink() and (
+            (path / PLAN).is_file() or (path / META).is_file() or not any(path.iterdir())):
+        shutil.rmtree(path)
+        return
+    raise StoreError(f"{path} is not an imgsim source (no {PLAN} or {META}); --overwrite only "
+                     f"replaces sources: move it away or pick another --name")
 
 
 def _dumps(document: dict) -> str:

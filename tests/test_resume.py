@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -115,11 +116,11 @@ def test_resume_refuses_a_different_plan(client, many_rows_csv, tmp_path):
     options = dict(client=client, weights="random", batch_size=4)
     source = extract(str(csv), "books", str(tmp_path), partition_rows=PARTITION_ROWS, **options)
     (source.path / "meta.json").unlink()
-    with pytest.raises(StoreError, match="cannot resume 'books': partition_rows was 8, now 16"):
+    with pytest.raises(StoreError, match="'books' in .* was started with partition_rows 8, now 16"):
         extract(str(csv), "books", str(tmp_path), partition_rows=16, resume=True, **options)
     with csv.open("a") as f:
         f.write(f"late,{csv}\n")
-    with pytest.raises(StoreError, match="cannot resume 'books': csv_bytes was"):
+    with pytest.raises(StoreError, match="'books' in .* was started with csv_bytes "):
         extract(str(csv), "books", str(tmp_path), partition_rows=PARTITION_ROWS, resume=True,
                 **options)
 
@@ -132,6 +133,31 @@ def test_resume_never_deletes_a_store_it_did_not_plan(client, many_rows_csv, tmp
         extract(str(many_rows_csv), "books", str(tmp_path), client=client, weights="random",
                 resume=True)
     assert (tmp_path / "books" / "keep.txt").read_text() == "mine"
+
+
+def test_overwrite_never_deletes_a_directory_that_is_not_a_source(client, many_rows_csv,
+                                                                  tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "holiday.jpg").write_text("mine")
+    (tmp_path / "notes").write_text("a file where the source would go")
+    for name in ("photos", "notes"):
+        with pytest.raises(StoreError, match=f"{name} is not an imgsim source") as error:
+            extract(str(many_rows_csv), name, str(tmp_path), client=client, weights="random",
+                    overwrite=True)
+        assert "\n" not in str(error.value)
+    assert (tmp_path / "photos" / "holiday.jpg").read_text() == "mine"
+    assert (tmp_path / "notes").read_text() == "a file where the source would go"
+
+
+def test_a_new_model_is_named_as_the_reason_a_source_cannot_be_reused(client, many_rows_csv,
+                                                                      tmp_path):
+    from imgsim_dask import run
+
+    options = ExtractOptions(weights="random", partition_rows=PARTITION_ROWS)
+    run(str(many_rows_csv), client=client, store=str(tmp_path), top_k=1, options=options)
+    with pytest.raises(StoreError, match="started with model 'mobilenet', now 'efficientnet-lite0'"):
+        run(str(many_rows_csv), client=client, store=str(tmp_path), top_k=1,
+            options=replace(options, model="efficientnet-lite0"))
 
 
 def test_run_reuses_a_source_only_for_the_same_csv(client, many_rows_csv, tmp_path):
@@ -148,7 +174,7 @@ def test_run_reuses_a_source_only_for_the_same_csv(client, many_rows_csv, tmp_pa
     pd.testing.assert_frame_equal(again.pairs, first.pairs)
     with csv.open("a") as f:
         f.write(f"late,{csv}\n")
-    with pytest.raises(StoreError, match="cannot resume 'books': csv_bytes was"):
+    with pytest.raises(StoreError, match="'books' in .* was started with csv_bytes "):
         run(str(csv), client=client, store=str(tmp_path / "store"), top_k=1, options=options)
 
 
