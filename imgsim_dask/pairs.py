@@ -39,14 +39,14 @@ class MatchResult:
 
     def summary(self) -> str:
         where = f" -> {self.path}" if self.path else ""
+        matched = f"{self.rows1_matched} rows of {self.name1}"
         groups = ""
-        if "group" in self.pairs:
-            rows = pd.unique(self.pairs[["row_a", "row_b"]].to_numpy().ravel())
-            groups = (f"; {self.pairs['group'].nunique()} groups, "
-                      f"{len(rows) - self.pairs['group'].nunique()} rows are extra copies")
-        return (f"{len(self.pairs)} pairs; {self.rows1_matched} rows of {self.name1} and "
-                f"{self.rows2_matched} rows of {self.name2} matched{groups}; "
-                f"{self.seconds:.1f} s{where}")
+        if "group" in self.pairs:  # a self match: rows1_matched counts both sides of pairs
+            count = self.pairs["group"].nunique()
+            groups = f"; {count} groups, {self.rows1_matched - count} rows are extra copies"
+        else:
+            matched += f" and {self.rows2_matched} rows of {self.name2}"
+        return f"{len(self.pairs)} pairs; {matched} matched{groups}; {self.seconds:.1f} s{where}"
 
 
 def check_output_path(out: str | os.PathLike) -> Path:
@@ -99,8 +99,13 @@ def match_sources(
         found = match_features(first.features, second.features, options, client=active,
                                self_match=self_match)
     table = _with_fields(found, first, second, prefixes)
-    result = MatchResult(table, first.name, second.name, int(found["row_a"].nunique()),
-                         int(found["row_b"].nunique()), time.perf_counter() - started)
+    if self_match:  # a row of the one source matched whichever side of a pair it is on
+        matched = pd.unique(found[["row_a", "row_b"]].to_numpy().ravel())
+        counts = (len(matched), len(matched))
+    else:
+        counts = (found["row_a"].nunique(), found["row_b"].nunique())
+    result = MatchResult(table, first.name, second.name, int(counts[0]), int(counts[1]),
+                         time.perf_counter() - started)
     if path is not None:
         result.path = write_table(table, path, f"{first.name}-{second.name}")
     return result

@@ -11,8 +11,9 @@ from distributed import Client
 from .cluster import ClusterOptions, connect
 from .driver import ExtractOptions, extract
 from .errors import InputError
+from .ingest import inspect_csv
 from .pairs import MatchResult, check_output_path, match_sources
-from .store import DEFAULT_STORE
+from .store import DEFAULT_STORE, check_name
 
 def default_names(csvs: list[str]) -> list[str]:
     """Source names from CSV file stems, made distinct."""
@@ -56,6 +57,9 @@ def run(
         raise InputError(f"--names must differ, got {', '.join(names)}")
     if out is not None:
         check_output_path(out)
+    for csv, name in zip(csvs, names):  # both inputs are checked before any work starts
+        check_name(name)
+        inspect_csv(csv, **(csv_options or {}))
     with connect(scheduler, client, workers, cluster_options) as active:
         for csv, name in zip(csvs, names):
             extract(csv, name, store, client=active, options=options, **(csv_options or {}))

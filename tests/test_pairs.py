@@ -94,6 +94,9 @@ def test_self_match_groups(client, tmp_path):
     groups = dict(zip(result.pairs["row_a"], result.pairs["group"]))
     assert groups == {1: 1, 4: 1, 2: 2}
     assert {"s_a_id", "s_b_id", "group"} <= set(result.pairs.columns)
+    assert result.rows1_matched == 5  # rows 1, 2, 4, 7, 8, whichever side they are on
+    assert result.summary().startswith("4 pairs; 5 rows of s matched; 2 groups, 3 rows are "
+                                       "extra copies;")
 
 
 def test_bad_match_requests(client, sources, tmp_path):
@@ -140,6 +143,18 @@ def test_match_cli_errors(sources, args, fragment):
     store, _, _ = sources
     make_source(store, "wide", unit(np.ones((2, 128))), model="efficientnet-lite0")
     assert_usage_error(imgsim(*args, "--store", store, cwd=store), fragment)
+
+
+def test_run_checks_both_csvs_before_extracting_either(client, tmp_path):
+    good = tmp_path / "good.csv"
+    good.write_text("id,url\n1,a.jpg\n")
+    with pytest.raises(InputError, match="missing.csv.*no such file"):
+        run(str(good), str(tmp_path / "missing.csv"), store=str(tmp_path / "store"),
+            client=client, options=ExtractOptions(weights="random"))
+    with pytest.raises(StoreError, match="invalid source name"):
+        run(str(good), str(good), names=["ok", "../escape"], store=str(tmp_path / "store"),
+            client=client, options=ExtractOptions(weights="random"))
+    assert not (tmp_path / "store").exists()  # nothing was extracted
 
 
 def test_run_end_to_end_over_http(client, tmp_path):
