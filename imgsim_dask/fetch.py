@@ -18,7 +18,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
 import certifi
 import numpy as np
@@ -130,7 +130,7 @@ def read_source(url: str, options: FetchOptions) -> tuple[bytes, int | None]:
     url = url.strip()
     if not url:
         raise RowFailure("bad_url", "empty URL")
-    parts = urlsplit(url)
+    parts = _split(url)
     scheme = parts.scheme.lower()
     if scheme in ("http", "https"):
         _require_scheme(scheme, options)
@@ -145,6 +145,14 @@ def read_source(url: str, options: FetchOptions) -> tuple[bytes, int | None]:
     _require_scheme("file", options)
     path = url if os.path.isabs(url) else os.path.join(options.base_dir, url)
     return _read_file(path, options), None
+
+
+def _split(url: str) -> SplitResult:
+    """`url` split into its parts; `bad_url` when it cannot be (e.g. an unclosed `[`)."""
+    try:
+        return urlsplit(url)
+    except ValueError as exc:
+        raise RowFailure("bad_url", f"malformed URL {url[:200]!r}: {exc}"[:300]) from None
 
 
 def _require_scheme(scheme: str, options: FetchOptions) -> None:
@@ -170,8 +178,14 @@ def _read_http(url: str, options: FetchOptions) -> tuple[bytes, int]:
 def _final_response(manager: GuardedPoolManager, url: str, options: FetchOptions,
                     deadline: Deadline) -> BaseHTTPResponse:
     """The successful response for `url` after redirects (every hop checked) and retries."""
+    redirect: tuple[str, int] | None = None  # the Location and status of the last redirect
     for _ in range(options.max_redirects + 1):
-        response = _get_with_retries(manager, url, options, deadline)
+        try:
+            response = _get_with_retries(manager, url, options, deadline)
+        except LocationValueError as exc:  # urllib3 refused the URL: its port or host name
+            if redirect is None:
+                raise
+            raise _bad_location(*redirect, exc) from None
         location = response.get_redirect_location()
         if not location:
             if response.status >= 300:
@@ -179,12 +193,22 @@ def _final_response(manager: GuardedPoolManager, url: str, options: FetchOptions
                 raise _http_failure(response)
             return response
         _discard(response)
-        url = urljoin(url, location)
-        scheme = urlsplit(url).scheme.lower()
+        redirect = (location, response.status)
+        try:
+            url = urljoin(url, location)
+            scheme = urlsplit(url).scheme.lower()
+        except ValueError as exc:
+            raise _bad_location(*redirect, exc) from None
         if scheme not in ("http", "https") or scheme not in options.schemes:
             raise RowFailure("blocked", f"redirect to {url[:200]!r} refused", response.status)
     raise RowFailure("http_redirects", f"more than {options.max_redirects} redirects",
                      response.status)
+
+
+def _bad_location(location: str, status: int, exc: Exception) -> RowFailure:
+    """The `bad_url` failure for a redirect whose Location is malformed."""
+    return RowFailure("bad_url", f"malformed redirect Location {location[:200]!r}: {exc}"[:300],
+                      status)
 
 
 def _get_with_retries(manager: GuardedPoolManager, url: str, options: FetchOptions,
@@ -237,8 +261,8 @@ def _retry_delay(response: BaseHTTPResponse, attempt: int, options: FetchOptions
     if header:
         try:
             delay = Retry.DEFAULT.parse_retry_after(header)
-        except InvalidHeader:
-            pass  # unparseable: keep the backoff
+        except (InvalidHeader, ValueError, OverflowError):
+            pass  # unparseable, or a date past year 9999: keep the backoff
         else:
             if delay > options.max_retry_after:
                 return delay, (f" (Retry-After {header.strip()[:40]} is beyond the "
@@ -251,7 +275,7 @@ def _retry_delay(response: BaseHTTPResponse, attempt: int, options: FetchOptions
 def _read_body(response: BaseHTTPResponse, options: FetchOptions, deadline: Deadline) -> bytes:
     """The body, streamed: refused past `max_bytes` (never read further) or if not an image."""
     declared = response.headers.get("Content-Length", "")
-    if declared.isdigit() and int(declared) > options.max_bytes:
+    if declared.isdecimal() and int(declared) > options.max_bytes:  # isdigit() takes '²'
         raise RowFailure("too_large", f"Content-Length {declared} exceeds {options.max_bytes} "
                          "bytes", response.status)
     body = bytearray()
@@ -331,6 +355,8 @@ def _read_file(path: str, options: FetchOptions) -> bytes:
         raise RowFailure("not_found", f"no such file: {path}") from None
     except OSError as exc:
         raise RowFailure("io_error", f"{type(exc).__name__}: {exc}") from None
+    except ValueError as exc:  # a NUL byte, or a character no file name can encode
+        raise RowFailure("bad_url", f"malformed path {path[:200]!r}: {exc}"[:300]) from None
 
 
 _NOT_IMAGE = "not a JPEG, PNG, GIF, WebP, BMP, TIFF or AVIF image (by its first bytes)"

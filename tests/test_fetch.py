@@ -44,6 +44,32 @@ def test_partition_statuses(http_server, image_dir):
     assert table["row"].tolist() == list(range(len(urls)))  # order and fields kept
 
 
+MALFORMED = [
+    "http://[::1/x.jpg",  # unclosed IPv6 bracket
+    "http://[zz]/x.jpg",  # brackets around something that is no IP address
+    "http://a\u2100b/x.jpg",  # a host that NFKC normalisation changes
+    "file://[::1/x.jpg",
+    "http://127.0.0.1:99999/x.jpg",  # port out of range
+    "img/che\x00lsea.jpg",  # NUL byte in a local path
+    "file:///img/che%00lsea.jpg",  # ... and in a file URL
+]
+
+
+def test_malformed_urls_and_paths_fail_their_rows_only(http_server, image_dir):
+    good = [f"{http_server}/chelsea.jpg", str(image_dir / "coffee.jpg"), "rocket.jpg"]
+    urls = [good[0], *MALFORMED[:4], good[1], *MALFORMED[4:], good[2]]
+    options = FetchOptions(base_dir=str(image_dir), retries=0)
+    fetched = fetch_partition(pd.DataFrame({"url": urls}), "url", options)
+    table = fetched.rows
+    assert table["status"].tolist() == [OK, *["bad_url"] * 4, OK, *["bad_url"] * 3, OK]
+    failed = table[table.status != OK]
+    assert failed["error"].str.len().between(1, 300).all()
+    assert failed["http_status"].isna().all()
+    assert table.loc[table.status == OK, "width"].notna().all()
+    alone = fetch_partition(pd.DataFrame({"url": good}), "url", options).pixels
+    assert fetched.pixels.shape == (3, 224, 224, 3) and np.array_equal(fetched.pixels, alone)
+
+
 def test_same_image_same_pixels_by_http_and_path(http_server, image_dir):
     rows = pd.DataFrame({"url": [f"{http_server}/astronaut.jpg", str(image_dir / "astronaut.jpg")]})
     pixels = fetch_partition(rows, "url", FetchOptions()).pixels

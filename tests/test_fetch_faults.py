@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 import numpy as np
 import pandas as pd
@@ -156,6 +156,15 @@ class _FaultHandler(BaseHTTPRequestHandler):
     def fault_bomb(self, hit, query):
         self.reply(200, BOMB, "image/png")
 
+    def fault_odd_length(self, hit, query):
+        """Content-Length '²' (str.isdigit() says yes, int() no): the body runs to the close."""
+        self.send_response(200)
+        self.send_header("Content-Length", "\xb2")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(JPEG)
+        self.close_connection = True
+
     def fault_huge(self, hit, query):
         """A body of HUGE_BYTES, close-delimited (no Content-Length) or declared."""
         self.send_response(200)
@@ -268,6 +277,8 @@ FAULTS = {
     "503 every time: bounded retries": Fault("/always-503", "http_5xx", 3, 2),
     "429 Retry-After 1 s is honoured": Fault("/busy-then-ok?after=1", OK, 2, 2, min_seconds=1),
     "429 Retry-After beyond the cap": Fault("/busy-then-ok?after=3600", "http_429", 1, 1),
+    "429 Retry-After past year 9999: the backoff": Fault(
+        "/busy-then-ok?after=Fri,%2031%20Dec%2010000%2000:00:00%20GMT", OK, 2, 2),
     "reset before a response is retried": Fault("/reset-then-ok", OK, 2, 2),
     "server never answers": Fault("/silent", "timeout", 1, 2, {"read_timeout": 0.5}),
     # read_timeout (1 s) never fires on a trickle: the deadline ends it
@@ -276,6 +287,7 @@ FAULTS = {
     "body trickles forever": Fault("/trickle-body", "timeout", 1, 2.5, {"deadline": 1.5},
                                    min_seconds=1.5),
     "half the declared body, then close": Fault("/half", "truncated", 1, 2),
+    "Content-Length not a number": Fault("/odd-length", OK, 1, 2),
     "HTML served as image/jpeg": Fault("/html", "not_image", 1, 2),
     "decompression bomb PNG": Fault("/bomb", "bomb", 1, 3),
     "redirect loop": Fault("/loop", "http_redirects", 6, 2),
@@ -371,6 +383,34 @@ def test_redirect_to_metadata_or_a_file_is_blocked(server, dns, connects, target
     assert rows["status"].tolist() == ["blocked"]
     assert sum(server.hits.values()) == 1
     assert connects and all(address == "127.0.0.1" for address in connects)
+
+
+@pytest.mark.parametrize("target", ["http://[::1/x.jpg", "//[zz]/x.jpg",
+                                    "http://127.0.0.1:99999/x.jpg"],
+                         ids=["unclosed-bracket", "not-an-ip-in-brackets", "port-out-of-range"])
+def test_malformed_redirect_location_is_bad_url(server, connects, target):
+    urls = [server.url("/image"), server.url("/redirect?to=" + quote(target, safe="")),
+            server.url("/image")]
+    rows, _ = fetch(urls, **FAST)
+    assert rows["status"].tolist() == [OK, "bad_url", OK]
+    assert "malformed redirect Location" in rows.loc[1, "error"]
+    assert rows.loc[1, "http_status"] == 302
+    assert set(connects) == {"127.0.0.1"}
+
+
+def test_host_names_with_empty_or_long_labels_are_bad_url_before_any_lookup(server, monkeypatch):
+    guarded_getaddrinfo = socket.getaddrinfo  # the conftest guard: loopback names only
+
+    def getaddrinfo(host, *args, **kwargs):
+        host.encode("idna")  # as CPython's getaddrinfo does before asking the resolver
+        return guarded_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    urls = ["http://a..b/x.jpg", f"http://{'a' * 64}.test/x.jpg",
+            server.url("/redirect?to=http://a..b/x.jpg"), server.url("/image")]
+    rows, _ = fetch(urls, **FAST)
+    assert rows["status"].tolist() == ["bad_url", "bad_url", "bad_url", OK]
+    assert "malformed redirect Location 'http://a..b/x.jpg'" in rows.loc[2, "error"]
 
 
 def test_resolved_once_and_connected_to_the_checked_address(server, dns, connects):
