@@ -21,7 +21,7 @@ from .cluster import GPU, NET, ClusterOptions, cluster_workers, connect, require
 from .embed import ModelPlugin, embed_partition
 from .errors import InputError, StoreError
 from .fetch import OK, TRANSIENT_STATUSES, FetchOptions, fetch_partition
-from .ingest import CsvSource, assemble_partition, count_rows, inspect_csv, plan_partitions, read_blocks
+from .ingest import CsvSource, assemble_partition, inspect_csv, plan_partitions, read_blocks
 from .models import Weights, get_spec, resolve_weights
 from .runtime import check_runtime
 from .store import DEFAULT_STORE, FeatureStore, StoreWriter, check_name
@@ -109,8 +109,7 @@ def _run(client: Client, source: CsvSource, name: str, store: str, options: Extr
     gpu_workers = require_workers(client, fetch=True, stage="embed")
     fetch_resources = {NET: 1} if workers_with(client, NET) else None
 
-    blocks = read_blocks(source)
-    block_lengths = count_rows(blocks)
+    blocks, block_lengths = read_blocks(source)
     n_rows = sum(block_lengths)
     if n_rows == 0:
         raise InputError(f"{source.path}: no data rows (only a header?)")

@@ -37,11 +37,17 @@ def assert_usage_error(result, fragment):
         ("id;url\n1;http://127.0.0.1/a.jpg\n", [], "--delimiter ';'"),
         ("id,url\n", [], "no data rows"),
         ("id,url\n1,a.jpg\n", ["--weights", "/nonexistent/w.h5"], "cannot read weights file"),
+        ("id,url\n1,a.jpg\n".encode("utf-16"), [], "UTF-16LE text (byte order mark), not UTF-8"),
+        (b"id,url\n1,caf\xe9.jpg\n", [], "not UTF-8 (byte 0xe9 on line 2)"),
+        ('id,title,url\n1,"12 inch,a.jpg\n2,b,c.jpg\n', [],
+         "in.csv: a quoted field opened on line 2 is never closed"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, content, extra, fragment):
     csv = tmp_path / "in.csv"
-    if content is not None:
+    if isinstance(content, bytes):
+        csv.write_bytes(content)
+    elif content is not None:
         csv.write_text(content)
     weights = [] if "--weights" in extra else ["--weights", "random"]  # never a download here
     result = imgsim("extract", csv, "--name", "x", "--store", tmp_path / "store",

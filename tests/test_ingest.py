@@ -11,17 +11,24 @@ from imgsim_dask.errors import InputError
 from imgsim_dask.ingest import (
     INGEST_ERROR,
     assemble_partition,
-    count_rows,
     inspect_csv,
     plan_partitions,
     read_blocks,
 )
 
 
-def write(tmp_path, text: str, name="in.csv"):
+def write(tmp_path, text: str | bytes, name="in.csv"):
     path = tmp_path / name
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     return str(path)
+
+
+def read_rows(source, blocksize=16 * 2**20) -> pd.DataFrame:
+    """Every row as the blocks parse it, checked against the rows counted per block."""
+    blocks, lengths = read_blocks(source, blocksize)
+    frame = blocks.compute().reset_index(drop=True)
+    assert len(frame) == sum(lengths)
+    return frame
 
 
 def test_defaults_follow_the_original(tmp_path):
@@ -42,8 +49,17 @@ def test_no_header_names_columns(tmp_path):
     assert inspect_csv(path, header=False).keep == ("col1", "col2")
     named = inspect_csv(path, header=False, cols=["id", "url"])
     assert (named.id_col, named.url_col) == ("id", "url")
-    frame = read_blocks(named).compute()
+    frame = read_rows(named)
     assert frame["url"].tolist() == ["http://x/1.jpg", "http://x/2.jpg"]
+
+
+def test_no_header_counts_fields_in_the_first_record_not_line(tmp_path):
+    """A quoted newline in the first record once made every row `bad_row`."""
+    path = write(tmp_path, '1,"two\nlines",a.jpg\n2,b,c.jpg\n3,ragged\n')
+    assert inspect_csv(path, header=False).names == ("col1", "col2", "col3")
+    frame = read_rows(inspect_csv(path, header=False, cols=["id", "title", "url"]))
+    assert frame["title"].tolist() == ["two\nlines", "b", "ragged"]
+    assert frame[INGEST_ERROR].tolist() == ["", "", "row has 2 fields, the first row 3"]
 
 
 @pytest.mark.parametrize(
@@ -75,7 +91,7 @@ def test_missing_file(tmp_path):
                                   "id,url\n1,a\n2,b,extra\n3\n4,c,d,e\n"])
 def test_ragged_rows_are_kept_and_flagged(tmp_path, text):
     """Extra fields in the first row once made pandas shift every column silently."""
-    frame = read_blocks(inspect_csv(write(tmp_path, text))).compute()
+    frame = read_rows(inspect_csv(write(tmp_path, text)))
     assert frame["id"].tolist() == ["1", "2", "3", "4"]
     assert frame["url"].tolist() == ["a", "b", "", "c"]
     ragged = {0: 3, 2: 1, 3: 4} if "a,extra" in text else {1: 3, 2: 1, 3: 4}
@@ -88,14 +104,89 @@ def test_reserved_column_names_are_refused(tmp_path):
         inspect_csv(write(tmp_path, "id,status,url\n1,new,a.jpg\n"))
     assert inspect_csv(write(tmp_path, "id,status,url\n1,new,a.jpg\n"),
                        cols=["id", "url"]).keep == ("id", "url")
+    with pytest.raises(InputError, match="'status' is reserved for the row table; name it "
+                                         "otherwise in --cols"):
+        inspect_csv(write(tmp_path, "1,new,a.jpg\n"), header=False, cols=["id", "status", "url"])
 
 
-def test_blanks_and_bad_bytes_survive_as_strings(tmp_path):
-    path = tmp_path / "in.csv"
-    path.write_bytes(b"id,url\n1,\n2,caf\xe9.jpg\n,x.jpg\n")
-    frame = read_blocks(inspect_csv(str(path))).compute()
-    assert frame["url"].tolist() == ["", "caf\ufffd.jpg", "x.jpg"]
+def test_blanks_and_utf8_survive_as_strings(tmp_path):
+    frame = read_rows(inspect_csv(write(tmp_path, "\ufeffid,url\n1,\n2,café.jpg\n,x.jpg\n")))
+    assert frame["url"].tolist() == ["", "café.jpg", "x.jpg"]
     assert frame["id"].tolist() == ["1", "2", ""]
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"id,title,url\n1,caf\xe9,img/caf\xe9.jpg\n",
+         "not UTF-8 (byte 0xe9 on line 2); convert it, e.g. iconv -f latin1 -t utf-8"),
+        ("id,url\n1,a.jpg\n".encode("utf-16"),
+         "UTF-16LE text (byte order mark), not UTF-8; convert it, e.g. iconv -f utf-16le -t utf-8"),
+        ("id,url\n1,a.jpg\n".encode("utf-32"), "UTF-32LE text (byte order mark), not UTF-8"),
+        ("id,url\n1,a.jpg\n".encode("utf-16-be"),
+         "not UTF-8 (NUL bytes from line 1: UTF-16 or UTF-32?); convert it, e.g. iconv -f utf-16"),
+    ],
+    ids=["latin-1", "utf-16", "utf-32", "utf-16-without-bom"],
+)
+def test_text_that_is_not_utf8_is_refused(tmp_path, data, message):
+    """Latin-1 was read with replacement characters (paths then `not_found`), UTF-16 crashed."""
+    path = write(tmp_path, data)
+    with pytest.raises(InputError) as info:
+        inspect_csv(path)
+    assert str(info.value).startswith(f"{path}: {message}")
+
+
+def test_a_bad_byte_after_the_head_is_refused_with_its_line(tmp_path):
+    lines = "".join(f"{i},http://h/{i}.jpg\n" for i in range(10_000))  # over 64 KiB
+    source = inspect_csv(write(tmp_path, b"id,url\n" + lines.encode() + b"x,caf\xe9.jpg\n"))
+    with pytest.raises(InputError, match=r"not UTF-8 \(byte 0xe9 on line 10002\)"):
+        read_blocks(source, blocksize=20_000)
+
+
+def test_fields_over_csvs_default_limit_are_kept(tmp_path):
+    """csv's 131072-character field limit once stopped the whole run."""
+    long, lines = "x" * 200_000, "a\n" * 100_000
+    path = write(tmp_path, f'id,title,url\n1,{long},a.jpg\n2,"{lines}",b.jpg\n3,c,c.jpg\n')
+    frame = read_rows(inspect_csv(path), blocksize=5_000)  # the quoted field spans 40 blocks
+    assert frame["title"].tolist() == [long, lines, "c"]
+    assert frame["url"].tolist() == ["a.jpg", "b.jpg", "c.jpg"]
+    headless = write(tmp_path, f'"{lines}",a.jpg\n2,b.jpg\n', "headless.csv")  # over 64 KiB
+    assert inspect_csv(headless, header=False).names == ("col1", "col2")
+
+
+@pytest.mark.parametrize(
+    "text, line",
+    [
+        ('id,title,url\n1,ok,a.jpg\n2,"12 inch,b.jpg\n3,p,c.jpg\n4,p,d.jpg\n', 3),
+        ('id,title,url\n1,"x\ny","open,a.jpg\n2,b,c.jpg\n', 3),
+        ('id,url\n"1\n', 2),
+    ],
+    ids=["swallows-the-rest", "after-a-multiline-field", "last-line"],
+)
+def test_a_quote_never_closed_is_refused_with_its_line(tmp_path, text, line):
+    """Rows after an unclosed quote once vanished into its field, silently."""
+    path = write(tmp_path, text)
+    with pytest.raises(InputError) as info:
+        inspect_csv(path)
+    assert str(info.value) == f"{path}: a quoted field opened on line {line} is never closed"
+
+
+def test_a_quote_never_closed_after_the_head_is_refused(tmp_path):
+    rows = "".join(f"{i},http://h/{i}.jpg\n" for i in range(10_000))
+    source = inspect_csv(write(tmp_path, f'id,url\n{rows}10000,"http://h/x.jpg\n{rows}'))
+    with pytest.raises(InputError, match="opened on line 10002 is never closed"):
+        read_blocks(source, blocksize=20_000)
+
+
+def test_quoted_newlines_across_block_boundaries(tmp_path):
+    """Blocks end at newlines, also inside quoted fields: a field is finished from the next
+    blocks and not taken for rows of its own."""
+    titles = [f"line one\r\nline two {i}" if i != 150 else "x\n" * 3000 for i in range(300)]
+    text = "id,title,url\n" + "".join(f'{i},"{t}",{i}.jpg\n' for i, t in enumerate(titles))
+    frame = read_rows(inspect_csv(write(tmp_path, text)), blocksize=1_000)
+    assert frame["title"].tolist() == titles
+    assert frame["url"].tolist() == [f"{i}.jpg" for i in range(300)]
+    assert set(frame[INGEST_ERROR]) == {""}
 
 
 @given(st.lists(st.integers(0, 40), max_size=12), st.integers(1, 17))
@@ -120,8 +211,7 @@ def test_assemble_numbers_rows_across_blocks():
 def test_blocks_and_rows_agree_for_many_small_blocks(tmp_path):
     lines = "".join(f"{i},http://h/{i}.jpg\n" for i in range(1000))
     source = inspect_csv(write(tmp_path, "id,url\n" + lines))
-    blocks = read_blocks(source, blocksize=2000)
-    lengths = count_rows(blocks)
+    blocks, lengths = read_blocks(source, blocksize=2000)
     assert len(lengths) > 3 and sum(lengths) == 1000
     frames = [d.compute() for d in blocks.to_delayed()]
     parts = [assemble_partition(k * 64, [(frames[b], s, e) for b, s, e in pieces], ["id", "url"])
