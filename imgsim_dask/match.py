@@ -179,7 +179,9 @@ def _score_rows(a: np.ndarray, ids: np.ndarray, b_slices: Sequence[np.ndarray],
 def _threshold_rows(a: np.ndarray, ids: np.ndarray, slices: list[np.ndarray], starts: list[int],
                     valids: list[np.ndarray], threshold: float, self_match: bool) -> Pairs:
     """Every pair with sim >= threshold (self: only ids[i] < row_b), one sgemm per slice."""
-    limit = np.float32(threshold)
+    # clip(sim) >= threshold is sim >= threshold above -1 and always true at -1: no pass
+    # over the whole matrix to clip it, only the pairs kept are clipped
+    limit = np.float32(threshold) if threshold > -1 else np.float32(-np.inf)
     width = max(len(s) for s in slices)
     sims_buffer = np.empty(len(a) * width, dtype=np.float32)
     hits_buffer = np.empty(len(a) * width, dtype=bool)
@@ -195,7 +197,6 @@ def _threshold_rows(a: np.ndarray, ids: np.ndarray, slices: list[np.ndarray], st
         cols = len(b) - skip
         sims = sims_buffer[:len(a) * cols].reshape(len(a), cols)
         np.matmul(a, b[skip:].T, out=sims)
-        np.clip(sims, -1, 1, out=sims)
         hits = hits_buffer[:sims.size]
         np.greater_equal(sims.reshape(-1), limit, out=hits)
         flat = np.flatnonzero(hits)
@@ -208,7 +209,7 @@ def _threshold_rows(a: np.ndarray, ids: np.ndarray, slices: list[np.ndarray], st
         if self_match and start + skip <= last_id:  # the block's own triangle
             above = rows_b > ids[r]
             keep = above if keep is None else keep & above
-        values = sims.reshape(-1)[flat]
+        values = np.clip(sims.reshape(-1)[flat], -1, 1)
         rows_a = ids[r]
         if keep is not None:
             rows_a, rows_b, values = rows_a[keep], rows_b[keep], values[keep]
