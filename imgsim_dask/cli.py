@@ -9,6 +9,7 @@ import sys
 import click
 
 from .errors import ImgsimError
+from .accel import SCORERS
 from .runtime import RUNTIMES
 from .store import DEFAULT_STORE
 
@@ -106,6 +107,9 @@ match_options = _options(
     click.option("--max-pairs", type=click.IntRange(1),
                  help="Stop early if the estimated pair count exceeds this."),
     click.option("--out", type=click.Path(), help="Result table: .parquet, .csv or a directory."),
+    click.option("--scorer", default="auto", show_default=True, type=click.Choice(SCORERS),
+                 help="What scores on the GPU workers: auto is keras (Keras ops on the GPU) "
+                      "where the worker sees a GPU, else numpy."),
 )
 
 
@@ -241,13 +245,13 @@ def dedupe(name, store, **kw):
 @model_options
 @match_options
 @cluster_options
-def run(csv1, csv2, names, store, threshold, top_k, max_pairs, out, **kw):
+def run(csv1, csv2, names, store, threshold, top_k, max_pairs, out, scorer, **kw):
     """Extract CSV1 and CSV2 (reusing complete sources) and match them; one CSV: dedupe it."""
     from .workflow import run as run_job
 
     csv_kwargs = _csv_kwargs(kw)
     result = run_job(csv1, csv2, list(names) if names else None, store, out=out,
-                     threshold=threshold, top_k=top_k, max_pairs=max_pairs,
+                     threshold=threshold, top_k=top_k, max_pairs=max_pairs, scorer=scorer,
                      cluster_options=_cluster_options(kw), csv_options=csv_kwargs,
                      options=_extract_options(kw))
     _print_match(result)

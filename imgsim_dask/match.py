@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
@@ -45,6 +45,8 @@ import numpy as np
 import pandas as pd
 from distributed import Client, as_completed, span
 
+from .accel import (check_scorer, device_copies, release_device_slices, resolve_scorer,
+                    threshold_candidates, top_k_candidates)
 from .cluster import GPU, require_workers
 from .errors import ImgsimError, InputError
 
@@ -69,7 +71,9 @@ class MatchOptions:
     `threads` (default: the CPUs this process may use) split a block's rows inside a task;
     each thread runs its own sgemm, so the kernel uses every core even where BLAS is limited
     to one thread (Dask's nanny sets OPENBLAS_NUM_THREADS=1 in workers). `max_pairs` stops a
-    run before scoring when the estimated pair count exceeds it.
+    run before scoring when the estimated pair count exceeds it. `scorer` picks the kernel
+    on each scoring worker: `numpy` (CPU), `keras` (Keras ops on the worker's device: its
+    GPU), `auto` (`keras` where a GPU is visible, else `numpy`); see `accel`.
     """
 
     threshold: float | None = None
@@ -78,8 +82,10 @@ class MatchOptions:
     slice_rows: int = 4096
     max_pairs: int | None = None
     threads: int | None = None
+    scorer: str = "auto"
 
     def __post_init__(self) -> None:
+        check_scorer(self.scorer)
         if self.threshold is not None and not (-1.0 <= float(self.threshold) <= 1.0):
             raise InputError(f"--thresh {self.threshold} is outside [-1, 1] (cosine similarity)")
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
@@ -121,23 +127,29 @@ def score_block(
     *,
     b_valid: Sequence[np.ndarray] | None = None,
     threads: int | None = None,
+    scorer: str = "auto",
+    b_keys: Sequence[str] | None = None,
 ) -> Pairs:
     """Pairs of A rows `a_start ...` against every B slice: `(rows_a, rows_b, similarity)`.
 
     `b_slices[j]` holds the B rows starting at `b_starts[j]` (ascending, contiguous, the same
     for every block); `b_valid[j]` their `valid_rows` mask (computed here when not given).
+    `scorer` is resolved here (`accel.resolve_scorer`); on a device, `b_keys[j]` names slice
+    j's device copy, kept for the next blocks (without keys, copies live for this call).
     Pairs follow the module's semantics; in self top-k mode they are already canonical
     (`row_a < row_b`) but a pair chosen from two blocks appears in both blocks' results.
     """
     a = _as_float32(a_block)
     ids = np.arange(a_start, a_start + len(a), dtype=np.int64)
-    return _score_rows(a, ids, b_slices, b_starts, b_valid, threshold, top_k, self_match, threads)
+    return _score_rows(a, ids, b_slices, b_starts, b_valid, threshold, top_k, self_match,
+                       threads, resolve_scorer(scorer), b_keys)
 
 
 def _score_rows(a: np.ndarray, ids: np.ndarray, b_slices: Sequence[np.ndarray],
                 b_starts: Sequence[int], b_valid: Sequence[np.ndarray] | None,
                 threshold: float | None, top_k: int | None, self_match: bool,
-                threads: int | None) -> Pairs:
+                threads: int | None, scorer: str = "numpy",
+                b_keys: Sequence[str] | None = None) -> Pairs:
     """`score_block` for A rows with global ids `ids` (ascending, not necessarily contiguous)."""
     if threshold is None and top_k is None:
         raise InputError("give a threshold, a top-k, or both")
@@ -155,66 +167,95 @@ def _score_rows(a: np.ndarray, ids: np.ndarray, b_slices: Sequence[np.ndarray],
         return _empty()
     if top_k is not None:  # a row cannot have more neighbours than B has rows
         top_k = min(top_k, sum(len(s) for s in slices))
+    if scorer == "keras":
+        pairs = _score_on_device(a, ids, slices, starts, valids, threshold, top_k, self_match,
+                                 [b_keys[j] for j in nonempty] if b_keys is not None else None)
+    else:
+        pairs = _score_on_threads(a, ids, slices, starts, valids, threshold, top_k, self_match,
+                                  threads)
+    if self_match and top_k is not None:
+        pairs = _dedupe(*pairs)
+    return pairs
 
+
+def _score_on_threads(a: np.ndarray, ids: np.ndarray, slices: list[np.ndarray],
+                      starts: list[int], valids: list[np.ndarray], threshold: float | None,
+                      top_k: int | None, self_match: bool, threads: int | None) -> Pairs:
+    """The CPU kernel: A's rows split over threads, each running its own sgemms."""
     n_threads = max(1, min(threads or available_cpus(), len(a) // MIN_ROWS_PER_THREAD))
     bounds = np.linspace(0, len(a), n_threads + 1).astype(int)
 
     def run(t: int) -> Pairs:
         rows = slice(bounds[t], bounds[t + 1])
         if top_k is None:
-            return _threshold_rows(a[rows], ids[rows], slices, starts, valids, threshold, self_match)
+            return _threshold_rows(a[rows], ids[rows], slices, starts, valids, threshold,
+                                   self_match, False)
         return _top_k_rows(a[rows], ids[rows], slices, starts, valids, top_k, threshold, self_match)
 
     if n_threads == 1:
-        parts = [run(0)]
-    else:
-        with ThreadPoolExecutor(n_threads, thread_name_prefix="score") as pool:
-            parts = list(pool.map(run, range(n_threads)))
-    pairs = _concat(parts)
-    if self_match and top_k is not None:
-        pairs = _dedupe(*pairs)
-    return pairs
+        return run(0)
+    with ThreadPoolExecutor(n_threads, thread_name_prefix="score") as pool:
+        return _concat(list(pool.map(run, range(n_threads))))
 
 
-def _threshold_rows(a: np.ndarray, ids: np.ndarray, slices: list[np.ndarray], starts: list[int],
-                    valids: list[np.ndarray], threshold: float, self_match: bool) -> Pairs:
+def _score_on_device(a: np.ndarray, ids: np.ndarray, slices: list[np.ndarray],
+                     starts: list[int], valids: list[np.ndarray], threshold: float | None,
+                     top_k: int | None, self_match: bool, keys: list[str] | None) -> Pairs:
+    """The device kernel (`accel`): the whole block at once, B from its device copies."""
+    on_device = device_copies(slices, keys)
+    if top_k is None:
+        return _threshold_rows(a, ids, on_device, starts, valids, threshold, self_match, True)
+    return _top_k_rows_on_device(a, ids, on_device, starts, valids, top_k, threshold, self_match)
+
+
+def _threshold_rows(a: np.ndarray, ids: np.ndarray, slices: list, starts: list[int],
+                    valids: list[np.ndarray], threshold: float, self_match: bool,
+                    on_device: bool) -> Pairs:
     """Every pair with sim >= threshold (self: only ids[i] < row_b), one sgemm per slice."""
     # clip(sim) >= threshold is sim >= threshold above -1 and always true at -1: no pass
     # over the whole matrix to clip it, only the pairs kept are clipped
     limit = np.float32(threshold) if threshold > -1 else np.float32(-np.inf)
-    width = max(len(s) for s in slices)
-    sims_buffer = np.empty(len(a) * width, dtype=np.float32)
-    hits_buffer = np.empty(len(a) * width, dtype=bool)
     first_id, last_id = int(ids[0]), int(ids[-1])
+    # self: only columns after the block's first row can pair with it
+    skips = [max(0, first_id + 1 - start) if self_match else 0 for start in starts]
+    found = (threshold_candidates(a, slices, limit, skips) if on_device
+             else _threshold_candidates(a, slices, limit, skips))
     out: list[Pairs] = []
-    for b, start, valid in zip(slices, starts, valids):
-        b = _as_float32(b)
-        skip = 0
-        if self_match:  # only columns after the block's first row can pair with it
-            skip = max(0, first_id + 1 - start)
-            if skip >= len(b):
-                continue
-        cols = len(b) - skip
-        sims = sims_buffer[:len(a) * cols].reshape(len(a), cols)
-        np.matmul(a, b[skip:].T, out=sims)
-        hits = hits_buffer[:sims.size]
-        np.greater_equal(sims.reshape(-1), limit, out=hits)
-        flat = np.flatnonzero(hits)
-        if not flat.size:
-            continue
-        r, c = np.divmod(flat, cols)
+    for j, flat, values in found:
+        start, skip, valid = starts[j], skips[j], valids[j]
+        r, c = np.divmod(flat, len(valid) - skip)
         c += skip
         keep = None if valid.all() else valid[c]
         rows_b = c + start
         if self_match and start + skip <= last_id:  # the block's own triangle
             above = rows_b > ids[r]
             keep = above if keep is None else keep & above
-        values = np.clip(sims.reshape(-1)[flat], -1, 1)
+        values = np.clip(values, -1, 1)
         rows_a = ids[r]
         if keep is not None:
             rows_a, rows_b, values = rows_a[keep], rows_b[keep], values[keep]
         out.append((rows_a, rows_b, values))
     return _concat(out)
+
+
+def _threshold_candidates(a: np.ndarray, slices: list[np.ndarray], limit: np.float32,
+                          skips: list[int]) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """`accel.threshold_candidates` on the CPU: one sgemm per slice into a reused buffer."""
+    width = max(len(s) for s in slices)
+    sims_buffer = np.empty(len(a) * width, dtype=np.float32)
+    hits_buffer = np.empty(len(a) * width, dtype=bool)
+    for j, (b, skip) in enumerate(zip(slices, skips)):
+        if skip >= len(b):
+            continue
+        b = _as_float32(b)
+        cols = len(b) - skip
+        sims = sims_buffer[:len(a) * cols].reshape(len(a), cols)
+        np.matmul(a, b[skip:].T, out=sims)
+        hits = hits_buffer[:sims.size]
+        np.greater_equal(sims.reshape(-1), limit, out=hits)
+        flat = np.flatnonzero(hits)
+        if flat.size:
+            yield j, flat, sims.reshape(-1)[flat]
 
 
 def _top_k_rows(a: np.ndarray, ids: np.ndarray, slices: list[np.ndarray], starts: list[int],
@@ -263,6 +304,25 @@ def _top_k_rows(a: np.ndarray, ids: np.ndarray, slices: list[np.ndarray], starts
             _merge_slice(sims[rows], cutoff[rows], bound[rows], best_sims[rows], best_ids[rows],
                          start, hits_buffer)
 
+    return _best_pairs(best_sims, best_ids, ids, threshold, self_match)
+
+
+def _top_k_rows_on_device(a: np.ndarray, ids: np.ndarray, slices: list, starts: list[int],
+                          valids: list[np.ndarray], k: int, threshold: float | None,
+                          self_match: bool) -> Pairs:
+    """`_top_k_rows` with each slice's k best per row chosen on the device, merged here."""
+    best_sims = np.full((len(a), k), -np.inf, dtype=np.float32)
+    best_ids = np.full((len(a), k), -1, dtype=np.int64)
+    found = top_k_candidates(a, ids, slices, starts, valids, k, self_match)
+    for start, (values, cols) in zip(starts, found):
+        r, c = np.nonzero(values > -np.inf)  # -inf: invalid columns, the row itself
+        _merge_candidates(best_sims, best_ids, r, cols[r, c] + start, values[r, c])
+    return _best_pairs(best_sims, best_ids, ids, threshold, self_match)
+
+
+def _best_pairs(best_sims: np.ndarray, best_ids: np.ndarray, ids: np.ndarray,
+                threshold: float | None, self_match: bool) -> Pairs:
+    """The pairs of each row's k best (those >= threshold, if given); self: canonical."""
     keep = best_ids >= 0
     if threshold is not None:
         keep &= best_sims >= np.float32(threshold)
@@ -296,12 +356,18 @@ def _merge_slice(sims: np.ndarray, cutoff: np.ndarray, bound: np.ndarray, best_s
         rank = before - before[first]
         keep = ~tie | (rank < k)
         r, c, values = r[keep], c[keep], values[keep]
+    _merge_candidates(best_sims, best_ids, r, c.astype(np.int64) + start, values)
 
-    held = best_ids >= 0
-    held_r, held_c = np.nonzero(held)
+
+def _merge_candidates(best_sims: np.ndarray, best_ids: np.ndarray, r: np.ndarray,
+                      rows_b: np.ndarray, values: np.ndarray) -> None:
+    """Merge candidates (row r of the group, B row, similarity) into each row's k best, in
+    place: similarity descending, then B row ascending."""
+    k = best_sims.shape[1]
+    held_r, held_c = np.nonzero(best_ids >= 0)
     all_r = np.concatenate([held_r, r])
     all_sims = np.concatenate([best_sims[held_r, held_c], values])
-    all_ids = np.concatenate([best_ids[held_r, held_c], c.astype(np.int64) + start])
+    all_ids = np.concatenate([best_ids[held_r, held_c], rows_b])
     order = np.lexsort((all_ids, -all_sims, all_r))
     all_r, all_sims, all_ids = all_r[order], all_sims[order], all_ids[order]
     rank = np.arange(len(all_r)) - np.searchsorted(all_r, all_r, side="left")
@@ -434,11 +500,17 @@ def _match_here(a: Any, b: Any, options: MatchOptions, self_match: bool, n: int,
     starts = _slice_starts(m, options.slice_rows)
     slices = [_read(b, s, min(s + options.slice_rows, m)) for s in starts]
     valids = [valid_rows(s) for s in slices]
+    token = uuid.uuid4().hex[:8]
+    keys = [f"bslice-{j:05d}-{token}" for j in range(len(starts))]
     parts = []
-    for start in range(0, n, options.block_rows):
-        block = _read(a, start, min(start + options.block_rows, n))
-        parts.append(score_block(block, start, slices, starts, options.threshold, options.top_k,
-                                 self_match, b_valid=valids, threads=options.threads))
+    try:
+        for start in range(0, n, options.block_rows):
+            block = _read(a, start, min(start + options.block_rows, n))
+            parts.append(score_block(block, start, slices, starts, options.threshold,
+                                     options.top_k, self_match, b_valid=valids,
+                                     threads=options.threads, scorer=options.scorer, b_keys=keys))
+    finally:
+        release_device_slices(token)
     return _concat(parts)
 
 
@@ -460,6 +532,7 @@ def _match_on_cluster(client: Client, a: Any, b: Any, options: MatchOptions, sel
         valid_futures.append(client.submit(valid_rows, resident, key=f"bvalid-{j:05d}-{token}",
                                            resources={GPU: 1}, pure=False))
         del raw
+    slice_keys = [f.key for f in slice_futures]  # also name the slices' device copies
     logger.debug("B resident on the GPU workers in %d slices", len(starts))
 
     block_starts = list(range(0, n, options.block_rows))
@@ -474,6 +547,7 @@ def _match_on_cluster(client: Client, a: Any, b: Any, options: MatchOptions, sel
             future = client.submit(score_block, block_future, start, slice_futures, starts,
                                    options.threshold, options.top_k, self_match,
                                    b_valid=valid_futures, threads=options.threads,
+                                   scorer=options.scorer, b_keys=slice_keys,
                                    key=f"score-{i:05d}-{token}", resources={GPU: 1},
                                    retries=TASK_RETRIES, pure=False)
         running[future.key] = (future, block_future)
@@ -499,6 +573,7 @@ def _match_on_cluster(client: Client, a: Any, b: Any, options: MatchOptions, sel
     finally:  # on an error, stop what is still queued; in any case free B on the workers
         client.cancel([f for pair in running.values() for f in pair] + slice_futures
                       + valid_futures)
+        client.run(release_device_slices, token, workers=gpu_workers, on_error="ignore")
     return _concat(parts)
 
 

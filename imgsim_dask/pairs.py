@@ -71,6 +71,7 @@ def match_sources(
     threshold: float | None = None,
     top_k: int | None = None,
     max_pairs: int | None = None,
+    scorer: str = "auto",
     client: Client | None = None,
     scheduler: str | None = None,
     workers: int | None = None,
@@ -79,6 +80,7 @@ def match_sources(
     """Match `name1` against `name2` (itself when None or equal) and optionally write `out`.
 
     With neither `threshold` nor `top_k`, the model's recommended threshold applies.
+    `scorer`: see `MatchOptions`.
     """
     first = open_store(store, name1)
     second = first if name2 in (None, name1) else open_store(store, name2)
@@ -93,7 +95,8 @@ def match_sources(
     path = check_output_path(out) if out is not None else None
     prefixes = _prefixes(first, second, self_match)
 
-    options = MatchOptions(threshold=threshold, top_k=top_k, max_pairs=max_pairs)
+    options = MatchOptions(threshold=threshold, top_k=top_k, max_pairs=max_pairs,
+                           scorer=scorer)
     started = time.perf_counter()
     with connect(scheduler, client, workers, cluster_options) as active:
         found = match_features(first.features, second.features, options, client=active,

@@ -8,12 +8,14 @@ from pathlib import Path
 
 from distributed import Client
 
+from .accel import check_scorer
 from .cluster import ClusterOptions, connect
 from .driver import ExtractOptions, extract
 from .errors import InputError
 from .ingest import inspect_csv
 from .pairs import MatchResult, check_output_path, match_sources
 from .store import DEFAULT_STORE, check_name
+
 
 def default_names(csvs: list[str]) -> list[str]:
     """Source names from CSV file stems, made distinct."""
@@ -33,6 +35,7 @@ def run(
     threshold: float | None = None,
     top_k: int | None = None,
     max_pairs: int | None = None,
+    scorer: str = "auto",
     client: Client | None = None,
     scheduler: str | None = None,
     workers: int | None = None,
@@ -57,6 +60,7 @@ def run(
         raise InputError(f"--names must differ, got {', '.join(names)}")
     if out is not None:
         check_output_path(out)
+    check_scorer(scorer)
     for csv, name in zip(csvs, names):  # both inputs are checked before any work starts
         check_name(name)
         inspect_csv(csv, **(csv_options or {}))
@@ -64,4 +68,5 @@ def run(
         for csv, name in zip(csvs, names):
             extract(csv, name, store, client=active, options=options, **(csv_options or {}))
         return match_sources(names[0], names[-1], store, out=out, threshold=threshold,
-                             top_k=top_k, max_pairs=max_pairs, client=active)
+                             top_k=top_k, max_pairs=max_pairs, scorer=scorer,
+                             client=active)

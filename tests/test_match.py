@@ -74,12 +74,15 @@ MODES = [(0.25, None), (None, 3), (0.1, 4), (-1.0, None), (None, 1)]
 
 # -- the kernel, directly ------------------------------------------------------------------
 
-def _blocks(a, b, options, self_match):
+SCORERS = ["numpy", "keras"]  # keras: Keras ops (TensorFlow here) on its device, the CPU here
+
+
+def _blocks(a, b, options, self_match, scorer="numpy"):
     """Run score_block the way the driver does, in-process."""
     starts = list(range(0, len(b), options.slice_rows))
     slices = [b[s:s + options.slice_rows] for s in starts]
     parts = [score_block(a[s:s + options.block_rows], s, slices, starts, options.threshold,
-                         options.top_k, self_match, threads=options.threads)
+                         options.top_k, self_match, threads=options.threads, scorer=scorer)
              for s in range(0, len(a), options.block_rows)]
     pairs = match._concat(parts)
     if self_match and options.top_k is not None:
@@ -89,7 +92,8 @@ def _blocks(a, b, options, self_match):
 
 @pytest.mark.parametrize("threshold,top_k", MODES)
 @pytest.mark.parametrize("self_match", [False, True])
-def test_score_block_equals_reference(threshold, top_k, self_match, monkeypatch):
+@pytest.mark.parametrize("scorer", SCORERS)
+def test_score_block_equals_reference(threshold, top_k, self_match, scorer, monkeypatch):
     monkeypatch.setattr(match, "MIN_ROWS_PER_THREAD", 4)  # exercise the threaded split
     monkeypatch.setattr(match, "_PARTITION_ROWS", 5)
     rng = np.random.default_rng(7)
@@ -98,7 +102,8 @@ def test_score_block_equals_reference(threshold, top_k, self_match, monkeypatch)
     a[[3, 30]] = np.nan
     b[5] = 0.0
     options = MatchOptions(threshold=threshold, top_k=top_k, block_rows=17, slice_rows=9, threads=3)
-    assert_same(_blocks(a, b, options, self_match), reference(a, b, threshold, top_k, self_match))
+    assert_same(_blocks(a, b, options, self_match, scorer),
+                reference(a, b, threshold, top_k, self_match))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -120,40 +125,47 @@ def test_score_block_random_shapes(data):
     options = MatchOptions(threshold=threshold, top_k=top_k,
                            block_rows=data.draw(st.integers(1, 12)),
                            slice_rows=data.draw(st.integers(1, 12)), threads=2)
-    assert_same(_blocks(a, b, options, self_match), reference(a, b, threshold, top_k, self_match))
+    scorer = data.draw(st.sampled_from(SCORERS))
+    assert_same(_blocks(a, b, options, self_match, scorer),
+                reference(a, b, threshold, top_k, self_match))
 
 
-def test_score_block_unit_vectors():
+@pytest.mark.parametrize("scorer", SCORERS)
+def test_score_block_unit_vectors(scorer):
     rng = np.random.default_rng(3)
     a, b = unit(rng, 300, 32), unit(rng, 200, 32)
     options = MatchOptions(threshold=0.45, block_rows=128, slice_rows=70)
-    got = _blocks(a, b, options, False)
+    got = _blocks(a, b, options, False, scorer)
     assert len(got) > 20
     assert_same(got, reference(a, b, 0.45, None), exact=False)
 
 
-def test_zero_and_nan_rows_never_match_even_at_minus_one():
+@pytest.mark.parametrize("scorer", SCORERS)
+def test_zero_and_nan_rows_never_match_even_at_minus_one(scorer):
     a = np.array([[1, 0], [0, 0], [np.nan, 1]], np.float32)
     b = np.array([[0, 0], [np.nan, np.nan], [0, 1]], np.float32)
-    rows_a, rows_b, sims = score_block(a, 10, [b], [0], -1.0, None, False)
+    rows_a, rows_b, sims = score_block(a, 10, [b], [0], -1.0, None, False, scorer=scorer)
     assert (rows_a.tolist(), rows_b.tolist(), sims.tolist()) == ([10], [2], [0.0])
-    rows_a, _, _ = score_block(a, 0, [b], [0], None, 5, False)
+    rows_a, _, _ = score_block(a, 0, [b], [0], None, 5, False, scorer=scorer)
     assert rows_a.tolist() == [0]
 
 
-def test_ties_break_on_smaller_row_b():
+@pytest.mark.parametrize("scorer", SCORERS)
+def test_ties_break_on_smaller_row_b(scorer):
     a = np.ones((1, 4), np.float32) / 2
     b = np.ones((10, 4), np.float32) / 2
-    rows_a, rows_b, _ = score_block(a, 0, [b[:3], b[3:7], b[7:]], [0, 3, 7], None, 4, False)
+    slices, starts = [b[:3], b[3:7], b[7:]], [0, 3, 7]
+    rows_a, rows_b, _ = score_block(a, 0, slices, starts, None, 4, False, scorer=scorer)
     assert rows_b.tolist() == [0, 1, 2, 3]
-    rows_a, rows_b, _ = score_block(b, 0, [b[:3], b[3:7], b[7:]], [0, 3, 7], None, 2, True)
+    rows_a, rows_b, _ = score_block(b, 0, slices, starts, None, 2, True, scorer=scorer)
     pairs = set(zip(rows_a.tolist(), rows_b.tolist()))
     # row 0 takes 1, 2; rows 1, 2 take 0 and the other; row j >= 3 takes 0, 1
     assert pairs == {(0, 1), (0, 2), (1, 2)} | {(0, j) for j in range(3, 10)} \
         | {(1, j) for j in range(3, 10)}
 
 
-def test_identical_unit_rows_score_within_minus_one_and_one():
+@pytest.mark.parametrize("scorer", SCORERS)
+def test_identical_unit_rows_score_within_minus_one_and_one(scorer):
     # float32 rounding puts x.x of a stored (unit-norm) row a few 1e-7 past 1 and x.(-x)
     # past -1: similarities are clipped, so -1 keeps every pair and none exceeds 1
     rng = np.random.default_rng(12)
@@ -161,10 +173,11 @@ def test_identical_unit_rows_score_within_minus_one_and_one():
     b = np.concatenate([a, -a])
     raw = a @ b.T
     assert raw.max() > 1 and raw.min() < -1  # the rounding this test is about
-    rows_a, rows_b, sims = score_block(a, 0, [b], [0], -1.0, None, False)
+    rows_a, rows_b, sims = score_block(a, 0, [b], [0], -1.0, None, False, scorer=scorer)
     assert len(rows_a) == a.shape[0] * b.shape[0]
     assert sims.max() == 1.0 and sims.min() == -1.0
-    _, rows_b, sims = score_block(a, 0, [b[:150], b[150:]], [0, 150], None, 1, False)
+    _, rows_b, sims = score_block(a, 0, [b[:150], b[150:]], [0, 150], None, 1, False,
+                                  scorer=scorer)
     assert rows_b.tolist() == list(range(200)) and (sims > 1 - 1e-6).all()
 
 
@@ -207,12 +220,14 @@ def test_top_k_over_many_tied_columns_stays_in_bounded_memory():
 
 @pytest.mark.parametrize("threshold,top_k", MODES[:3])
 @pytest.mark.parametrize("self_match", [False, True])
-def test_match_features_on_cluster(client, threshold, top_k, self_match):
+@pytest.mark.parametrize("scorer", SCORERS)
+def test_match_features_on_cluster(client, threshold, top_k, self_match, scorer):
     rng = np.random.default_rng(11)
     a = quantized(rng, 101)
     b = a if self_match else quantized(rng, 67)
     a[[0, 50]] = np.nan
-    options = MatchOptions(threshold=threshold, top_k=top_k, block_rows=23, slice_rows=16)
+    options = MatchOptions(threshold=threshold, top_k=top_k, block_rows=23, slice_rows=16,
+                           scorer=scorer)
     got = match_features(a, b, options, client=client, self_match=self_match)
     expected = reference(a, b, threshold, top_k, self_match)
     assert len(expected) > 0
@@ -330,6 +345,7 @@ def test_connected_groups():
     ({"threshold": 0.5, "block_rows": 0}, "block_rows"),
     ({"threshold": 0.5, "slice_rows": -3}, "slice_rows"),
     ({"threshold": 0.5, "max_pairs": -1}, "--max-pairs"),
+    ({"threshold": 0.5, "scorer": "cupy"}, "unknown scorer 'cupy'; choose one of: auto, numpy"),
 ])
 def test_bad_options(kwargs, message):
     with pytest.raises(InputError, match=message) as error:

@@ -1,0 +1,126 @@
+"""The device kernel (`accel`): its own machinery, and its results under the JAX backend.
+
+There is no GPU here: the Keras ops run on the CPU device, which exercises every line that a
+GPU would run except the device's own arithmetic. test_match.py holds the kernel's exactness
+against the dense reference with `scorer="keras"` (TensorFlow backend), in-process and on
+the cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import imgsim_dask
+from imgsim_dask import accel
+from imgsim_dask.errors import InputError
+from imgsim_dask.match import MatchOptions, match_features
+
+
+def test_device_copies_are_made_once_per_run_and_freed_at_its_end(monkeypatch):
+    made = []
+    to_device = accel._to_device
+    monkeypatch.setattr(accel, "_to_device", lambda host: made.append(len(host)) or to_device(host))
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((50, 8), np.float32), rng.standard_normal((30, 8), np.float32)
+    options = MatchOptions(threshold=0.2, block_rows=10, slice_rows=12, scorer="keras")
+    got = match_features(a, b, options)
+    assert made == [12, 12, 6]  # 5 blocks, 3 slices: each slice copied once
+    assert accel.DEVICE_SLICES._tensors == {}
+    expected = match_features(a, b, MatchOptions(threshold=0.2, scorer="numpy"))
+    assert set(zip(got.row_a, got.row_b)) == set(zip(expected.row_a, expected.row_b))
+
+
+def test_release_drops_only_its_own_run():
+    slices = accel.DeviceSlices()
+    host = np.ones((2, 3), np.float32)
+    first = slices.get("bslice-00000-aaaa", host)
+    assert slices.get("bslice-00000-aaaa", host) is first
+    slices.get("bslice-00001-aaaa", host)
+    slices.get("bslice-00000-bbbb", host)
+    assert slices.release("aaaa") == 2
+    assert list(slices._tensors) == ["bslice-00000-bbbb"]
+
+
+def test_device_copies_on_the_cluster_are_freed(client):
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((40, 8), np.float32)
+    options = MatchOptions(top_k=2, block_rows=16, slice_rows=16, scorer="keras")
+    got = match_features(a, a, options, client=client, self_match=True)
+    expected = match_features(a, a, MatchOptions(top_k=2, scorer="numpy"), self_match=True)
+    assert set(zip(got.row_a, got.row_b)) == set(zip(expected.row_a, expected.row_b))
+    held = client.run(lambda: len(accel.DEVICE_SLICES._tensors))
+    assert set(held.values()) == {0}
+
+
+def test_full_float32_turns_tf32_off_inside_only():
+    import tensorflow as tf
+
+    tf.config.experimental.enable_tensor_float_32_execution(True)
+    with accel.full_float32():
+        assert not tf.config.experimental.tensor_float_32_execution_enabled()
+    assert tf.config.experimental.tensor_float_32_execution_enabled()
+
+
+def test_auto_is_numpy_without_a_gpu_and_does_not_import_keras():
+    script = ("import sys; from imgsim_dask.accel import resolve_scorer; "
+              "print(resolve_scorer('auto'), 'keras' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, timeout=120).stdout.split()
+    assert out == ["numpy", "False"]
+
+
+def test_auto_asks_keras_where_an_nvidia_driver_is_loaded(monkeypatch, tmp_path):
+    # no NVIDIA driver here: a file stands in for /proc/driver/nvidia/version; the Keras
+    # backend (TensorFlow, CPU only) then decides
+    (tmp_path / "version").write_text("NVRM version: stand-in")
+    monkeypatch.setattr(accel, "_NVIDIA_DRIVER", str(tmp_path / "version"))
+    assert accel.resolve_scorer("auto") == "numpy"  # TensorFlow sees no GPU
+    monkeypatch.setattr(accel, "keras_sees_gpu", lambda: True)
+    assert accel.resolve_scorer("auto") == "keras"
+    assert accel.resolve_scorer("numpy") == "numpy"
+
+
+def test_the_device_kernel_under_jax_equals_the_reference():
+    """What a GPU machine with JAX (and no TensorFlow) runs, on JAX's CPU device."""
+    script = textwrap.dedent(
+        """
+        import jax, keras, numpy as np
+        assert keras.backend.backend() == "jax"
+        from imgsim_dask import accel
+        from imgsim_dask.match import MatchOptions
+        from test_match import MODES, _blocks, assert_same, quantized, reference
+        with accel.full_float32():
+            assert jax.config.jax_default_matmul_precision == "float32"
+        rng = np.random.default_rng(7)
+        for threshold, top_k in MODES:
+            for self_match in (False, True):
+                a = quantized(rng, 53)
+                b = a if self_match else quantized(rng, 41)
+                a[[3, 30]] = np.nan
+                b[5] = 0.0
+                options = MatchOptions(threshold=threshold, top_k=top_k, block_rows=17,
+                                       slice_rows=9)
+                assert_same(_blocks(a, b, options, self_match, "keras"),
+                            reference(a, b, threshold, top_k, self_match))
+        print("ok")
+        """
+    )
+    env = dict(os.environ, KERAS_BACKEND="jax",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent),
+                                           os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-1] == "ok"
+
+
+def test_run_refuses_an_unknown_scorer_before_any_work(tmp_path):
+    with pytest.raises(InputError, match="unknown scorer 'cupy'"):
+        imgsim_dask.run(str(tmp_path / "never-read.csv"), store=str(tmp_path), scorer="cupy")
