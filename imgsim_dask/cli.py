@@ -300,8 +300,11 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("imgsim: interrupted", err=True)
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:  # bad options: one line too, with where to look
+        hint = ""
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            hint = f" (see: {exc.ctx.command_path} -h)"
+        click.echo(f"imgsim: error: {exc.format_message()}{hint}", err=True)
         sys.exit(exc.exit_code)
     except ImgsimError as exc:
         click.echo(f"imgsim: error: {exc}", err=True)

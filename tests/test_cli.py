@@ -92,6 +92,22 @@ def test_extract_200_urls_on_the_default_local_cluster(tmp_path, http_server):
     assert exported.returncode == 0, exported.stderr
     assert (tmp_path / "web_fields.csv").is_file()
 
+    # dedupe with the device kernel (Keras ops; on this machine's CPU) finds what the CPU
+    # kernel finds, every served image's copies among it
+    found = {}
+    for scorer in ("keras", "numpy"):
+        dupes = imgsim("dedupe", "web", "--store", store, "--thresh", "0.99", "--scorer",
+                       scorer, "--workers", "1", "--out", tmp_path / f"{scorer}.csv")
+        assert dupes.returncode == 0, dupes.stderr
+        pairs = pd.read_csv(tmp_path / f"{scorer}.csv")
+        found[scorer] = set(zip(pairs.row_a, pairs.row_b))
+    assert found["keras"] == found["numpy"]
+    ok = rows[rows.status == "ok"]
+    copies = {(a, b) for _, same in ok.groupby("url") for a in same.row for b in same.row if a < b}
+    assert copies and copies <= found["keras"]
+    assert_usage_error(imgsim("dedupe", "web", "--store", store, "--scorer", "cupy"),
+                       "'cupy' is not one of 'auto', 'numpy', 'keras'")
+
 
 def test_demo_command_finds_every_edited_copy_and_nothing_else(tmp_path):
     """The README's main job, as `make demo` runs it: offline, on the embedded local cluster."""
