@@ -22,6 +22,7 @@ import time
 import numpy as np
 import psutil
 
+from imgsim_dask.accel import SCORERS
 from imgsim_dask.match import MatchOptions, available_cpus, match_features
 
 MiB = 2 ** 20
@@ -117,12 +118,14 @@ def main() -> None:
                         help="run the dense reference (auto: when the matrix fits in 1/3 of RAM)")
     parser.add_argument("--skip-local", action="store_true", help="skip the in-process run")
     parser.add_argument("--skip-cluster", action="store_true", help="skip the cluster run")
+    parser.add_argument("--scorer", default="numpy", choices=SCORERS,
+                        help="kernel of our runs (keras: Keras ops on the backend's device)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the figures as JSON here")
     args = parser.parse_args()
 
     options = MatchOptions(threshold=args.threshold, block_rows=args.block_rows,
-                           slice_rows=args.slice_rows, threads=args.threads)
+                           slice_rows=args.slice_rows, threads=args.threads, scorer=args.scorer)
     dense_bytes = args.n * args.m * 4
     run_dense = args.dense == "yes" or (
         args.dense == "auto" and dense_bytes < psutil.virtual_memory().total / 3)
@@ -188,7 +191,8 @@ def main() -> None:
     print(f"A {args.n} x {args.dim}, B {args.m} x {args.dim}, threshold {args.threshold}, "
           f"{len(planted)} planted pairs; dense float32 matrix {dense_bytes / MiB:,.0f} MiB; "
           f"block_rows {options.block_rows}, slice_rows {options.slice_rows}, "
-          f"threads {options.threads or available_cpus()}; best of {args.repeat}")
+          f"threads {options.threads or available_cpus()}, scorer {args.scorer}; "
+          f"best of {args.repeat}")
     print(f"{'run':<18}{'seconds':>9}{'x dense':>9}{'peak RSS +MiB':>15}{'% dense':>9}"
           f"{'pairs':>9}{'planted':>9}{'= dense':>9}")
     for name, row in results.items():
