@@ -6,7 +6,9 @@ the pairs at or above the threshold (threshold mode) or each row's k best of a s
 mode), which `match` then filters and merges exactly as on the CPU. B's slices are copied to
 the device once per run and stay there (`DeviceSlices`), so a run moves B over PCIe once per
 worker, not once per block. Matmuls run in full float32 (TF32 off): the pairs are the
-CPU kernel's, up to float32 rounding.
+CPU kernel's, up to float32 rounding. Ties at a row's k-th place go to the lower B row, as
+on the CPU: `top_k` keeps the lower index first under TensorFlow and JAX (tested); torch's
+`topk` does not promise it.
 
 Scorers: `numpy` (the CPU kernel), `keras` (this one, on whatever device Keras uses), `auto`:
 `keras` on a worker where an NVIDIA driver is loaded and the Keras backend sees a GPU, else
