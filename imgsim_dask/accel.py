@@ -7,12 +7,15 @@ mode), which `match` then filters and merges exactly as on the CPU. B's slices a
 the device once per run and stay there (`DeviceSlices`), so a run moves B over PCIe once per
 worker, not once per block. Matmuls run in full float32 (TF32 off): the pairs are the
 CPU kernel's, up to float32 rounding. Ties at a row's k-th place go to the lower B row, as
-on the CPU: `top_k` keeps the lower index first under TensorFlow and JAX (tested); torch's
-`topk` does not promise it.
+on the CPU: `top_k` keeps the lower index first under TensorFlow and JAX (tested; torch's
+`topk` does not promise it, so torch is refused). Under JAX every device op has a shape
+fixed by the block and slice shapes or rounded up to a power of two, so XLA compiles a
+handful of kernels per run, not one per block.
 
-Scorers: `numpy` (the CPU kernel), `keras` (this one, on whatever device Keras uses), `auto`:
-`keras` on a worker where an NVIDIA driver is loaded and the Keras backend sees a GPU, else
-`numpy` (without importing Keras). Each worker decides for itself.
+Scorers: `numpy` (the CPU kernel), `keras` (this one, on whatever device Keras uses; the
+TensorFlow and JAX backends), `auto`: `keras` on a worker where an NVIDIA driver is loaded
+and the Keras backend sees a GPU, else `numpy` (without importing Keras). Each worker
+decides for itself.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from .errors import InputError
+from .errors import ImgsimError, InputError
 
 SCORERS = ("auto", "numpy", "keras")
+BACKENDS = ("tensorflow", "jax")  # whose top_k breaks ties by the lower index
 _NVIDIA_DRIVER = "/proc/driver/nvidia/version"
 
 
@@ -39,37 +43,48 @@ def check_scorer(scorer: str) -> None:
 def resolve_scorer(scorer: str) -> str:
     """The scorer `auto` means in this process."""
     check_scorer(scorer)
-    if scorer != "auto":
+    if scorer == "numpy":
         return scorer
-    if not os.path.exists(_NVIDIA_DRIVER):  # no GPU: never pay for importing Keras
+    if scorer == "auto" and not os.path.exists(_NVIDIA_DRIVER):  # never pay for Keras here
         return "numpy"
-    return "keras" if keras_sees_gpu() else "numpy"
+    import keras
+
+    backend = keras.backend.backend()
+    if backend not in BACKENDS:
+        if scorer == "auto":
+            return "numpy"
+        raise ImgsimError(f"--scorer keras needs the TensorFlow or JAX Keras backend, this "
+                          f"worker's is {backend}; use --scorer numpy")
+    return "keras" if scorer == "keras" or keras_sees_gpu() else "numpy"
 
 
 def keras_sees_gpu() -> bool:
-    """True when the Keras backend's default device in this process is a GPU."""
+    """True when the Keras backend (TensorFlow or JAX) has a GPU in this process."""
     import keras
 
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return bool(tf.config.list_physical_devices("GPU"))
+        return bool(tf.config.list_logical_devices("GPU"))
     if backend == "jax":
         import jax
 
         return jax.default_backend() == "gpu"
-    if backend == "torch":
-        import torch
-
-        return torch.cuda.is_available()
     return False
+
+
+_TF32_LOCK = threading.Lock()
+_tf32_users = 0
+_tf32_was = False
 
 
 @contextmanager
 def full_float32() -> Iterator[None]:
     """Matmuls in full float32 while inside: no TF32 (which TensorFlow and JAX use on GPUs
-    by default and which moves a cosine by up to ~1e-3)."""
+    by default and which moves a cosine by up to ~1e-3). Safe from several threads: under
+    TensorFlow, whose switch is process-wide, the first to enter turns TF32 off and the
+    last to leave restores it."""
     import keras
 
     backend = keras.backend.backend()
@@ -78,26 +93,33 @@ def full_float32() -> Iterator[None]:
 
         with jax.default_matmul_precision("float32"):
             yield
-    elif backend == "tensorflow":
-        import tensorflow as tf
-
-        was = tf.config.experimental.tensor_float_32_execution_enabled()
-        tf.config.experimental.enable_tensor_float_32_execution(False)
-        try:
-            yield
-        finally:
-            tf.config.experimental.enable_tensor_float_32_execution(was)
-    elif backend == "torch":
-        import torch
-
-        was = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = was
-    else:
+        return
+    if backend != "tensorflow":
         yield
+        return
+    import tensorflow as tf
+
+    global _tf32_users, _tf32_was
+    with _TF32_LOCK:
+        if _tf32_users == 0:
+            _tf32_was = tf.config.experimental.tensor_float_32_execution_enabled()
+            tf.config.experimental.enable_tensor_float_32_execution(False)
+        _tf32_users += 1
+    try:
+        yield
+    finally:
+        with _TF32_LOCK:
+            _tf32_users -= 1
+            if _tf32_users == 0:
+                tf.config.experimental.enable_tensor_float_32_execution(_tf32_was)
+
+
+def _matmul_t(a, b):
+    """`a @ b.T` on the device, in full float32."""
+    from keras import ops
+
+    with full_float32():
+        return ops.matmul(a, ops.transpose(b))
 
 
 class DeviceSlices:
@@ -131,9 +153,18 @@ DEVICE_SLICES = DeviceSlices()
 
 
 def _to_device(host: np.ndarray):
+    """A float32 tensor in the device's memory (TensorFlow would keep it on the host and
+    copy it to the GPU at every use)."""
+    import keras
     from keras import ops
 
-    return ops.convert_to_tensor(np.ascontiguousarray(host, dtype=np.float32))
+    tensor = ops.convert_to_tensor(np.ascontiguousarray(host, dtype=np.float32))
+    if keras.backend.backend() == "tensorflow" and keras_sees_gpu():
+        import tensorflow as tf
+
+        with tf.device("/GPU:0"):
+            tensor = tf.identity(tensor)
+    return tensor
 
 
 def device_copies(slices: Sequence[np.ndarray], keys: Sequence[str] | None) -> list:
@@ -149,23 +180,50 @@ def release_device_slices(token: str) -> int:
 
 
 def threshold_candidates(a: np.ndarray, slices: Sequence, limit: float, skips: Sequence[int]
-                         ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Per slice j: `(j, flat, sims)`, the flat indices into `a @ slices[j][skip:].T` of the
-    similarities >= `limit`, and those similarities (unclipped), computed on the device.
+                         ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per slice j: `(j, r, c, sims)`, where `a @ slices[j].T >= limit` (unclipped sims),
+    computed on the device; `skips[j] >= len(slice)` passes slice j over.
 
-    `slices` are device tensors; a slice whose skip covers it is passed over.
+    The device scores whole slices (no `skip` columns cut off: a new shape per block would
+    mean a new compile under JAX); the caller drops what a skip would have.
     """
     from keras import ops
 
-    with full_float32():
-        a_device = ops.convert_to_tensor(a)
-        for j, (b, skip) in enumerate(zip(slices, skips)):
-            if skip >= b.shape[0]:
-                continue
-            sims = ops.reshape(ops.matmul(a_device, ops.transpose(b[skip:])), (-1,))
-            flat = ops.nonzero(ops.greater_equal(sims, limit))[0]
-            yield (j, ops.convert_to_numpy(flat).astype(np.int64),
-                   ops.convert_to_numpy(ops.take(sims, flat)).astype(np.float32))
+    a_device = ops.convert_to_tensor(a)
+    for j, (b, skip) in enumerate(zip(slices, skips)):
+        if skip >= b.shape[0]:
+            continue
+        sims = _matmul_t(a_device, b)
+        r, c, values = _where_at_least(sims, limit)
+        if len(r):
+            yield j, r, c, values
+
+
+def _where_at_least(sims, limit: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows, columns (int64) and values of the entries of 2-d `sims` >= `limit`, on the host.
+
+    Under JAX the hits are gathered into a buffer whose length is the hit count rounded up
+    to a power of two: a data-dependent length would compile new kernels for every block.
+    """
+    import keras
+    from keras import ops
+
+    hits = ops.greater_equal(sims, limit)
+    if keras.backend.backend() != "jax":
+        r, c = ops.nonzero(hits)
+        values = ops.take(ops.reshape(sims, (-1,)), r * sims.shape[1] + c)
+        return (ops.convert_to_numpy(r).astype(np.int64), ops.convert_to_numpy(c).astype(np.int64),
+                ops.convert_to_numpy(values).astype(np.float32))
+    import jax.numpy as jnp
+
+    count = int(jnp.count_nonzero(hits))
+    if not count:
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
+    size = 1 << (count - 1).bit_length()
+    r, c = jnp.nonzero(hits, size=size, fill_value=0)  # per axis: int32 is enough
+    values = sims[r, c]
+    return (np.asarray(r)[:count].astype(np.int64), np.asarray(c)[:count].astype(np.int64),
+            np.asarray(values)[:count].astype(np.float32))
 
 
 def top_k_candidates(a: np.ndarray, ids: np.ndarray, slices: Sequence, starts: Sequence[int],
@@ -177,18 +235,18 @@ def top_k_candidates(a: np.ndarray, ids: np.ndarray, slices: Sequence, starts: S
     """
     from keras import ops
 
-    with full_float32():
-        a_device = ops.convert_to_tensor(a)
-        for b, start, valid in zip(slices, starts, valids):
-            cols = int(b.shape[0])
-            sims = ops.clip(ops.matmul(a_device, ops.transpose(b)), -1.0, 1.0)
-            if not valid.all():
-                sims = ops.where(ops.convert_to_tensor(valid)[None, :], sims, -np.inf)
-            if self_match and start <= int(ids[-1]) and int(ids[0]) < start + cols:
-                own = np.clip(ids - start, -1, cols).astype(np.int32)  # the row's own column
-                columns = ops.arange(cols, dtype="int32")
-                sims = ops.where(ops.equal(columns[None, :], ops.convert_to_tensor(own)[:, None]),
-                                 -np.inf, sims)
-            values, cols_best = ops.top_k(sims, min(k, cols), sorted=True)
-            yield (ops.convert_to_numpy(values).astype(np.float32),
-                   ops.convert_to_numpy(cols_best).astype(np.int64))
+    a_device = ops.convert_to_tensor(a)
+    for b, start, valid in zip(slices, starts, valids):
+        cols = int(b.shape[0])
+        sims = ops.clip(_matmul_t(a_device, b), -1.0, 1.0)
+        sims = ops.where(ops.equal(sims, 0.0), 0.0, sims)  # -0.0 would rank below +0.0
+        if not valid.all():
+            sims = ops.where(ops.convert_to_tensor(valid)[None, :], sims, -np.inf)
+        if self_match and start <= int(ids[-1]) and int(ids[0]) < start + cols:
+            own = np.clip(ids - start, -1, cols).astype(np.int32)  # the row's own column
+            columns = ops.arange(cols, dtype="int32")
+            sims = ops.where(ops.equal(columns[None, :], ops.convert_to_tensor(own)[:, None]),
+                             -np.inf, sims)
+        values, cols_best = ops.top_k(sims, min(k, cols), sorted=True)
+        yield (ops.convert_to_numpy(values).astype(np.float32),
+               ops.convert_to_numpy(cols_best).astype(np.int64))

@@ -221,13 +221,11 @@ def _threshold_rows(a: np.ndarray, ids: np.ndarray, slices: list, starts: list[i
     found = (threshold_candidates(a, slices, limit, skips) if on_device
              else _threshold_candidates(a, slices, limit, skips))
     out: list[Pairs] = []
-    for j, flat, values in found:
-        start, skip, valid = starts[j], skips[j], valids[j]
-        r, c = np.divmod(flat, len(valid) - skip)
-        c += skip
+    for j, r, c, values in found:
+        start, valid = starts[j], valids[j]
         keep = None if valid.all() else valid[c]
         rows_b = c + start
-        if self_match and start + skip <= last_id:  # the block's own triangle
+        if self_match and start <= last_id:  # the block's own triangle
             above = rows_b > ids[r]
             keep = above if keep is None else keep & above
         values = np.clip(values, -1, 1)
@@ -239,8 +237,10 @@ def _threshold_rows(a: np.ndarray, ids: np.ndarray, slices: list, starts: list[i
 
 
 def _threshold_candidates(a: np.ndarray, slices: list[np.ndarray], limit: np.float32,
-                          skips: list[int]) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """`accel.threshold_candidates` on the CPU: one sgemm per slice into a reused buffer."""
+                          skips: list[int]
+                          ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """`accel.threshold_candidates` on the CPU: one sgemm per slice into a reused buffer,
+    without the first `skips[j]` columns of slice j."""
     width = max(len(s) for s in slices)
     sims_buffer = np.empty(len(a) * width, dtype=np.float32)
     hits_buffer = np.empty(len(a) * width, dtype=bool)
@@ -255,7 +255,8 @@ def _threshold_candidates(a: np.ndarray, slices: list[np.ndarray], limit: np.flo
         np.greater_equal(sims.reshape(-1), limit, out=hits)
         flat = np.flatnonzero(hits)
         if flat.size:
-            yield j, flat, sims.reshape(-1)[flat]
+            r, c = np.divmod(flat, cols)
+            yield j, r, c + skip, sims.reshape(-1)[flat]
 
 
 def _top_k_rows(a: np.ndarray, ids: np.ndarray, slices: list[np.ndarray], starts: list[int],
@@ -573,7 +574,8 @@ def _match_on_cluster(client: Client, a: Any, b: Any, options: MatchOptions, sel
     finally:  # on an error, stop what is still queued; in any case free B on the workers
         client.cancel([f for pair in running.values() for f in pair] + slice_futures
                       + valid_futures)
-        client.run(release_device_slices, token, workers=gpu_workers, on_error="ignore")
+        # every worker: one that joined during the run may have scored (and copied B) too
+        client.run(release_device_slices, token, on_error="ignore")
     return _concat(parts)
 
 

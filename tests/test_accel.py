@@ -68,6 +68,51 @@ def test_full_float32_turns_tf32_off_inside_only():
     assert tf.config.experimental.tensor_float_32_execution_enabled()
 
 
+def test_full_float32_from_two_threads_restores_tf32_only_when_both_left():
+    import threading
+
+    import tensorflow as tf
+
+    tf.config.experimental.enable_tensor_float_32_execution(True)
+    first_in, first_out = threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with accel.full_float32():
+            first_in.set()
+            first_out.wait(10)
+
+    def second():
+        first_in.wait(10)
+        with accel.full_float32():
+            first_out.set()
+            thread.join(10)  # the first has left: TF32 must still be off for this one
+            seen["inside"] = tf.config.experimental.tensor_float_32_execution_enabled()
+
+    thread = threading.Thread(target=first)
+    other = threading.Thread(target=second)
+    thread.start()
+    other.start()
+    other.join(20)
+    assert seen == {"inside": False}
+    assert tf.config.experimental.tensor_float_32_execution_enabled()
+
+
+def test_torch_backend_is_refused_for_its_ties(monkeypatch, tmp_path):
+    # torch is not installed here: the backend's name is patched; torch.topk does not
+    # promise the lower index first among ties, which the module's semantics need
+    import keras
+
+    from imgsim_dask.errors import ImgsimError
+
+    monkeypatch.setattr(keras.backend, "backend", lambda: "torch")
+    with pytest.raises(ImgsimError, match="needs the TensorFlow or JAX Keras backend"):
+        accel.resolve_scorer("keras")
+    (tmp_path / "version").write_text("NVRM version: stand-in")
+    monkeypatch.setattr(accel, "_NVIDIA_DRIVER", str(tmp_path / "version"))
+    assert accel.resolve_scorer("auto") == "numpy"
+
+
 def test_auto_is_numpy_without_a_gpu_and_does_not_import_keras():
     script = ("import sys; from imgsim_dask.accel import resolve_scorer; "
               "print(resolve_scorer('auto'), 'keras' in sys.modules)")
@@ -92,12 +137,30 @@ def test_the_device_kernel_under_jax_equals_the_reference():
     script = textwrap.dedent(
         """
         import jax, keras, numpy as np
+        from jax import monitoring
         assert keras.backend.backend() == "jax"
         from imgsim_dask import accel
-        from imgsim_dask.match import MatchOptions
+        from imgsim_dask.match import MatchOptions, match_features
         from test_match import MODES, _blocks, assert_same, quantized, reference
         with accel.full_float32():
             assert jax.config.jax_default_matmul_precision == "float32"
+        # -0.0 and +0.0 tie (JAX's top_k alone ranks -0.0 lower)
+        a, b = np.array([[1, 0]], np.float32), np.array([[-0.0, -3], [0, 3]], np.float32)
+        got = match_features(a, b, MatchOptions(top_k=1, scorer="keras"))
+        assert got.row_b.tolist() == [0], got
+        # a second run on other data of the same shapes compiles (almost) nothing new
+        compiles = []
+        monitoring.register_event_duration_secs_listener(
+            lambda event, duration, **kw: compiles.append(event)
+            if event == "/jax/core/compile/backend_compile_duration" else None)
+        for seed in (1, 2):
+            x = np.random.default_rng(seed).standard_normal((1500, 16)).astype(np.float32)
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+            compiles.clear()
+            found = match_features(x, x[:1000], MatchOptions(threshold=0.3, block_rows=256,
+                                                             slice_rows=400, scorer="keras"))
+            assert len(found) > 1000
+        assert len(compiles) <= 4, len(compiles)  # before the fix: one set per block
         rng = np.random.default_rng(7)
         for threshold, top_k in MODES:
             for self_match in (False, True):
