@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -126,23 +127,32 @@ class DeviceSlices:
     """Device copies of B's slices, by slice key, kept for the run that made them.
 
     One per process (`DEVICE_SLICES`): score tasks of one run share it; the driver frees a
-    run's copies when the run ends (`release(token)`; keys end in `-<token>`).
+    run's copies when the run ends (`release(token)`; keys end in `-<token>`). A score task
+    of a run already released (one still running when its run failed) gets a copy for its
+    own call only, so nothing is left behind that no release would ever free.
     """
+
+    _REMEMBERED_RUNS = 256
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._tensors: dict[str, object] = {}
+        self._released: deque[str] = deque(maxlen=self._REMEMBERED_RUNS)
 
     def get(self, key: str, host: np.ndarray):
         with self._lock:
             tensor = self._tensors.get(key)
             if tensor is None:
-                tensor = self._tensors[key] = _to_device(host)
+                tensor = _to_device(host)
+                if key.rsplit("-", 1)[-1] not in self._released:
+                    self._tensors[key] = tensor
             return tensor
 
     def release(self, token: str) -> int:
-        """Drop every copy of run `token`; return how many there were."""
+        """Drop every copy of run `token` and keep none it asks for later; return how many
+        there were."""
         with self._lock:
+            self._released.append(token)
             keys = [k for k in self._tensors if k.endswith(f"-{token}")]
             for key in keys:
                 del self._tensors[key]

@@ -48,6 +48,19 @@ def test_release_drops_only_its_own_run():
     assert list(slices._tensors) == ["bslice-00000-bbbb"]
 
 
+def test_a_released_run_keeps_no_new_copies():
+    """A score task still running when its (failed) run was released must not leave a copy
+    behind that no release would free."""
+    slices = accel.DeviceSlices()
+    host = np.arange(6, dtype=np.float32).reshape(2, 3)
+    slices.release("aaaa")
+    late = slices.get("bslice-00003-aaaa", host)
+    np.testing.assert_array_equal(np.asarray(late), host)
+    assert slices._tensors == {}
+    slices.get("bslice-00003-bbbb", host)
+    assert list(slices._tensors) == ["bslice-00003-bbbb"]
+
+
 def test_device_copies_on_the_cluster_are_freed(client):
     rng = np.random.default_rng(2)
     a = rng.standard_normal((40, 8), np.float32)
