@@ -80,7 +80,8 @@ model_options = _options(
                                                 "name: written partitions are kept."),
     click.option("--retry-failed", is_flag=True,
                  help="Fetch again the rows of a source whose failure was transient (timeout, "
-                      "5xx, 429, connection errors); the other rows stay as they are."),
+                      "5xx, 429, connection errors), and only those; the other rows stay as "
+                      "they are, and an interrupted source is finished too."),
     click.option("--progress/--no-progress", default=True, show_default=True),
 )
 cluster_options = _options(

@@ -118,16 +118,20 @@ def _run(client: Client, source: CsvSource, name: str, store: str, options: Extr
 
     writer = StoreWriter(store, name, _plan(source, options, weights, n_rows, spec.dim),
                          options.overwrite, options.resume)
-    if writer.complete and options.retry_failed:
-        retry = _partitions_with_transient_failures(FeatureStore(writer.path),
-                                                    options.partition_rows)
-        logger.info("%s: retrying %d partition(s) with transient failures", name, len(retry))
+    done_rows = writer.done_rows()
+    retry: dict[int, list[int]] = {}  # partition -> its rows to fetch again
+    if options.retry_failed:
+        failed = done_rows.loc[done_rows["status"].isin(TRANSIENT_STATUSES), "row"]
+        for row in failed.astype(int):
+            retry.setdefault(row // options.partition_rows, []).append(row)
+        logger.info("%s: retrying %d row(s) with transient failures", name, len(failed))
         if retry:
-            writer.reopen(retry)
+            writer.reopen()
+        done_rows = done_rows[~done_rows["row"].isin(failed)]
     if writer.complete:
         logger.info("%s: already complete in %s, nothing to do", name, store)
         return FeatureStore(writer.path)
-    todo = [k for k in range(len(plan)) if k not in writer.done]
+    todo = [k for k in range(len(plan)) if k not in writer.done] + sorted(retry)
     if writer.done:
         logger.info("%s: resuming, %d of %d partitions already written", name,
                     len(writer.done), len(plan))
@@ -150,12 +154,12 @@ def _run(client: Client, source: CsvSource, name: str, store: str, options: Extr
         first_row = k * options.partition_rows
         with span("extract", name, "rows"):  # spans group the stages on the dashboard
             rows = client.submit(assemble_partition, first_row, slices, list(source.keep),
-                                 key=f"rows-{k:05d}-{token}", retries=TASK_RETRIES)
+                                 retry.get(k), key=f"rows-{k:05d}-{token}", retries=TASK_RETRIES)
         with span("extract", name, "fetch"):
             fetched = client.submit(fetch_partition, rows, source.url_col, fetch_options,
                                     key=f"fetch-{k:05d}-{token}", resources=fetch_resources,
                                     retries=TASK_RETRIES)
-        size = sum(stop - start for _, start, stop in plan[k])
+        size = len(retry[k]) if k in retry else sum(stop - start for _, start, stop in plan[k])
         fetched.add_done_callback(
             lambda f: fetch_bar.update(size) if f.status == "finished" else None)
         with span("extract", name, "embed"):
@@ -178,17 +182,20 @@ def _run(client: Client, source: CsvSource, name: str, store: str, options: Extr
     counts: dict[str, int] = {}
     stage_seconds = {"fetch": 0.0, "embed": 0.0}
     runtimes: set[str] = set()  # what `auto` became on the model workers
-    done_statuses = writer.done_statuses()
-    _count(counts, done_statuses)
-    fetch_bar = _progress_bar(options.progress, n_rows, f"fetch {name}", len(done_statuses), 0)
-    progress = _progress_bar(options.progress, n_rows, f"embed {name}", len(done_statuses), 1)
+    _count(counts, done_rows)
+    fetch_bar = _progress_bar(options.progress, n_rows, f"fetch {name}", len(done_rows), 0)
+    progress = _progress_bar(options.progress, n_rows, f"embed {name}", len(done_rows), 1)
     ok_before = counts.get(OK, 0)
     try:
         for _ in range(window):
             submit_next()
         for future in in_flight:
             embedded = future.result()
-            writer.write_partition(pending.pop(future.key)[1], embedded.features, embedded.rows)
+            k = pending.pop(future.key)[1]
+            if k in retry:
+                writer.rewrite_rows(k, embedded.features, embedded.rows)
+            else:
+                writer.write_partition(k, embedded.features, embedded.rows)
             _count(counts, embedded.rows)
             runtimes.add(embedded.runtime)
             for stage, value in embedded.seconds.items():
@@ -228,7 +235,7 @@ def _run(client: Client, source: CsvSource, name: str, store: str, options: Extr
         "images_per_second": round((counts.get(OK, 0) - ok_before) / seconds, 2) if seconds
         else None,
         "stages": _stage_summary(stage_seconds, counts.get(OK, 0) - ok_before,
-                                 n_rows - len(done_statuses)),
+                                 n_rows - len(done_rows)),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
     }
@@ -250,13 +257,6 @@ def _plan(source: CsvSource, options: ExtractOptions, weights: Weights, n_rows: 
             "fetch": {k: list(v) if isinstance(v, tuple) else v for k, v in fetch.items()},
             "fields": list(source.keep), "url_col": source.url_col, "id_col": source.id_col,
             "delimiter": source.delimiter, "header": source.header}
-
-
-def _partitions_with_transient_failures(source: FeatureStore, partition_rows: int) -> set[int]:
-    """Partitions holding a row whose failure may go away on a second try (timeouts, 5xx...)."""
-    rows = source.rows(["row", "status"])
-    failed = rows.loc[rows["status"].isin(TRANSIENT_STATUSES), "row"]
-    return {int(row) // partition_rows for row in failed}
 
 
 def _stage_summary(stage_seconds: dict[str, float], images: int, rows: int) -> dict:

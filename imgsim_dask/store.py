@@ -211,22 +211,37 @@ class StoreWriter:
         self.features = zarr.open_array(self.path / FEATURES, mode="r+")
         self.done = {int(part.stem.split("-")[1]) for part in (self.path / ROWS).glob("part-*.parquet")}
 
-    def reopen(self, partitions: set[int]) -> None:
-        """Mark a complete source's `partitions` to be written again (e.g. to retry failures)."""
+    def reopen(self) -> None:
+        """Unseal a complete source so that some of its rows can be written again."""
         (self.path / META).unlink(missing_ok=True)  # incomplete until sealed again
-        for index in partitions:
-            (self.path / ROWS / f"part-{index:05d}.parquet").unlink(missing_ok=True)
-        self.done -= partitions
         self.complete = False
 
-    def done_statuses(self) -> pd.DataFrame:
-        """The `status` column of the partitions already written (empty for a fresh source)."""
+    def done_rows(self) -> pd.DataFrame:
+        """`row` and `status` of the partitions already written (empty for a fresh source)."""
         parts = [self.path / ROWS / f"part-{index:05d}.parquet" for index in sorted(self.done)]
-        return pd.concat([pd.read_parquet(p, columns=["status"]) for p in parts]) if parts \
-            else pd.DataFrame({"status": []})
+        return pd.concat([pd.read_parquet(p, columns=["row", "status"]) for p in parts],
+                         ignore_index=True) if parts \
+            else pd.DataFrame({"row": pd.Series(dtype="int64"), "status": pd.Series(dtype=str)})
 
     def write_partition(self, index: int, features: np.ndarray, rows: pd.DataFrame) -> None:
         """Write partition `index` (rows [index*chunk_rows, ...)): one Zarr chunk, then its part file."""
+        self._write(index, features, rows)
+        self.done.add(index)
+
+    def rewrite_rows(self, index: int, features: np.ndarray, rows: pd.DataFrame) -> None:
+        """Replace some rows of written partition `index` (`rows["row"]` names them), keeping
+        the others as stored. A crash between the two writes leaves a rewritten row's new
+        features beside its old (transient) status, which the next retry rewrites again."""
+        stored = pd.read_parquet(self.path / ROWS / f"part-{index:05d}.parquet")
+        start = index * self.chunk_rows
+        chunk = self.features[start:start + len(stored)]
+        chunk[rows["row"].to_numpy(np.int64) - start] = features
+        kept = stored[~stored["row"].isin(rows["row"])]
+        merged = pd.concat([kept, rows[stored.columns]], ignore_index=True)
+        self._write(index, chunk, merged.sort_values("row", ignore_index=True)
+                    .astype(stored.dtypes.to_dict()))
+
+    def _write(self, index: int, features: np.ndarray, rows: pd.DataFrame) -> None:
         start = index * self.chunk_rows
         try:
             self.features[start:start + len(features)] = features
@@ -235,7 +250,6 @@ class StoreWriter:
         except OSError as exc:
             raise StoreError(f"cannot write partition {index} to {self.path}: "
                              f"{exc.strerror or exc}; fix it, then continue with --resume") from None
-        self.done.add(index)
 
     def finish(self, meta: dict) -> FeatureStore:
         """Seal the source: after this it opens as complete."""

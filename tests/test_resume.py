@@ -179,13 +179,16 @@ def test_run_reuses_a_source_only_for_the_same_csv(client, many_rows_csv, tmp_pa
 
 
 def test_retry_failed_refetches_only_transient_failures(client, image_dir, tmp_path):
-    """Rows that met a 503 are fetched again once the server recovers; the rest stay as stored."""
+    """Rows that met a 503 are fetched again once the server recovers, and only they: a row
+    stored `ok` keeps its features even if its URL has gone since. On a source whose driver
+    died (no meta.json, a partition missing), the retry also finishes the extraction."""
     import threading
     from functools import partial
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
     down = threading.Event()
     down.set()
+    gone: set[str] = set()
     requests_seen: list[str] = []
 
     class Flaky(SimpleHTTPRequestHandler):
@@ -194,8 +197,9 @@ def test_retry_failed_refetches_only_transient_failures(client, image_dir, tmp_p
 
         def do_GET(self):
             requests_seen.append(self.path)
-            if self.path.startswith("/flaky/") and down.is_set():
-                self.send_response(503)
+            flaky = self.path.startswith("/flaky/") and down.is_set()
+            if flaky or self.path in gone:
+                self.send_response(503 if flaky else 404)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
@@ -211,20 +215,35 @@ def test_retry_failed_refetches_only_transient_failures(client, image_dir, tmp_p
     pd.DataFrame({"id": range(len(urls)), "url": urls}).to_csv(csv, index=False)
     options = dict(client=client, weights="random", partition_rows=2, batch_size=2,
                    fetch=FetchOptions(retries=0))
+    store = tmp_path / "store"
     try:
-        first = extract(str(csv), "web", str(tmp_path / "store"), **options)
+        first = extract(str(csv), "web", str(store), **options)
         assert first.rows()["status"].tolist() == ["ok", "http_5xx", "http_404", "ok",
                                                    "http_5xx", "ok"]
+        stored_ok = first.features[:][[0, 5]]
+        down.clear()
+        gone.update({"/chelsea.jpg", "/camera.jpg"})  # would fail now if fetched again
+        requests_seen.clear()
+        again = extract(str(csv), "web", str(store), retry_failed=True, **options)
+        assert sorted(requests_seen) == ["/flaky/astronaut.jpg", "/flaky/coffee.jpg"]
+        gone.clear()
+        clean = extract(str(csv), "clean", str(store), **options)
+
+        down.set()
+        broken = extract(str(csv), "broken", str(store), **options)
+        (broken.path / "meta.json").unlink()  # the driver died before partition 1 was written
+        (broken.path / "rows.parquet" / "part-00001.parquet").unlink()
         down.clear()
         requests_seen.clear()
-        again = extract(str(csv), "web", str(tmp_path / "store"), retry_failed=True, **options)
-        clean = extract(str(csv), "clean", str(tmp_path / "store"), **options)
+        finished = extract(str(csv), "broken", str(store), retry_failed=True, **options)
+        assert sorted(requests_seen) == ["/flaky/astronaut.jpg", "/flaky/coffee.jpg",
+                                         "/missing.jpg", "/rocket.jpg"]
     finally:
         server.shutdown()
         server.server_close()
-    # partitions 0 and 2 held the 503s; partition 1 (the 404 and rocket) was not fetched again
-    assert sorted(requests_seen[:4]) == sorted(
-        ["/chelsea.jpg", "/flaky/coffee.jpg", "/flaky/astronaut.jpg", "/camera.jpg"])
-    assert again.rows()["status"].tolist() == ["ok", "ok", "http_404", "ok", "ok", "ok"]
-    assert again.meta["status_counts"] == {"http_404": 1, "ok": 5}
-    assert np.array_equal(again.features[:], clean.features[:], equal_nan=True)
+    for source in (again, finished):
+        assert source.rows()["status"].tolist() == ["ok", "ok", "http_404", "ok", "ok", "ok"]
+        assert source.meta["status_counts"] == {"http_404": 1, "ok": 5}
+        pd.testing.assert_frame_equal(source.rows(), clean.rows())
+        assert np.array_equal(source.features[:], clean.features[:], equal_nan=True)
+    np.testing.assert_array_equal(again.features[:][[0, 5]], stored_ok)
