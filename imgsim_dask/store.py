@@ -184,7 +184,11 @@ class StoreWriter:
                                  "pass --overwrite to replace it")
             _remove_source(self.path)
         try:
-            (self.path / ROWS).mkdir(parents=True)
+            self.path.mkdir(parents=True)
+        except OSError as exc:
+            raise self._cannot_create(exc) from None
+        try:
+            (self.path / ROWS).mkdir()
             n_rows, dim = int(plan["rows"]), int(plan["dim"])
             self.features = zarr.create_array(
                 self.path / FEATURES, shape=(n_rows, dim),
@@ -192,8 +196,14 @@ class StoreWriter:
                 fill_value=np.nan,
             )
             atomic_write(self.path / PLAN, lambda tmp: Path(tmp).write_text(_dumps(plan)))
-        except OSError as exc:
-            raise StoreError(f"cannot create {self.path}: {exc.strerror or exc}") from None
+        except BaseException as exc:  # leave nothing that neither --resume nor --overwrite take
+            shutil.rmtree(self.path, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise self._cannot_create(exc) from None
+            raise
+
+    def _cannot_create(self, exc: OSError) -> StoreError:
+        return StoreError(f"cannot create {self.path}: {exc.strerror or exc}")
 
     def _reopen(self, plan: dict) -> None:
         """Continue an interrupted extraction, if it was started with the same plan."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import stat
 from collections import namedtuple
 
@@ -12,7 +13,7 @@ import pytest
 
 from imgsim_dask import store as store_module
 from imgsim_dask.errors import StoreError
-from imgsim_dask.store import open_store
+from imgsim_dask.store import StoreWriter, open_store
 
 from test_pairs import make_source
 
@@ -49,6 +50,22 @@ def test_export_without_room_is_a_one_line_error(tmp_path, monkeypatch):
     with pytest.raises(StoreError, match="needs about 0 MiB, .* has 0 MiB free") as error:
         source.export_h5(tmp_path / "small.h5")
     assert "\n" not in str(error.value) and not (tmp_path / "small.h5").exists()
+
+
+def test_a_source_that_cannot_be_created_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A disk that fills up while plan.json is written (simulated: this test cannot fill a
+    disk) must not leave a folder that neither --resume nor --overwrite would take."""
+    plan = {"rows": 6, "dim": 4, "partition_rows": 4}
+
+    def disk_full(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module, "atomic_write", disk_full)
+        with pytest.raises(StoreError, match="cannot create .*books: No space left on device$"):
+            StoreWriter(tmp_path, "books", plan)
+    assert list(tmp_path.iterdir()) == []
+    assert StoreWriter(tmp_path, "books", plan).done == set()  # a plain retry works
 
 
 def test_written_files_follow_the_umask(tmp_path):
