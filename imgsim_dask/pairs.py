@@ -7,7 +7,6 @@ joins the fields of both rows to every pair.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import dataclass
@@ -21,8 +20,6 @@ from .cluster import ClusterOptions, connect
 from .errors import InputError
 from .match import MatchOptions, connected_groups, match_features
 from .store import DEFAULT_STORE, FeatureStore, atomic_write, open_store
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -119,11 +116,14 @@ def _check_compatible(first: FeatureStore, second: FeatureStore) -> None:
     if (a["model"], a["dim"]) != (b["model"], b["dim"]):
         raise InputError(f"cannot match {first.name} ({a['model']}, {a['dim']}-d) with "
                          f"{second.name} ({b['model']}, {b['dim']}-d): extract both with one model")
-    if a.get("weights_sha256") != b.get("weights_sha256") or a["weights"].startswith("random") \
-            != b["weights"].startswith("random"):
-        logger.warning("%s and %s were extracted with different weights (%s / %s): "
-                       "their similarities are not comparable", first.name, second.name,
-                       a["weights"], b["weights"])
+    hashes = a.get("weights_sha256") or "", b.get("weights_sha256") or ""
+    if hashes[0] != hashes[1] or not any(hashes) and a["weights"] != b["weights"]:
+        def described(meta: dict, sha256: str) -> str:
+            return f"{meta['weights']}, sha256 {sha256[:12]}" if sha256 else meta["weights"]
+
+        raise InputError(f"cannot match {first.name} (weights: {described(a, hashes[0])}) with "
+                         f"{second.name} (weights: {described(b, hashes[1])}): features of "
+                         "different weights are not comparable; extract both with the same --weights")
 
 
 def _prefixes(first: FeatureStore, second: FeatureStore, self_match: bool) -> tuple[str, str]:

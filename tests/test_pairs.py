@@ -19,9 +19,11 @@ from imgsim_dask.workflow import run
 from test_cli import assert_usage_error, imgsim
 
 
-def make_source(store, name, features, model="mobilenet", ids=None, extra=None):
+def make_source(store, name, features, model="mobilenet", ids=None, extra=None,
+                weights=("file test", "x")):
     """A complete source written through the real StoreWriter (features as given); `extra`
-    adds fields (name -> one value per row) after `id` and `url`."""
+    adds fields (name -> one value per row) after `id` and `url`; `weights` is the
+    (description, sha256) its meta records."""
     extra = extra or {}
     n, dim = features.shape
     writer = StoreWriter(store, name, {"rows": n, "dim": dim, "partition_rows": 4})
@@ -35,7 +37,8 @@ def make_source(store, name, features, model="mobilenet", ids=None, extra=None):
                              **{f: v[start:stop] for f, v in extra.items()}, "status": status})
         writer.write_partition(k, features[start:stop], rows)
     return writer.finish({"name": name, "model": model, "dim": dim, "threshold": 0.845,
-                          "weights": "file test", "weights_sha256": "x", "fields": ["id", "url", *extra],
+                          "weights": weights[0], "weights_sha256": weights[1],
+                          "fields": ["id", "url", *extra],
                           "rows": n})
 
 
@@ -104,6 +107,13 @@ def test_bad_match_requests(client, sources, tmp_path):
     make_source(store, "wide", unit(np.ones((2, 128))), model="efficientnet-lite0")
     with pytest.raises(InputError, match="extract both with one model"):
         match_sources("a", "wide", str(store), client=client)
+    make_source(store, "tuned", a, weights=("file test", "y"))
+    make_source(store, "random", a, weights=("random (seed 1234)", ""))
+    for other in ("tuned", "random"):
+        with pytest.raises(InputError, match="different weights are not comparable"):
+            match_sources("a", other, str(store), client=client)
+    make_source(store, "random2", b, weights=("random (seed 1234)", ""))
+    assert len(match_sources("random", "random2", str(store), top_k=1, client=client).pairs) == 6
     with pytest.raises(InputError, match=r"outside \[-1, 1\]"):
         match_sources("a", "b", str(store), threshold=1.5, client=client)
     with pytest.raises(StoreError, match="no source named 'zz'"):
@@ -137,11 +147,14 @@ def test_colliding_column_names_are_refused_before_scoring(client, sources, monk
         (["match", "a", "b", "--out", "/proc/forbidden/x.parquet"], "does not exist"),
         (["match", "a", "b", "--out", "x.txt"], "use a .csv or .parquet"),
         (["match", "a", "wide"], "extract both with one model"),
+        (["match", "a", "tuned"], "(weights: file test, sha256 x) with tuned (weights: file test,"
+                                  " sha256 z): features of different weights are not comparable"),
     ],
 )
 def test_match_cli_errors(sources, args, fragment):
-    store, _, _ = sources
+    store, a, _ = sources
     make_source(store, "wide", unit(np.ones((2, 128))), model="efficientnet-lite0")
+    make_source(store, "tuned", a, weights=("file test", "z"))
     assert_usage_error(imgsim(*args, "--store", store, cwd=store), fragment)
 
 
