@@ -68,7 +68,9 @@ class FetchOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused as `bomb`
     schemes: tuple[str, ...] = SCHEMES  # others get `blocked`
     allow_link_local: bool = False  # 169.254.0.0/16, fe80::/10 and cloud metadata endpoints
-    public_only: bool = False  # refuse loopback and private addresses too
+    # only public network addresses: loopback, private addresses and local files are refused
+    # (`file` is dropped from `schemes`, so the options, and plan.json, say what is fetched)
+    public_only: bool = False
     root: str = ""  # when set, local paths must resolve to a file under this directory
     base_dir: str = ""  # relative local paths are resolved against this
 
@@ -76,6 +78,13 @@ class FetchOptions:
         unknown = set(self.schemes) - set(SCHEMES)
         if unknown:
             raise InputError(f"unsupported scheme(s) {sorted(unknown)}; choose from {SCHEMES}")
+        schemes = tuple(self.schemes)
+        if self.public_only:  # like allow_link_local, an allowance never lifts public_only
+            schemes = tuple(scheme for scheme in schemes if scheme != "file")
+            if self.schemes and not schemes:
+                raise InputError("public_only refuses local files, so schemes=file leaves "
+                                 "nothing to fetch; allow http/https, or drop public_only")
+        object.__setattr__(self, "schemes", schemes)
         if self.deadline <= 0 or self.max_bytes <= 0 or self.retries < 0 \
                 or self.max_redirects < 0:
             raise InputError("deadline and max_bytes must be positive, retries and "
@@ -141,7 +150,7 @@ def read_source(url: str, options: FetchOptions) -> tuple[bytes, int | None]:
             raise RowFailure("bad_url", f"file URL with a remote host {parts.netloc!r}")
         return _read_file(unquote(parts.path), options), None
     if scheme and len(scheme) > 1:  # one letter is a Windows drive, not a scheme
-        raise RowFailure("bad_url", f"unsupported URL scheme {scheme!r}")
+        _require_scheme(scheme, options)  # a well-formed scheme we never fetch: blocked
     _require_scheme("file", options)
     path = url if os.path.isabs(url) else os.path.join(options.base_dir, url)
     return _read_file(path, options), None
@@ -156,9 +165,12 @@ def _split(url: str) -> SplitResult:
 
 
 def _require_scheme(scheme: str, options: FetchOptions) -> None:
+    """`blocked` unless `scheme` is allowed: refused before anything is resolved or opened."""
     if scheme not in options.schemes:
         what = "local files are" if scheme == "file" else f"{scheme} URLs are"
-        raise RowFailure("blocked", f"{what} not allowed (allowed: {', '.join(options.schemes)})")
+        why = " with public_only" if scheme == "file" and options.public_only else ""
+        raise RowFailure("blocked", f"{what} not fetched{why} (allowed: "
+                         f"{', '.join(options.schemes) or 'none'})")
 
 
 def _read_http(url: str, options: FetchOptions) -> tuple[bytes, int]:
@@ -332,31 +344,52 @@ def _failure(exc: Exception, deadline: Deadline,
     return RowFailure("connection_error", message, code)
 
 
+# Opening a FIFO for reading waits for a writer, and a terminal could become ours: neither.
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) \
+    | getattr(os, "O_BINARY", 0)
+
+
 def _read_file(path: str, options: FetchOptions) -> bytes:
+    """A regular file's bytes, at most `max_bytes`; abandoned after its first bytes if they
+    are not an image. Directories, devices, FIFOs and sockets are refused (`not_a_file`)
+    from `stat`, before they are opened: /dev/zero or a FIFO is never read."""
     try:
         if options.root:
             root = os.path.realpath(options.root)
             path = os.path.realpath(path)
             if os.path.commonpath([root, path]) != root:
                 raise RowFailure("blocked", f"{path} is outside the root {root}")
-        info = os.stat(path)
-        if stat.S_ISDIR(info.st_mode):
-            raise RowFailure("not_found", f"is a directory: {path}")
-        if not stat.S_ISREG(info.st_mode):
-            raise RowFailure("io_error", f"not a regular file: {path}")
-        if info.st_size > options.max_bytes:
-            raise RowFailure("too_large", f"file is {info.st_size} bytes, over {options.max_bytes}")
-        with open(path, "rb") as f:
-            data = f.read(options.max_bytes + 1)
+        _check_regular(os.stat(path), path, options)
+        with open(os.open(path, _OPEN_FLAGS), "rb") as f:
+            _check_regular(os.fstat(f.fileno()), path, options)  # swapped since the stat?
+            head = f.read(_SNIFF_BYTES)
+            if sniff_format(head) is None:
+                raise RowFailure("not_image", _NOT_IMAGE)
+            data = head + f.read(options.max_bytes + 1 - len(head))
         if len(data) > options.max_bytes:
             raise RowFailure("too_large", f"file grew past {options.max_bytes} bytes")
         return data
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # `a.jpg/b.jpg` where a.jpg is a file
         raise RowFailure("not_found", f"no such file: {path}") from None
     except OSError as exc:
         raise RowFailure("io_error", f"{type(exc).__name__}: {exc}") from None
     except ValueError as exc:  # a NUL byte, or a character no file name can encode
         raise RowFailure("bad_url", f"malformed path {path[:200]!r}: {exc}"[:300]) from None
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def _check_regular(info: os.stat_result, path: str, options: FetchOptions) -> None:
+    """`not_a_file` unless `info` is a regular file; `too_large` when it is over the cap."""
+    if not stat.S_ISREG(info.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)),
+                    "a special file")
+        raise RowFailure("not_a_file", f"{path} is {kind}, not a regular file")
+    if info.st_size > options.max_bytes:
+        raise RowFailure("too_large", f"file is {info.st_size} bytes, over {options.max_bytes}")
 
 
 _NOT_IMAGE = "not a JPEG, PNG, GIF, WebP, BMP, TIFF or AVIF image (by its first bytes)"
@@ -430,6 +463,10 @@ def _fetch_one(url: str, options: FetchOptions,
             raise RowFailure("bad_row", ingest_error)
         data, http_status = read_source(url, options)
         record["http_status"] = http_status
+        # `bytes` and `sha256` describe a whole body that was read: the readers abandon a
+        # non-image after its first bytes (this catches shorter ones), so it has neither
+        if sniff_format(data) is None:
+            raise RowFailure("not_image", _NOT_IMAGE)
         record["bytes"] = len(data)
         record["sha256"] = hashlib.sha256(data).hexdigest()
         pixels, record["width"], record["height"] = decode_image(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
+import threading
 import zlib
 
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 from PIL import Image, features
 
 from imgsim_dask.fetch import (
-    OK, FetchOptions, RowFailure, decode_image, fetch_partition, sniff_format,
+    OK, TRANSIENT_STATUSES, FetchOptions, RowFailure, decode_image, fetch_partition, sniff_format,
 )
 
 
@@ -34,7 +36,7 @@ def test_partition_statuses(http_server, image_dir):
     fetched = fetch_partition(rows, "url", options)
     table = fetched.rows
     assert table["status"].tolist() == [
-        OK, "http_404", "http_5xx", "not_image", OK, OK, OK, "bad_url", "bad_url", "not_found",
+        OK, "http_404", "http_5xx", "not_image", OK, OK, OK, "bad_url", "blocked", "not_found",
     ]
     assert table.loc[0, "http_status"] == 200 and table.loc[1, "http_status"] == 404
     assert (table.loc[table.status != OK, "error"] != "").all()
@@ -74,6 +76,91 @@ def test_same_image_same_pixels_by_http_and_path(http_server, image_dir):
     rows = pd.DataFrame({"url": [f"{http_server}/astronaut.jpg", str(image_dir / "astronaut.jpg")]})
     pixels = fetch_partition(rows, "url", FetchOptions()).pixels
     assert np.array_equal(pixels[0], pixels[1])
+
+
+def test_non_image_rows_have_no_size_or_hash_by_http_or_path(http_server, image_dir, tmp_path):
+    """`bytes`/`sha256` describe a whole body that was read: a non-image is abandoned after
+    its first bytes by HTTP and from a file alike (a local one used to get both)."""
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "short.jpg").write_bytes(b"hello")
+    jpeg = (image_dir / "coffee.jpg").read_bytes()
+    (tmp_path / "half.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    urls = [f"{http_server}/notes.jpg", str(image_dir / "notes.jpg"),
+            f"file://{image_dir / 'notes.jpg'}", str(tmp_path / "empty.jpg"),
+            str(tmp_path / "short.jpg"), str(tmp_path / "half.jpg")]
+    table = fetch_partition(pd.DataFrame({"url": urls}), "url", FetchOptions()).rows
+    assert table["status"].tolist() == ["not_image"] * 5 + ["decode_error"]
+    assert table["bytes"][:5].isna().all() and (table["sha256"][:5] == "").all()
+    assert table.loc[0, "http_status"] == 200
+    # read whole, then failed to decode: size and hash are kept
+    assert table.loc[5, "bytes"] == len(jpeg) // 2 and len(table.loc[5, "sha256"]) == 64
+
+
+def _fetch_in_thread(urls: list[str], options: FetchOptions, seconds: float = 10):
+    """fetch_partition in a thread; None if it has not returned within `seconds`."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(
+        fetch_partition(pd.DataFrame({"url": urls}), "url", options)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return result[0].rows if result else None
+
+
+def _release_fifo_reader(fifo):
+    """Give a reader blocked in open(fifo) its writer and EOF (no reader: nothing to do)."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_special_files_get_a_permanent_status_unread(tmp_path, image_dir):
+    """Directories, devices and FIFOs are `not_a_file` (not `not_found`, not the transient
+    `io_error`), refused from stat before anything is opened or read."""
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    (tmp_path / "folder.jpg").mkdir()
+    (tmp_path / "link.jpg").symlink_to(tmp_path / "folder.jpg")
+    urls = [str(tmp_path / "folder.jpg"), str(tmp_path / "link.jpg"), str(fifo),
+            f"file://{fifo}", str(image_dir / "coffee.jpg")]
+    kinds = ["directory", "directory", "FIFO", "FIFO"]
+    if os.path.exists("/dev/zero"):
+        urls.insert(-1, "/dev/zero")
+        kinds.append("character device")
+    try:
+        table = _fetch_in_thread(urls, FetchOptions(max_bytes=2**20))
+    finally:
+        _release_fifo_reader(fifo)
+    assert table is not None, "a special file was opened or read"
+    assert table["status"].tolist() == ["not_a_file"] * len(kinds) + [OK]
+    for error, kind in zip(table["error"], kinds):
+        assert f"is a {kind}, not a regular file" in error
+    assert "not_a_file" not in TRANSIENT_STATUSES  # --retry-failed leaves them alone
+    assert table["bytes"][:-1].isna().all()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_file_swapped_for_a_fifo_after_the_stat_is_not_waited_on(tmp_path, image_dir,
+                                                                 monkeypatch):
+    """The check is made again on the opened file, which is opened without waiting for a
+    writer: a path that is a regular file at `stat` and a FIFO at `open` cannot hang a row."""
+    fifo = tmp_path / "swapped.jpg"
+    os.mkfifo(fifo)
+    real_stat = os.stat
+
+    def stat_before_the_swap(path, *args, **kwargs):
+        if str(path) == str(fifo):
+            return real_stat(image_dir / "coffee.jpg")
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat_before_the_swap)
+    try:
+        table = _fetch_in_thread([str(fifo)], FetchOptions(), seconds=5)
+    finally:
+        _release_fifo_reader(fifo)
+    assert table is not None, "opening the FIFO waited for a writer"
+    assert table["status"].tolist() == ["not_a_file"]
 
 
 def test_read_timeout_is_a_status(http_server):

@@ -8,6 +8,7 @@ guard is tested through a patched resolver: no test sends a packet anywhere but 
 from __future__ import annotations
 
 import io
+import os
 import socket
 import ssl
 import struct
@@ -15,7 +16,7 @@ import threading
 import time
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, urlsplit
@@ -26,6 +27,7 @@ import pytest
 import urllib3
 from PIL import Image
 
+from imgsim_dask.errors import InputError
 from imgsim_dask.fetch import OK, FetchOptions, fetch_partition
 from imgsim_dask.safehttp import AddressPolicy, BlockedAddress, GuardedPoolManager
 
@@ -439,14 +441,55 @@ def test_public_only_refuses_loopback(server, connects):
     assert connects == [] and server.hits["/image"] == 0
 
 
-def test_scheme_allow_list(server, tmp_path):
+def test_scheme_allow_list(server, tmp_path, connects):
+    """A well-formed scheme that is not allowed (or never fetched: ftp, data) is `blocked`,
+    before anything is resolved or connected to; only a malformed URL is `bad_url`."""
     image = tmp_path / "a.jpg"
     image.write_bytes(JPEG)
-    urls = [server.url("/image"), str(image), f"file://{image}", "ftp://127.0.0.1/a.jpg"]
+    urls = [server.url("/image"), str(image), f"file://{image}", "ftp://127.0.0.1/a.jpg",
+            "data:image/jpeg;base64,/9j/4AAQ", "http://[::1/a.jpg"]
     rows, _ = fetch(urls, schemes=("https",))
-    assert rows["status"].tolist() == ["blocked", "blocked", "blocked", "bad_url"]
-    rows, _ = fetch(urls[:3], schemes=("http", "file"))
-    assert rows["status"].tolist() == [OK, OK, OK]
+    assert rows["status"].tolist() == ["blocked"] * 5 + ["bad_url"]
+    assert "ftp URLs are not fetched" in rows.loc[3, "error"]
+    assert connects == [] and server.hits["/image"] == 0
+    rows, _ = fetch(urls, schemes=("http", "file"))
+    assert rows["status"].tolist() == [OK, OK, OK, "blocked", "blocked", "bad_url"]
+
+
+def test_public_only_refuses_local_files_without_opening_them(tmp_path, monkeypatch):
+    """`public_only` is for CSVs from untrusted parties: a path or file:// URL (/etc/shadow)
+    is `blocked` without being opened, and leaves no size or hash in the row table, also
+    when `file` is listed in `schemes` (as the CLI's --schemes default does). Like
+    allow_link_local, no allowance lifts public_only: `file` is dropped from the options,
+    so they (and plan.json, which records them) say what is fetched."""
+    secret = tmp_path / "shadow"
+    secret.write_text("root:$6$salt$hash:19000:0:99999:7:::\n")
+    image = tmp_path / "a.jpg"
+    image.write_bytes(JPEG)
+    touched = []
+    for name in ("stat", "open", "lstat"):
+        real = getattr(os, name)
+
+        def spy(path, *args, _real=real, **kwargs):
+            if str(tmp_path) in str(path):
+                touched.append(str(path))
+            return _real(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, name, spy)
+    urls = [str(secret), f"file://{secret}", str(image), "a.jpg", f"file://localhost{image}"]
+    for schemes in (("http", "https", "file"), ("http", "https")):
+        options = FetchOptions(public_only=True, schemes=schemes, base_dir=str(tmp_path))
+        assert options.schemes == ("http", "https")
+        assert FetchOptions(**asdict(options)) == options  # as driver.py rebuilds them
+        rows, _ = fetch(urls, public_only=True, schemes=schemes, base_dir=str(tmp_path))
+        assert rows["status"].tolist() == ["blocked"] * len(urls)
+        assert rows["error"].str.contains("local files are not fetched with public_only").all()
+        assert rows["bytes"].isna().all() and (rows["sha256"] == "").all()
+    assert touched == []
+    with pytest.raises(InputError, match="public_only refuses local files"):
+        FetchOptions(public_only=True, schemes=("file",))
+    rows, _ = fetch(urls[2:], base_dir=str(tmp_path))  # without public_only: read
+    assert rows["status"].tolist() == [OK] * 3
 
 
 def test_root_confines_local_paths(tmp_path):
