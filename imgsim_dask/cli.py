@@ -103,7 +103,7 @@ cluster_options = _options(
 match_options = _options(
     click.option("--thresh", "threshold", type=float,
                  help="Keep pairs with similarity >= THRESH [default: the model's, 0.845 for "
-                      "mobilenet; none with --top-k]."),
+                      "mobilenet; none with --top-k between two sources]."),
     click.option("--top-k", type=click.IntRange(1), help="Keep the K best matches per row."),
     click.option("--max-pairs", type=click.IntRange(1),
                  help="Stop early if the estimated pair count exceeds this."),
@@ -137,13 +137,17 @@ def _extract_options(kw: dict):
     from .driver import ExtractOptions
     from .fetch import FetchOptions
 
+    schemes = _split(kw.pop("schemes"))
+    if not schemes:
+        raise click.BadParameter("name at least one scheme (http, https, file)",
+                                 param_hint="'--schemes'")
     return ExtractOptions(
         model=kw.pop("model"), weights=kw.pop("weights"), batch_size=kw.pop("batch_size"),
         runtime=kw.pop("runtime"), partition_rows=kw.pop("partition_rows"),
         overwrite=kw.pop("overwrite"), resume=kw.pop("resume"),
         retry_failed=kw.pop("retry_failed"),
         fetch=FetchOptions(threads=kw.pop("fetch_threads"), read_timeout=kw.pop("timeout"),
-                           deadline=kw.pop("deadline"), schemes=tuple(_split(kw.pop("schemes")) or ()),
+                           deadline=kw.pop("deadline"), schemes=tuple(schemes),
                            public_only=kw.pop("public_only"),
                            allow_link_local=kw.pop("allow_link_local")),
         progress=kw.pop("progress"),
@@ -172,6 +176,10 @@ def _print_summary(source) -> None:
     counts = ", ".join(f"{k} {v}" for k, v in meta["status_counts"].items())
     click.echo(f"{meta['name']}: {meta['rows']} rows ({counts}) in {meta['seconds']:.1f} s, "
                f"{meta['images_per_second']} images/s -> {source.path}")
+    if meta["rows"] and not meta["status_counts"].get("ok"):
+        status, count = max(meta["status_counts"].items(), key=lambda item: item[1])
+        click.echo(f"imgsim: warning: no row gave an image ({count} {status}); is "
+                   f"{meta['url_col']!r} the column of URLs? (--url-col)", err=True)
     stages = meta.get("stages")
     if stages:
         fetch, embed = stages["fetch"], stages["embed"]
@@ -201,9 +209,10 @@ def info(name, store):
 @click.argument("name")
 @store_option
 @click.option("--h5", "h5_path", required=True, type=click.Path(dir_okay=False),
-              help="HDF5 file to write (dataset 'data'); a tab-separated fields file goes beside it.")
+              help="HDF5 file to write (.h5, dataset 'data'); the fields go beside it in "
+                   "STEM_fields.csv, tab-separated as the original's.")
 def export(name, store, h5_path):
-    """Export a source in the original's layout: HDF5 features of the ok rows + a fields TSV."""
+    """Export a source in the original's layout: HDF5 features of the ok rows + their fields."""
     from .store import open_store
 
     h5, fields = open_store(store, name).export_h5(h5_path)
@@ -240,7 +249,8 @@ def dedupe(name, store, **kw):
 @cli.command()
 @click.argument("csv1")
 @click.argument("csv2", required=False)
-@click.option("--names", nargs=2, help="Names of the two sources [default: the CSV file stems].")
+@click.option("--names", metavar="NAME1[,NAME2]",
+              help="Names of the sources, one per CSV [default: the CSV file stems].")
 @store_option
 @csv_options
 @model_options
@@ -251,7 +261,7 @@ def run(csv1, csv2, names, store, threshold, top_k, max_pairs, out, scorer, **kw
     from .workflow import run as run_job
 
     csv_kwargs = _csv_kwargs(kw)
-    result = run_job(csv1, csv2, list(names) if names else None, store, out=out,
+    result = run_job(csv1, csv2, _split(names), store, out=out,
                      threshold=threshold, top_k=top_k, max_pairs=max_pairs, scorer=scorer,
                      cluster_options=_cluster_options(kw), csv_options=csv_kwargs,
                      options=_extract_options(kw))
@@ -292,12 +302,16 @@ def _print_match(result, show: int = 10) -> None:
         columns = [c for c in table.columns if c.endswith(("_id", "_title"))] + ["similarity"]
         click.echo(table[columns].head(show).to_string(index=False))
     click.echo(result.summary())
+    if len(table) > show and result.path is None:
+        click.echo(f"(showing {show} of {len(table)} pairs; --out FILE writes them all)")
 
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     try:
         cli.main(standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:  # plain `imgsim`: help, not an error
+        click.echo(exc.ctx.get_help())
     except click.exceptions.Abort:
         click.echo("imgsim: interrupted", err=True)
         sys.exit(130)

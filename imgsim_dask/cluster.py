@@ -22,7 +22,7 @@ import dask
 from distributed import Client, Nanny, Scheduler, SpecCluster, performance_report
 from distributed.security import Security
 
-from .errors import ImgsimError
+from .errors import ImgsimError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,13 @@ class ClusterOptions:
     tls_key: str | None = None
     wait_workers: float = 0.0
     report: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.scheduler and self.scheduler_file:
+            raise InputError("--scheduler and --scheduler-file both name a scheduler; pass one")
+        if self.workers and (self.scheduler or self.scheduler_file):
+            raise InputError("--workers sizes the local cluster; a remote scheduler's cluster "
+                             "has its own workers: drop --workers")
 
     def security(self) -> Security | None:
         """Dask `Security` for the client from the TLS files, or None (Dask's config applies)."""
@@ -107,6 +114,9 @@ def connect(scheduler: str | None = None, client: Client | None = None,
     report = _report_path(options.report) if options.report else None
     with ExitStack() as stack:
         address = _remote_address(options)
+        if address and options.workers:  # the scheduler came from DASK_SCHEDULER_ADDRESS
+            raise InputError(f"--workers sizes the local cluster, but the run goes to the "
+                             f"scheduler at {address} (Dask's config); drop --workers")
         if address:
             active = stack.enter_context(_remote_client(address, options))
         else:

@@ -8,6 +8,7 @@ joins the fields of both rows to every pair.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import pandas as pd
 from distributed import Client
 
 from .cluster import ClusterOptions, connect
-from .errors import InputError
+from .errors import InputError, StoreError
 from .match import MatchOptions, connected_groups, match_features
 from .store import DEFAULT_STORE, FeatureStore, atomic_write, open_store
 
@@ -46,16 +47,24 @@ class MatchResult:
         return f"{len(self.pairs)} pairs; {matched} matched{groups}; {self.seconds:.1f} s{where}"
 
 
-def check_output_path(out: str | os.PathLike) -> Path:
-    """The output path if its format is known and its directory writable, else a one-line error."""
+def check_output_path(out: str | os.PathLike, inputs: tuple[str, ...] = ()) -> Path:
+    """The output path if its format is known, its directory takes a file and it is none of
+    `inputs` (the sources' CSVs), else a one-line error."""
     path = Path(out)
     if path.suffix not in (".csv", ".parquet") and not path.is_dir():
         raise InputError(f"--out {out}: use a .csv or .parquet file, or an existing directory")
     parent = path if path.is_dir() else path.parent
     if not parent.is_dir():
-        raise InputError(f"--out {out}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"--out {out}: directory {parent} is not writable")
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise InputError(f"--out {out}: {parent} {what}")
+    try:  # what write access really means here (root, read-only mounts, /proc)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise InputError(f"--out {out}: cannot write in {parent}: {exc.strerror or exc}") from None
+    if path.is_file() and any(path.resolve() == Path(csv).resolve() for csv in inputs
+                              if csv and "://" not in csv):
+        raise InputError(f"--out {out} is the CSV a source was extracted from; pick another file")
     return path
 
 
@@ -76,20 +85,22 @@ def match_sources(
 ) -> MatchResult:
     """Match `name1` against `name2` (itself when None or equal) and optionally write `out`.
 
-    With neither `threshold` nor `top_k`, the model's recommended threshold applies.
+    Without `threshold`, the model's recommended threshold applies, except to `top_k`
+    between two sources (each row's best matches, however far).
     `scorer`: see `MatchOptions`.
     """
     first = open_store(store, name1)
     second = first if name2 in (None, name1) else open_store(store, name2)
     self_match = second is first
     _check_compatible(first, second)
-    if threshold is None and top_k is None:
-        threshold = first.meta["threshold"]
+    if threshold is None and (top_k is None or self_match):  # a pair within one source
+        threshold = first.meta["threshold"]                  # claims a near-duplicate
     if threshold is not None and not -1.0 <= threshold <= 1.0:
         raise InputError(f"--thresh {threshold} is outside [-1, 1] (cosine similarity)")
     if top_k is not None and top_k < 1:
         raise InputError("--top-k must be at least 1")
-    path = check_output_path(out) if out is not None else None
+    path = check_output_path(out, (first.meta.get("csv", ""), second.meta.get("csv", ""))) \
+        if out is not None else None
     prefixes = _prefixes(first, second, self_match)
 
     options = MatchOptions(threshold=threshold, top_k=top_k, max_pairs=max_pairs,
@@ -165,8 +176,11 @@ def write_table(table: pd.DataFrame, path: Path, stem: str) -> Path:
     """Write Parquet or CSV (by suffix; a directory gets `stem.parquet`), atomically."""
     if path.is_dir():
         path = path / f"{stem}.parquet"
-    if path.suffix == ".csv":
-        atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
-    else:
-        atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
+    try:
+        if path.suffix == ".csv":
+            atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
+        else:
+            atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
+    except OSError as exc:
+        raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path

@@ -100,6 +100,8 @@ class FeatureStore:
         import h5py
 
         target = Path(path)
+        if target.suffix.lower() not in (".h5", ".hdf5"):  # never a CSV written over by mistake
+            raise StoreError(f"cannot write {target}: name the HDF5 file .h5 or .hdf5")
         if not target.parent.is_dir():
             raise StoreError(f"cannot write {target}: directory {target.parent} does not exist")
         rows = self.rows()
@@ -152,6 +154,8 @@ def open_store(store: str | os.PathLike, name: str) -> FeatureStore:
         hint = f" (known: {', '.join(known)})" if known else ""
         raise StoreError(f"no source named {name!r} in store {store}{hint}")
     if not (path / META).is_file():
+        if not _is_source(path):
+            raise _not_a_source(path)
         raise StoreError(f"source {name!r} in {store} is incomplete (the extraction did not "
                          "finish); continue it with --resume, or start over with --overwrite")
     return FeatureStore(path)
@@ -176,6 +180,8 @@ class StoreWriter:
             self._reopen(plan)
             return
         if resume and self.path.exists():
+            if not _is_source(self.path):
+                raise _not_a_source(self.path)
             raise StoreError(f"cannot resume {name!r} in {store}: it has no {PLAN} (not an "
                              "extraction of this version); pass --overwrite to start over")
         if self.path.exists() or self.path.is_symlink():
@@ -273,12 +279,20 @@ class StoreWriter:
 
 def _remove_source(path: Path) -> None:
     """Delete a source for --overwrite; refuse anything that is not one (or an empty folder)."""
-    if path.is_dir() and not path.is_symlink() and (
-            (path / PLAN).is_file() or (path / META).is_file() or not any(path.iterdir())):
-        shutil.rmtree(path)
-        return
-    raise StoreError(f"{path} is not an imgsim source (no {PLAN} or {META}); --overwrite only "
-                     f"replaces sources: move it away or pick another --name")
+    if not _is_source(path):
+        raise _not_a_source(path)
+    shutil.rmtree(path)
+
+
+def _is_source(path: Path) -> bool:
+    """A folder that holds a source, complete or not, or nothing at all."""
+    return path.is_dir() and not path.is_symlink() and (
+        (path / PLAN).is_file() or (path / META).is_file() or not any(path.iterdir()))
+
+
+def _not_a_source(path: Path) -> StoreError:
+    return StoreError(f"{path} is not an imgsim source (no {PLAN} or {META}), so neither "
+                      "--resume nor --overwrite touches it: move it away or pick another --name")
 
 
 def _dumps(document: dict) -> str:

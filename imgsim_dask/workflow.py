@@ -59,7 +59,7 @@ def run(
     if len(set(names)) != len(names):
         raise InputError(f"--names must differ, got {', '.join(names)}")
     if out is not None:
-        check_output_path(out)
+        check_output_path(out, tuple(csvs))
     check_scorer(scorer)
     for csv, name in zip(csvs, names):  # both inputs are checked before any work starts
         check_name(name)

@@ -91,6 +91,9 @@ def test_extract_200_urls_on_the_default_local_cluster(tmp_path, http_server):
     exported = imgsim("export", "web", "--store", store, "--h5", tmp_path / "web.h5")
     assert exported.returncode == 0, exported.stderr
     assert (tmp_path / "web_fields.csv").is_file()
+    assert_usage_error(imgsim("export", "web", "--store", store, "--h5", tmp_path / "urls.csv"),
+                       "name the HDF5 file .h5 or .hdf5")
+    assert pd.read_csv(tmp_path / "urls.csv")["url"].tolist() == urls  # not written over
 
     # dedupe with the device kernel (Keras ops; on this machine's CPU) finds what the CPU
     # kernel finds, every served image's copies among it
@@ -137,9 +140,33 @@ def test_fetch_policy_flags_reach_the_workers(tmp_path, http_server):
     rows = open_store(tmp_path / "store", "guarded").rows()
     assert rows["status"].tolist() == ["blocked", "blocked"]
     assert "not a public address" in rows["error"][0]
+    assert ("imgsim: warning: no row gave an image (2 blocked); is 'url' the column of URLs?"
+            in result.stderr)
 
 
 def test_run_names_must_match_the_csvs(tmp_path):
     csv = tmp_path / "in.csv"
     csv.write_text("id,url\n1,a.jpg\n")
-    assert_usage_error(imgsim("run", csv, "--names", "a", "b", "--store", tmp_path), "--names needs 1")
+    assert_usage_error(imgsim("run", csv, "--names", "a,b", "--store", tmp_path), "--names needs 1")
+    assert_usage_error(imgsim("run", csv, csv, "--names", "a", "--store", tmp_path),
+                       "--names needs 2 name(s), got 1")
+
+
+def test_plain_imgsim_prints_its_help():
+    result = imgsim()
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout.startswith("Usage: ") and "  dedupe  " in result.stdout
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["extract", "in.csv", "--name", "a", "--schemes", ""], "--schemes': name at least one"),
+    (["extract", "in.csv", "--name", "a", "--schemes", " , "], "--schemes': name at least one"),
+    (["extract", "in.csv", "--name", "a", "--scheduler", "tcp://127.0.0.1:1",
+      "--scheduler-file", "s.json"], "--scheduler and --scheduler-file both name a scheduler"),
+    (["extract", "in.csv", "--name", "a", "--scheduler", "tcp://127.0.0.1:1", "--workers", "2"],
+     "--workers sizes the local cluster; a remote scheduler's cluster has its own workers"),
+])
+def test_options_that_contradict_themselves_are_refused(tmp_path, args, fragment):
+    (tmp_path / "in.csv").write_text("id,url\n1,a.jpg\n")
+    assert_usage_error(imgsim(*args, "--store", tmp_path / "store", cwd=tmp_path), fragment)
+    assert not (tmp_path / "store").exists()

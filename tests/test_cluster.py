@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dask
+import pytest
 from distributed import Client
 
-from imgsim_dask.cluster import GPU, NET, cluster_workers, workers_with
+from imgsim_dask.cluster import GPU, NET, cluster_workers, connect, workers_with
+from imgsim_dask.errors import InputError
 
 
 def test_worker_reads_never_come_back_empty(client):
@@ -17,3 +19,12 @@ def test_worker_reads_never_come_back_empty(client):
         assert set(counts) == {2}
         assert len(workers_with(fast_refresh, GPU)) == 1
         assert len(workers_with(fast_refresh, NET)) == 1
+
+
+def test_workers_with_a_configured_scheduler_is_refused_before_connecting():
+    """--workers sizes only the local cluster; DASK_SCHEDULER_ADDRESS (Dask's config) sends
+    the run elsewhere, so asking for both is a mistake worth one line, not a silent choice."""
+    with dask.config.set({"scheduler-address": "tcp://127.0.0.1:1"}):
+        with pytest.raises(InputError, match=r"scheduler at tcp://127\.0\.0\.1:1 \(Dask's config\)"):
+            with connect(workers=2):
+                pass

@@ -98,6 +98,13 @@ def test_self_match_groups(client, tmp_path):
     assert groups == {1: 1, 4: 1, 2: 2}
     assert {"s_a_id", "s_b_id", "group"} <= set(result.pairs.columns)
     assert result.rows1_matched == 5  # rows 1, 2, 4, 7, 8, whichever side they are on
+    # within one source a pair claims a near-duplicate: --top-k alone keeps the model's
+    # threshold (0.845), so rows with no copy are not grouped with their nearest neighbour
+    nearest = match_sources("s", "s", str(tmp_path), top_k=1, client=client)
+    assert set(zip(nearest.pairs["row_a"], nearest.pairs["row_b"])) <= pairs
+    assert set(nearest.pairs["row_a"]) | set(nearest.pairs["row_b"]) == {1, 2, 4, 7, 8}
+    anything = match_sources("s", "s", str(tmp_path), top_k=1, threshold=-1, client=client)
+    assert set(anything.pairs["row_a"]) | set(anything.pairs["row_b"]) == set(range(9))
     assert result.summary().startswith("4 pairs; 5 rows of s matched; 2 groups, 3 rows are "
                                        "extra copies;")
 
@@ -120,6 +127,16 @@ def test_bad_match_requests(client, sources, tmp_path):
         match_sources("a", "zz", str(store), client=client)
     with pytest.raises(InputError, match="does not exist"):
         match_sources("a", "b", str(store), out=tmp_path / "no" / "dir.csv", client=client)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(InputError, match="afile is not a directory"):
+        match_sources("a", "b", str(store), out=tmp_path / "afile" / "x.csv", client=client)
+    csv = tmp_path / "b.csv"  # as if b had been extracted from it
+    csv.write_text("id,url\n")
+    meta = json.loads((store / "b" / "meta.json").read_text())
+    (store / "b" / "meta.json").write_text(json.dumps({**meta, "csv": str(csv)}))
+    with pytest.raises(InputError, match="is the CSV a source was extracted from"):
+        match_sources("a", "b", str(store), out=str(csv), client=client)
+    assert csv.read_text() == "id,url\n"
 
 
 def test_colliding_column_names_are_refused_before_scoring(client, sources, monkeypatch):
@@ -145,6 +162,7 @@ def test_colliding_column_names_are_refused_before_scoring(client, sources, monk
         (["match", "a", "nope"], "no source named 'nope'"),
         (["match", "a", "b", "--thresh", "2"], "outside [-1, 1]"),
         (["match", "a", "b", "--out", "/proc/forbidden/x.parquet"], "does not exist"),
+        (["match", "a", "b", "--out", "/proc/x.parquet"], "cannot write in /proc: "),
         (["match", "a", "b", "--out", "x.txt"], "use a .csv or .parquet"),
         (["match", "a", "wide"], "extract both with one model"),
         (["match", "a", "tuned"], "(weights: file test, sha256 x) with tuned (weights: file test,"

@@ -129,10 +129,18 @@ def test_resume_never_deletes_a_store_it_did_not_plan(client, many_rows_csv, tmp
     """A directory without plan.json (older version, or not ours) is refused, not wiped."""
     (tmp_path / "books").mkdir()
     (tmp_path / "books" / "keep.txt").write_text("mine")
-    with pytest.raises(StoreError, match="has no plan.json"):
+    with pytest.raises(StoreError, match="books is not an imgsim source .*, so neither --resume "
+                                         "nor --overwrite touches it: move it away"):
         extract(str(many_rows_csv), "books", str(tmp_path), client=client, weights="random",
                 resume=True)
+    with pytest.raises(StoreError, match="books is not an imgsim source"):
+        open_store(tmp_path, "books")
     assert (tmp_path / "books" / "keep.txt").read_text() == "mine"
+    (tmp_path / "books" / "keep.txt").unlink()  # an empty folder may become a source
+    (tmp_path / "books" / "meta.json").write_text("{}")  # a source before plan.json existed
+    with pytest.raises(StoreError, match="has no plan.json .*; pass --overwrite"):
+        extract(str(many_rows_csv), "books", str(tmp_path), client=client, weights="random",
+                resume=True)
 
 
 def test_overwrite_never_deletes_a_directory_that_is_not_a_source(client, many_rows_csv,
