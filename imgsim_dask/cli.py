@@ -178,8 +178,9 @@ def _print_summary(source) -> None:
                f"{meta['images_per_second']} images/s -> {source.path}")
     if meta["rows"] and not meta["status_counts"].get("ok"):
         status, count = max(meta["status_counts"].items(), key=lambda item: item[1])
-        click.echo(f"imgsim: warning: no row gave an image ({count} {status}); is "
-                   f"{meta['url_col']!r} the column of URLs? (--url-col)", err=True)
+        hint = f"; is {meta['url_col']!r} the column of URLs? (--url-col)" \
+            if status in ("not_found", "bad_url") else ""
+        click.echo(f"imgsim: warning: no row gave an image ({count} {status}){hint}", err=True)
     stages = meta.get("stages")
     if stages:
         fetch, embed = stages["fetch"], stages["embed"]

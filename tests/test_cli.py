@@ -140,8 +140,7 @@ def test_fetch_policy_flags_reach_the_workers(tmp_path, http_server):
     rows = open_store(tmp_path / "store", "guarded").rows()
     assert rows["status"].tolist() == ["blocked", "blocked"]
     assert "not a public address" in rows["error"][0]
-    assert ("imgsim: warning: no row gave an image (2 blocked); is 'url' the column of URLs?"
-            in result.stderr)
+    assert "imgsim: warning: no row gave an image (2 blocked)\n" in result.stderr
 
 
 def test_run_names_must_match_the_csvs(tmp_path):
@@ -170,3 +169,13 @@ def test_options_that_contradict_themselves_are_refused(tmp_path, args, fragment
     (tmp_path / "in.csv").write_text("id,url\n1,a.jpg\n")
     assert_usage_error(imgsim(*args, "--store", tmp_path / "store", cwd=tmp_path), fragment)
     assert not (tmp_path / "store").exists()
+
+
+def test_a_wrong_url_column_is_named_when_no_row_gives_an_image(tmp_path):
+    (tmp_path / "in.csv").write_text("id,url\nimg1,a.jpg\nimg2,b.jpg\n")
+    result = imgsim("extract", "in.csv", "--name", "ids", "--url-col", "id", "--store",
+                    tmp_path / "store", "--weights", "random", "--no-progress", "--workers", "1",
+                    cwd=tmp_path)
+    assert result.returncode == 0, result.stderr  # the rows are accounted for, as not_found
+    assert ("imgsim: warning: no row gave an image (2 not_found); is 'id' the column of URLs? "
+            "(--url-col)") in result.stderr
