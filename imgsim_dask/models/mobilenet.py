@@ -1,13 +1,21 @@
-"""MobileNet v1 (alpha 1.0, 224, no top, global average pooling): the original's 1024-d features."""
+"""MobileNet v1 (alpha 1.0, 224, no top, global average pooling): the original's 1024-d features.
+
+Keras is imported only to build the model or download its weights, so the driver can check
+a weights file against `weight_shapes` without TensorFlow.
+"""
 
 from __future__ import annotations
 
-import keras
-from keras import layers
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import keras
 
 IMAGE_SIZE = 224
 WEIGHTS_FILE = "mobilenet_1_0_224_tf_no_top.h5"
 WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet/" + WEIGHTS_FILE
+# output channels of the 13 depthwise-separable blocks
+_BLOCK_CHANNELS = (64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024)
 
 
 def build_mobilenet(weights_path: str | None) -> keras.Model:
@@ -17,6 +25,9 @@ def build_mobilenet(weights_path: str | None) -> keras.Model:
     can ship uint8 pixels and never hold float copies. `weights_path=None` keeps the
     (seeded) random initialisation.
     """
+    import keras
+    from keras import layers
+
     backbone = keras.applications.MobileNet(
         input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3), alpha=1.0, include_top=False,
         weights=None, pooling="avg",
@@ -28,6 +39,19 @@ def build_mobilenet(weights_path: str | None) -> keras.Model:
     return keras.Model(pixels, backbone(scaled), name="imgsim_mobilenet")
 
 
+def weight_shapes() -> list[tuple[int, ...]]:
+    """The shapes of the backbone's weights in Keras order, computed without Keras: each
+    convolution's kernel, then its batch norm's gamma, beta, moving mean and variance."""
+    shapes: list[tuple[int, ...]] = [(3, 3, 3, 32)] + [(32,)] * 4
+    cin = 32
+    for cout in _BLOCK_CHANNELS:
+        shapes += [(3, 3, cin, 1)] + [(cin,)] * 4 + [(1, 1, cin, cout)] + [(cout,)] * 4
+        cin = cout
+    return shapes
+
+
 def download_weights() -> str:
     """Fetch the ImageNet weights into the Keras cache (needs internet); return the path."""
+    import keras
+
     return keras.utils.get_file(WEIGHTS_FILE, WEIGHTS_URL, cache_subdir="models")
