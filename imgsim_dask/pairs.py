@@ -127,8 +127,10 @@ def _check_compatible(first: FeatureStore, second: FeatureStore) -> None:
     if (a["model"], a["dim"]) != (b["model"], b["dim"]):
         raise InputError(f"cannot match {first.name} ({a['model']}, {a['dim']}-d) with "
                          f"{second.name} ({b['model']}, {b['dim']}-d): extract both with one model")
+    # where a side has no hash (random weights, or package weights stored before they had
+    # one), the descriptions decide
     hashes = a.get("weights_sha256") or "", b.get("weights_sha256") or ""
-    if hashes[0] != hashes[1] or not any(hashes) and a["weights"] != b["weights"]:
+    if not (hashes[0] == hashes[1] if all(hashes) else a["weights"] == b["weights"]):
         def described(meta: dict, sha256: str) -> str:
             return f"{meta['weights']}, sha256 {sha256[:12]}" if sha256 else meta["weights"]
 

@@ -121,6 +121,9 @@ def test_bad_match_requests(client, sources, tmp_path):
             match_sources("a", other, str(store), client=client)
     make_source(store, "random2", b, weights=("random (seed 1234)", ""))
     assert len(match_sources("random", "random2", str(store), top_k=1, client=client).pairs) == 6
+    make_source(store, "old", a, weights=("package p (w.pth)", ""))  # before it had a hash
+    make_source(store, "new", b, weights=("package p (w.pth)", "5793"))
+    assert len(match_sources("old", "new", str(store), top_k=1, client=client).pairs) == 6
     with pytest.raises(InputError, match=r"outside \[-1, 1\]"):
         match_sources("a", "b", str(store), threshold=1.5, client=client)
     with pytest.raises(StoreError, match="no source named 'zz'"):
