@@ -132,7 +132,7 @@ def _run(client: Client, source: CsvSource, name: str, store: str, options: Extr
         logger.info("%s: already complete in %s, nothing to do", name, store)
         return FeatureStore(writer.path)
     todo = [k for k in range(len(plan)) if k not in writer.done] + sorted(retry)
-    if writer.done:
+    if writer.done and len(writer.done) < len(plan):
         logger.info("%s: resuming, %d of %d partitions already written", name,
                     len(writer.done), len(plan))
     plugin = ModelPlugin(weights, options.runtime)
