@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
@@ -92,8 +93,10 @@ def local_cluster(fetch_workers: int | None = None,
             "resources": {NET: FETCH_THREADS_PER_WORKER}}}
     scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1",
                                               "dashboard_address": dashboard_address}}
-    return SpecCluster(workers=workers, scheduler=scheduler, name="imgsim",
-                       silence_logs=logging.ERROR)
+    with warnings.catch_warnings():  # a busy 8787 moves the dashboard; its link is logged
+        warnings.filterwarnings("ignore", message="Port .* is already in use")
+        return SpecCluster(workers=workers, scheduler=scheduler, name="imgsim",
+                           silence_logs=logging.ERROR)
 
 
 @contextmanager

@@ -292,7 +292,7 @@ def _progress_bar(enabled: bool, total: int, desc: str, initial: int, position: 
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, unit="row", desc=desc, position=position,
-                disable=not enabled,
+                disable=None if enabled else True,  # None: off where stderr is no terminal
                 dynamic_ncols=True, smoothing=0.05)
 
 

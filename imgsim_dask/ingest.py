@@ -358,7 +358,8 @@ def parse_block(block: bytes, more: list[bytes], source: CsvSource, rows: int,
         if len(fields) == width:
             errors.append("")
         else:
-            errors.append(f"row has {len(fields)} fields, {reference} {width}")
+            count = f"{len(fields)} field" + ("" if len(fields) == 1 else "s")
+            errors.append(f"row has {count}, {reference} {width}")
             fields = (fields + [""] * width)[:width]
         fields_of_rows.append(fields)
     frame = pd.DataFrame(fields_of_rows, columns=list(source.names), dtype=object)

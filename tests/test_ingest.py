@@ -96,7 +96,8 @@ def test_ragged_rows_are_kept_and_flagged(tmp_path, text):
     assert frame["url"].tolist() == ["a", "b", "", "c"]
     ragged = {0: 3, 2: 1, 3: 4} if "a,extra" in text else {1: 3, 2: 1, 3: 4}
     assert frame[INGEST_ERROR].tolist() == [
-        f"row has {ragged[i]} fields, the header 2" if i in ragged else "" for i in range(4)]
+        f"row has {ragged[i]} field{'' if ragged[i] == 1 else 's'}, the header 2" if i in ragged
+        else "" for i in range(4)]
 
 
 def test_reserved_column_names_are_refused(tmp_path):

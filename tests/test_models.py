@@ -27,8 +27,9 @@ def test_specs():
         get_spec("resnet")
 
 
-def test_download_failure_names_every_way_out(tmp_path, monkeypatch):
-    """No cache, no path, no network: one line naming --weights, the cache path and the offline model.
+def test_download_failure_names_every_way_out(tmp_path, monkeypatch, capfd):
+    """No cache, no path, no network: one line naming the cause, --weights, the cache path and
+    the offline model; Keras' "Downloading data from" goes to stderr, not into stdout.
 
     The resolver is patched, so the attempted download never leaves this process.
     """
@@ -47,6 +48,8 @@ def test_download_failure_names_every_way_out(tmp_path, monkeypatch):
     assert "\n" not in message
     for hint in ("--weights PATH", str(tmp_path / "models"), "--model efficientnet-lite0"):
         assert hint in message
+    assert "download failed: [Errno -2] Name or service not known)" in message
+    assert capfd.readouterr().out == ""
 
 
 def unit(x) -> np.ndarray:

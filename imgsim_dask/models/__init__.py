@@ -178,8 +178,11 @@ def _mobilenet_default() -> Weights:
 
     try:
         downloaded = Path(download_weights())
-    except Exception as exc:  # Keras wraps every network failure differently
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][-120:]
+    except Exception as exc:  # Keras wraps every network failure differently: the root says why
+        root = exc
+        while root.__cause__ or root.__context__:
+            root = root.__cause__ or root.__context__
+        reason = " ".join(str(root).split())[:160] or type(root).__name__
         raise WeightsError(
             f"MobileNet ImageNet weights unavailable (download failed: {reason}); provide them "
             f"with --weights PATH, or put {WEIGHTS_FILE} in {cached.parent}, or use "

@@ -6,6 +6,8 @@ a weights file against `weight_shapes` without TensorFlow.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -54,4 +56,5 @@ def download_weights() -> str:
     """Fetch the ImageNet weights into the Keras cache (needs internet); return the path."""
     import keras
 
-    return keras.utils.get_file(WEIGHTS_FILE, WEIGHTS_URL, cache_subdir="models")
+    with contextlib.redirect_stdout(sys.stderr):  # Keras prints its progress to stdout
+        return keras.utils.get_file(WEIGHTS_FILE, WEIGHTS_URL, cache_subdir="models")
