@@ -90,8 +90,9 @@ def _tls_args(certs, role: str) -> list[str]:
             "--tls-key", str(certs[f"{role}-key"])]
 
 
-def client_options(certs, scheduler_file: Path, **fields) -> ClusterOptions:
-    return ClusterOptions(scheduler_file=str(scheduler_file), tls_ca_file=str(certs["ca"]),
+def client_options(certs, scheduler_file: Path | None, **fields) -> ClusterOptions:
+    return ClusterOptions(scheduler_file=str(scheduler_file) if scheduler_file else None,
+                          tls_ca_file=str(certs["ca"]),
                           tls_cert=str(certs["client"]), tls_key=str(certs["client-key"]),
                           **fields)
 
@@ -181,7 +182,7 @@ def test_clients_without_the_cluster_certificate_are_refused(tls_cluster, certs)
         with connect(options=ClusterOptions(scheduler=address)):
             pass
     with pytest.raises(ImgsimError, match="is not tls://"):
-        with connect(options=client_options(certs, tls_cluster.scheduler_file,
+        with connect(options=client_options(certs, None,
                                             scheduler=address.replace("tls://", "tcp://"))):
             pass
     impostor = Security(tls_ca_file=str(certs["ca"]), tls_client_cert=str(certs["impostor"]),
