@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -84,7 +86,9 @@ def local_cluster(fetch_workers: int | None = None,
     count = fetch_workers if fetch_workers is not None else max(1, (os.cpu_count() or 2) // 2)
     if count < 1:
         raise ImgsimError("--workers must be at least 1")
-    common = {"host": "127.0.0.1", "dashboard": False, "silence_logs": logging.ERROR}
+    common = {"host": "127.0.0.1", "dashboard": False, "silence_logs": logging.ERROR,
+              "preload": [*dask.config.get("distributed.worker.preload", []),
+                          "imgsim_dask.workerinit"]}  # the workers leave Ctrl-C to the driver
     workers = {"model": {"cls": Nanny, "options": {**common, "nthreads": 1,
                                                    "resources": {GPU: 1}}}}
     for i in range(count):
@@ -126,7 +130,8 @@ def connect(scheduler: str | None = None, client: Client | None = None,
             if options.security():
                 raise ImgsimError("--tls-ca-file/--tls-cert/--tls-key are for a remote scheduler: "
                                   "pass --scheduler tls://HOST:PORT or --scheduler-file too")
-            cluster = stack.enter_context(local_cluster(options.workers))
+            with _hold_sigint():  # Ctrl-C here would leave a half-started cluster behind
+                cluster = stack.enter_context(local_cluster(options.workers))
             active = stack.enter_context(Client(cluster))
             try:
                 active.wait_for_workers(len(cluster.worker_spec), timeout="120s")
@@ -139,6 +144,34 @@ def connect(scheduler: str | None = None, client: Client | None = None,
         yield active
     if report:
         logger.info("performance report: %s", report)
+
+
+@contextmanager
+def _hold_sigint() -> Iterator[None]:
+    """Hold a Ctrl-C until the block ends, then raise it; a second Ctrl-C raises at once.
+
+    Dask gives no handle on a `SpecCluster` interrupted while it starts: its scheduler and
+    worker processes went on starting, and its atexit hook failed to close them (an
+    `AssertionError: Status.init` traceback after the "interrupted" line).
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield  # not ours to change: a thread, an ignored SIGINT, a caller's own handler
+        return
+    held: list[int] = []
+
+    def hold(signum, frame):
+        if held:
+            raise KeyboardInterrupt
+        held.append(signum)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
 
 
 def _report_path(path: str) -> Path:

@@ -204,8 +204,15 @@ def _run(client: Client, source: CsvSource, name: str, store: str, options: Extr
             progress.set_postfix(failed=_failed(counts), refresh=False)
             submit_next()
     except BaseException as exc:
-        # stop the work still queued (on a shared cluster it would go on fetching)
-        client.cancel([future for future, _ in pending.values()] + list(block_futures.values()))
+        # stop the work still queued (on a shared cluster it would go on fetching). Cancel the
+        # embed futures only: nothing depends on them, and the scheduler then releases their
+        # fetch and rows tasks. Cancelling a CSV block future too made the scheduler recurse
+        # into its dependents, rows tasks no client holds, and fail `assert ts.who_wants`
+        # (Scheduler.stimulus_cancel): tracebacks, and this client's stream dropped. The
+        # blocks are only released.
+        client.cancel([future for future, _ in pending.values()])
+        for block_future in block_futures.values():
+            block_future.release()
         if isinstance(exc, KeyboardInterrupt):
             logger.warning("%s: interrupted with %d of %d partitions written; continue with "
                            "--resume", name, len(writer.done), len(plan))

@@ -7,6 +7,7 @@ while a remote cluster keeps running.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -83,6 +84,35 @@ def test_driver_killed_then_resumed_equals_clean_run(client, many_rows_csv, clea
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming, {written} of {total} partitions already written" in resumed.stderr
+    assert_same_store(open_store(store, "books"), clean)
+
+
+def test_ctrl_c_in_a_terminal_stops_in_one_line_then_resumes(many_rows_csv, clean, tmp_path):
+    """A terminal's Ctrl-C reaches the driver and its local cluster's workers (one process
+    group): the driver cancels the run and says how to continue, without a traceback from
+    the scheduler (cancelling the CSV blocks once failed `assert ts.who_wants` there) or
+    from the workers (they leave SIGINT to the driver)."""
+    store = tmp_path / "store"
+    total = ROWS // PARTITION_ROWS
+    command = [*extract_command(many_rows_csv, store, ""), "--workers", "1"]
+    command.remove("--scheduler")
+    command.remove("")
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    deadline = time.monotonic() + 180
+    while written_parts(store) < 2 and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(driver.pid, signal.SIGINT)
+    _, stderr = driver.communicate(timeout=120)
+    written = written_parts(store)
+    assert driver.returncode == 130, stderr
+    assert 2 <= written < total, f"the Ctrl-C should land mid-run, {written} of {total} written"
+    assert f"interrupted with {written} of {total} partitions written; continue with --resume" \
+        in stderr
+    assert "Traceback" not in stderr and "Error" not in stderr, stderr
+
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
     assert_same_store(open_store(store, "books"), clean)
 
 
