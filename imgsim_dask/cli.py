@@ -50,7 +50,7 @@ csv_options = _options(
                                 "all)."),
     click.option("--url-col", help="Column holding the image URL or path [default: last kept "
                                    "column]."),
-    click.option("--id-col", help="Column identifying a row [default: first column]."),
+    click.option("--id-col", help="Column identifying a row [default: first kept column]."),
 )
 model_options = _options(
     click.option("--model", default="mobilenet", show_default=True,

@@ -454,7 +454,8 @@ def match_features(a: Any, b: Any, options: MatchOptions | None = None, *,
         if expected > options.max_pairs:
             raise ImgsimError(
                 f"about {expected:,} pairs expected, more than --max-pairs {options.max_pairs:,}: "
-                f"raise --thresh or use --top-k (or raise --max-pairs)")
+                f"raise --thresh{'' if options.top_k else ' or use --top-k'} (or raise "
+                f"--max-pairs)")
     if n == 0 or m == 0:
         return pairs_frame(*_empty())
     if client is None:

@@ -195,6 +195,8 @@ def test_top_k_beyond_b_costs_no_memory_and_changes_nothing():
     assert_same(match_features(a, b, MatchOptions(top_k=10 ** 12)), huge, exact=False)
     # --max-pairs bounds top-k by n x min(k, m): 500 pairs here, however large k is
     assert len(match_features(a, b, MatchOptions(top_k=100, max_pairs=500))) == 500
+    with pytest.raises(ImgsimError, match=r"more than --max-pairs 499: raise --thresh \(or raise"):
+        match_features(a, b, MatchOptions(top_k=100, max_pairs=499))  # --top-k is already set
 
 
 def test_top_k_over_many_tied_columns_stays_in_bounded_memory():
