@@ -123,9 +123,14 @@ def _csv_kwargs(kw: dict) -> dict:
 
 
 def _cluster_options(kw: dict):
-    """Pop the cluster options."""
+    """Pop the cluster options; two that name a scheduler (or one and --workers) conflict."""
     from .cluster import ClusterOptions
 
+    if kw["scheduler"] and kw["scheduler_file"]:
+        raise click.UsageError("--scheduler and --scheduler-file both name a scheduler; pass one")
+    if kw["workers"] and (kw["scheduler"] or kw["scheduler_file"]):
+        raise click.UsageError("--workers sizes the local cluster; a remote scheduler's cluster "
+                               "has its own workers: drop --workers")
     return ClusterOptions(
         scheduler=kw.pop("scheduler"), scheduler_file=kw.pop("scheduler_file"),
         workers=kw.pop("workers"), tls_ca_file=kw.pop("tls_ca_file"),

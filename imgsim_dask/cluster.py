@@ -56,13 +56,6 @@ class ClusterOptions:
     wait_workers: float = 0.0
     report: str | None = None
 
-    def __post_init__(self) -> None:
-        if self.scheduler and self.scheduler_file:
-            raise InputError("--scheduler and --scheduler-file both name a scheduler; pass one")
-        if self.workers and (self.scheduler or self.scheduler_file):
-            raise InputError("--workers sizes the local cluster; a remote scheduler's cluster "
-                             "has its own workers: drop --workers")
-
     def security(self) -> Security | None:
         """Dask `Security` for the client from the TLS files, or None (Dask's config applies)."""
         files = {"--tls-ca-file": self.tls_ca_file, "--tls-cert": self.tls_cert,
@@ -108,7 +101,8 @@ def connect(scheduler: str | None = None, client: Client | None = None,
             workers: int | None = None, options: ClusterOptions | None = None) -> Iterator[Client]:
     """A client: the one given, one for a remote scheduler, or one for a new local cluster.
 
-    `scheduler` and `workers` override the fields of `options`. A client this opens logs the
+    `scheduler` and `workers` override the fields of `options` (a scheduler wins over a
+    scheduler file; `workers` with any scheduler is refused: it sizes a local cluster). A client this opens logs the
     dashboard link and, with `options.report`, writes Dask's performance report on exit; a
     client given is used as it is (its owner reports).
     """
@@ -121,9 +115,9 @@ def connect(scheduler: str | None = None, client: Client | None = None,
     report = _report_path(options.report) if options.report else None
     with ExitStack() as stack:
         address = _remote_address(options)
-        if address and options.workers:  # the scheduler came from DASK_SCHEDULER_ADDRESS
+        if address and options.workers:
             raise InputError(f"--workers sizes the local cluster, but the run goes to the "
-                             f"scheduler at {address} (Dask's config); drop --workers")
+                             f"scheduler at {address}, whose workers are its own; drop --workers")
         if address:
             active = stack.enter_context(_remote_client(address, options))
         else:

@@ -120,7 +120,7 @@ def _run(client: Client, source: CsvSource, name: str, store: str, options: Extr
                          options.overwrite, options.resume)
     done_rows = writer.done_rows()
     retry: dict[int, list[int]] = {}  # partition -> its rows to fetch again
-    if options.retry_failed:
+    if options.retry_failed or writer.retrying:  # (an interrupted retry goes on as one)
         failed = done_rows.loc[done_rows["status"].isin(TRANSIENT_STATUSES), "row"]
         for row in failed.astype(int):
             retry.setdefault(row // options.partition_rows, []).append(row)
@@ -214,8 +214,9 @@ def _run(client: Client, source: CsvSource, name: str, store: str, options: Extr
         for block_future in block_futures.values():
             block_future.release()
         if isinstance(exc, KeyboardInterrupt):
-            logger.warning("%s: interrupted with %d of %d partitions written; continue with "
-                           "--resume", name, len(writer.done), len(plan))
+            done = "while retrying failed rows" if retry else \
+                f"with {len(writer.done)} of {len(plan)} partitions written"
+            logger.warning("%s: interrupted %s; continue with --resume", name, done)
         raise
     finally:
         fetch_bar.close()
@@ -260,7 +261,8 @@ def _plan(source: CsvSource, options: ExtractOptions, weights: Weights, n_rows: 
     fetch = {key: getattr(options.fetch, key) for key in (
         "schemes", "public_only", "allow_link_local", "root", "max_bytes", "max_pixels")}
     return {**csv, "rows": n_rows, "dim": dim, "partition_rows": options.partition_rows,
-            "model": options.model, "weights": weights.sha256 or weights.source,
+            "model": options.model,  # a file's hash; random or package weights by name
+            "weights": weights.sha256 if weights.data is not None else weights.source,
             "fetch": {k: list(v) if isinstance(v, tuple) else v for k, v in fetch.items()},
             "fields": list(source.keep), "url_col": source.url_col, "id_col": source.id_col,
             "delimiter": source.delimiter, "header": source.header}

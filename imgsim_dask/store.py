@@ -33,6 +33,7 @@ FEATURES = "features.zarr"
 ROWS = "rows.parquet"
 META = "meta.json"
 PLAN = "plan.json"
+RETRYING = "retrying"  # present while rows of a source are being written again
 DEFAULT_STORE = "imgsim-store"
 
 
@@ -176,6 +177,7 @@ class StoreWriter:
         self.chunk_rows = int(plan["partition_rows"])
         self.done: set[int] = set()
         self.complete = False
+        self.retrying = False
         if resume and (self.path / PLAN).is_file():
             self._reopen(plan)
             return
@@ -221,6 +223,7 @@ class StoreWriter:
                              f"{key} {before.get(key)!r}, now {plan.get(key)!r}; pass --overwrite "
                              f"to start over, or use another --name")
         self.complete = (self.path / META).is_file()
+        self.retrying = (self.path / RETRYING).is_file()
         if not self.complete:
             for stray in (self.path / ROWS).glob(".*"):  # temporary files of an interrupted write
                 stray.unlink()
@@ -228,9 +231,13 @@ class StoreWriter:
         self.done = {int(part.stem.split("-")[1]) for part in (self.path / ROWS).glob("part-*.parquet")}
 
     def reopen(self) -> None:
-        """Unseal a complete source so that some of its rows can be written again."""
+        """Unseal a source so that some of its rows can be written again. Until it is sealed,
+        `retrying` stays set, also for a later `--resume`: a row rewritten by halves (its
+        features, not yet its status) is then fetched again, never sealed as it is."""
+        (self.path / RETRYING).touch()
         (self.path / META).unlink(missing_ok=True)  # incomplete until sealed again
         self.complete = False
+        self.retrying = True
 
     def done_rows(self) -> pd.DataFrame:
         """`row` and `status` of the partitions already written (empty for a fresh source)."""
@@ -247,7 +254,8 @@ class StoreWriter:
     def rewrite_rows(self, index: int, features: np.ndarray, rows: pd.DataFrame) -> None:
         """Replace some rows of written partition `index` (`rows["row"]` names them), keeping
         the others as stored. A crash between the two writes leaves a rewritten row's new
-        features beside its old (transient) status, which the next retry rewrites again."""
+        features beside its old (transient) status, which the next run rewrites again
+        (`retrying` is still set)."""
         stored = pd.read_parquet(self.path / ROWS / f"part-{index:05d}.parquet")
         start = index * self.chunk_rows
         chunk = self.features[start:start + len(stored)]
@@ -271,6 +279,7 @@ class StoreWriter:
         """Seal the source: after this it opens as complete."""
         try:
             atomic_write(self.path / META, lambda tmp: Path(tmp).write_text(_dumps(meta)))
+            (self.path / RETRYING).unlink(missing_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot write {self.path / META}: {exc.strerror or exc}; fix it, "
                              "then continue with --resume") from None

@@ -172,6 +172,14 @@ def test_package_weights_are_hashed_and_checked_without_tensorflow(tmp_path):
     with open(lite.checkpoint_path(), "rb") as f:
         assert weights.sha256 == hashlib.file_digest(f, "sha256").hexdigest()
     assert resolve_weights("efficientnet-lite0", "random").sha256 == ""
+    # resume compares plans: package weights stay planned by name, as before they had a hash,
+    # so a source started before can still be resumed
+    from imgsim_dask.driver import ExtractOptions, _plan
+    from imgsim_dask.ingest import inspect_csv
+
+    (tmp_path / "in.csv").write_text("id,url\n1,a.jpg\n")
+    source = inspect_csv(str(tmp_path / "in.csv"))
+    assert _plan(source, ExtractOptions(), weights, 1, 1280)["weights"] == weights.source
     (tmp_path / "some.jpg").write_bytes(b"\xff\xd8\xff\xe0 not weights")
     check = (
         "import sys\n"

@@ -21,6 +21,7 @@ import pytest
 import zarr
 
 from imgsim_dask import ExtractOptions, extract, open_store
+from imgsim_dask import store as store_module
 from imgsim_dask.errors import StoreError
 from imgsim_dask.fetch import FetchOptions
 
@@ -216,7 +217,8 @@ def test_run_reuses_a_source_only_for_the_same_csv(client, many_rows_csv, tmp_pa
         run(str(csv), client=client, store=str(tmp_path / "store"), top_k=1, options=options)
 
 
-def test_retry_failed_refetches_only_transient_failures(client, image_dir, tmp_path):
+def test_retry_failed_refetches_only_transient_failures(client, image_dir, tmp_path,
+                                                        monkeypatch):
     """Rows that met a 503 are fetched again once the server recovers, and only they: a row
     stored `ok` keeps its features even if its URL has gone since. On a source whose driver
     died (no meta.json, a partition missing), the retry also finishes the extraction."""
@@ -276,10 +278,31 @@ def test_retry_failed_refetches_only_transient_failures(client, image_dir, tmp_p
         finished = extract(str(csv), "broken", str(store), retry_failed=True, **options)
         assert sorted(requests_seen) == ["/flaky/astronaut.jpg", "/flaky/coffee.jpg",
                                          "/missing.jpg", "/rocket.jpg"]
+
+        # a retry interrupted between a partition's features and its part file: the row has
+        # new features beside its old status; a plain --resume must finish the retry
+        down.set()
+        extract(str(csv), "halfway", str(store), **options)
+        down.clear()
+        write = store_module.atomic_write
+
+        def interrupted(path, *args):
+            if Path(path).name == "part-00000.parquet":
+                raise KeyboardInterrupt
+            return write(path, *args)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(store_module, "atomic_write", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                extract(str(csv), "halfway", str(store), retry_failed=True, **options)
+        halfway = zarr.open_array(store / "halfway" / "features.zarr", mode="r")
+        assert not np.isnan(halfway[1]).any()  # coffee's features are in, its status is not
+        finished = extract(str(csv), "halfway", str(store), resume=True, **options)
+        assert not (finished.path / "retrying").exists()
     finally:
         server.shutdown()
         server.server_close()
-    for source in (again, finished):
+    for source in (again, finished, open_store(store, "broken")):
         assert source.rows()["status"].tolist() == ["ok", "ok", "http_404", "ok", "ok", "ok"]
         assert source.meta["status_counts"] == {"http_404": 1, "ok": 5}
         pd.testing.assert_frame_equal(source.rows(), clean.rows())
