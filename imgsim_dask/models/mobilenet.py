@@ -1,26 +1,34 @@
 """MobileNet v1 (alpha 1.0, 224, no top, global average pooling): the original's 1024-d features.
 
 Keras is imported only to build the model or download its weights, so the driver can check
-a weights file against `weight_shapes` without TensorFlow.
+a weights file against `weight_shapes` without TensorFlow. `SPEC` is the model's registry entry.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+from ..errors import WeightsError
+from .spec import ModelSpec
+from .weights import Weights, keras_cache_dir, read_weights_file
 
 if TYPE_CHECKING:
     import keras
 
 IMAGE_SIZE = 224
+FEATURE_DIM = 1024
+BACKBONE = f"mobilenet_1.00_{IMAGE_SIZE}"  # the backbone's layer name, as Keras names it
 WEIGHTS_FILE = "mobilenet_1_0_224_tf_no_top.h5"
-WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet/" + WEIGHTS_FILE
+WEIGHTS_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/mobilenet/"
+               + WEIGHTS_FILE)
 # output channels of the 13 depthwise-separable blocks
 _BLOCK_CHANNELS = (64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024)
 
 
-def build_mobilenet(weights_path: str | None) -> keras.Model:
+def build_mobilenet(weights_path: str | None = None) -> keras.Model:
     """A model taking raw RGB pixels 0..255 (float32, 224x224) and returning 1024-d features.
 
     MobileNet's preprocessing (scale to [-1, 1]) is the model's first layer, so workers
@@ -32,7 +40,7 @@ def build_mobilenet(weights_path: str | None) -> keras.Model:
 
     backbone = keras.applications.MobileNet(
         input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3), alpha=1.0, include_top=False,
-        weights=None, pooling="avg",
+        weights=None, pooling="avg", name=BACKBONE,
     )
     if weights_path is not None:
         backbone.load_weights(weights_path)
@@ -58,3 +66,37 @@ def download_weights() -> str:
 
     with contextlib.redirect_stdout(sys.stderr):  # Keras prints its progress to stdout
         return keras.utils.get_file(WEIGHTS_FILE, WEIGHTS_URL, cache_subdir="models")
+
+
+def default_weights(spec: ModelSpec) -> Weights:
+    """The ImageNet weights from the Keras cache, downloaded there if missing."""
+    cached = keras_cache_dir() / "models" / WEIGHTS_FILE
+    if cached.is_file():
+        return read_weights_file(spec, cached, f"keras cache {cached}")
+    try:
+        downloaded = Path(download_weights())
+    except Exception as exc:  # Keras wraps every network failure differently
+        root: BaseException = exc  # the root cause says why
+        while (cause := root.__cause__ or root.__context__) is not None:
+            root = cause
+        reason = " ".join(str(root).split())[:160] or type(root).__name__
+        raise WeightsError(
+            f"MobileNet ImageNet weights unavailable (download failed: {reason}); provide them "
+            f"with --weights PATH, or put {WEIGHTS_FILE} in {cached.parent}, or use "
+            "--model efficientnet-lite0 (its weights install offline)"
+        ) from None
+    return read_weights_file(spec, downloaded, f"keras download {downloaded}")
+
+
+def _load_weights(model: keras.Model, path: str | None, suffix: str) -> None:
+    """Load a Keras HDF5 file, in either layout (Keras reads it from the name), into the
+    backbone. MobileNet's default weights are a file, always shipped."""
+    model.get_layer(BACKBONE).load_weights(path)
+
+
+SPEC = ModelSpec(
+    name="mobilenet", dim=FEATURE_DIM, image_size=IMAGE_SIZE, threshold=0.845,
+    summary="MobileNet v1, ImageNet, global average pooling (as the original)",
+    weight_shapes=weight_shapes, default_weights=default_weights, build=build_mobilenet,
+    load_weights=_load_weights,
+)

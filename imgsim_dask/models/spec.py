@@ -1,0 +1,39 @@
+"""What a registered model is: `ModelSpec`, its data and the behaviour its module gives it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import keras
+
+    from .weights import Weights
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model: what it produces, how its similarities read, how its weights are found, checked
+    and loaded. Each model's module defines its own (`SPEC`); only `build` and `load_weights`
+    may import Keras, so the driver uses the rest without TensorFlow."""
+
+    name: str
+    dim: int  # feature dimension
+    image_size: int  # input pixels a side (square)
+    threshold: float  # recommended cosine threshold for "same image"
+    summary: str
+    weight_shapes: Callable[[], list[tuple[int, ...]]]
+    """Every weight shape of the Keras model (no top), in order, computed without Keras."""
+    default_weights: Callable[[ModelSpec], Weights]
+    """The weights used when none are named, found on the driver."""
+    build: Callable[[], keras.Model]
+    """The Keras model, unweighted (on a worker)."""
+    load_weights: Callable[[keras.Model, str | None, str], None]
+    """Load into a built model the weights file at a path, in the format its suffix names
+    (`weights.HDF5`, `weights.KERAS3`, `weights.TORCH`); None: the default weights, which
+    are not shipped."""
+    check_torch_checkpoint: Callable[[Path], None] | None = None
+    """Takes PyTorch checkpoints too: raise WeightsError unless the one at a path fits the
+    model. None: the model takes Keras HDF5 weights only."""
