@@ -1,4 +1,5 @@
-"""Shared fixtures: real images, a real HTTP server on 127.0.0.1, a real local Dask cluster.
+"""Shared fixtures: real images, a real HTTP server on 127.0.0.1, a real local Dask cluster,
+a cluster of `dask scheduler` / `dask worker` processes. The code behind them is in support/.
 
 A guard fails any test whose process tries to connect anywhere but loopback (the worker
 processes of the cluster only ever get 127.0.0.1 URLs from these tests).
@@ -8,14 +9,14 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import threading
-import time
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from support.cluster import ProcessCluster
+from support.http import LoopbackServer
 
 SEED_DEMO = Path(__file__).resolve().parents[2] / "shared" / "seed" / "demo"
 
@@ -72,46 +73,26 @@ def image_dir(tmp_path_factory) -> Path:
     return root
 
 
-class _Handler(SimpleHTTPRequestHandler):
-    """Serves files from the image directory, plus a few fault endpoints."""
-
-    def log_message(self, *args):  # keep test output clean
-        pass
-
-    def do_GET(self):
-        if self.path.startswith("/status/"):
-            code = int(self.path.rsplit("/", 1)[1])
-            self.send_response(code)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        if self.path.startswith("/slow/"):
-            time.sleep(float(self.path.rsplit("/", 1)[1]))
-            self.send_response(200)
-            self.end_headers()
-            return
-        super().do_GET()
-
-
-class _QuietServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request, client_address):  # clients that time out on purpose
-        pass
-
-
 @pytest.fixture(scope="session")
 def http_server(image_dir):
-    """A real HTTP server on 127.0.0.1 serving `image_dir`; yields its base URL."""
-    def handler(*args, **kwargs):
-        return _Handler(*args, directory=str(image_dir), **kwargs)
+    """A real HTTP server on 127.0.0.1 serving `image_dir` (and the fault endpoints of
+    support.http: /status/CODE, /slow/SECONDS, ...); yields its base URL."""
+    with LoopbackServer(image_dir) as server:
+        yield server.base_url
 
-    server = _QuietServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+
+@pytest.fixture
+def image_server(image_dir):
+    """A fresh server of `image_dir` per test (fresh hit counters, `down` and `gone`)."""
+    with LoopbackServer(image_dir) as server:
+        yield server
+
+
+@pytest.fixture
+def fault_server():
+    """A fresh fault server per test (fresh hit counters), keep-alive (HTTP/1.1), no files."""
+    with LoopbackServer(protocol="HTTP/1.1") as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
@@ -125,6 +106,18 @@ def client():
             Client(cluster) as dask_client:
         dask_client.wait_for_workers(2, timeout=120)
         yield dask_client
+
+
+@pytest.fixture
+def process_cluster(tmp_path):
+    """A `dask scheduler` process on 127.0.0.1 (files in `tmp_path`), no workers yet: add
+    them with `process_cluster.add_worker(...)`. Ends its processes after the test."""
+    cluster = ProcessCluster(tmp_path)
+    try:
+        cluster.start_scheduler()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def _save_legacy_h5(model, path):

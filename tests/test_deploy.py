@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ from distributed import Client
 from distributed.security import Security
 
 from imgsim_dask.cluster import cluster_workers
+
+from support.cluster import ProcessCluster
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 CRDS = Path(find_spec("dask_kubernetes").submodule_search_locations[0]) / \
@@ -235,17 +236,13 @@ def test_dockerfile_runs_as_a_user_with_baked_weights_and_gpu_tensorflow():
 # --- Local cluster by hand ---------------------------------------------------------------------
 
 def test_local_recipe_starts_a_tls_cluster_with_both_worker_kinds(made_certs, tmp_path):
-    scheduler_file = tmp_path / "scheduler.json"
     env = {**_env_with_dask_on_path(), "PORT": "0", "DASHBOARD_PORT": "0", "GPUS": "1",
            "FETCH_WORKERS": "1", "FETCH_THREADS": "2"}
-    log = open(tmp_path / "cluster.log", "w")
-    script = subprocess.Popen(["bash", DEPLOY / "local/start-cluster.sh", made_certs,
-                               scheduler_file], env=env, stdout=log, stderr=subprocess.STDOUT)
+    cluster = ProcessCluster(tmp_path, env=env)  # the script starts the scheduler and workers
+    script = cluster.popen(["bash", DEPLOY / "local/start-cluster.sh", made_certs,
+                            cluster.scheduler_file])
     try:
-        deadline = time.monotonic() + 60
-        while not scheduler_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        address = json.loads(scheduler_file.read_text())["address"]
+        address = cluster.wait_for_scheduler()
         assert address.startswith("tls://127.0.0.1:")
         security = Security(tls_ca_file=str(made_certs / "ca.pem"),
                             tls_client_cert=str(made_certs / "client.pem"),
@@ -257,9 +254,7 @@ def test_local_recipe_starts_a_tls_cluster_with_both_worker_kinds(made_certs, tm
             kinds = {w["name"]: (w["resources"], w["nthreads"]) for w in workers}
         assert kinds == {"model-0": ({"GPU": 1}, 1), "fetch-0": ({"NET": 2}, 2)}
     finally:
-        script.send_signal(signal.SIGTERM)
-        script.wait(60)
-        log.close()
+        cluster.stop(timeout=60)  # SIGTERM
     assert script.returncode == 143
 
 

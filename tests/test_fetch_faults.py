@@ -1,205 +1,35 @@
 """Fetching against a real fault-injecting HTTP server on 127.0.0.1, and the address guard.
 
-Every fault ends as its own row status within a bounded time. The link-local / metadata
-guard is tested through a patched resolver: no test sends a packet anywhere but loopback
-(the conftest guard fails any other connect; `connects` below records every attempt).
+Every fault (support/http.py serves them) ends as its own row status within a bounded
+time. The link-local / metadata guard is tested through a patched resolver: no test sends a
+packet anywhere but loopback (the conftest guard fails any other connect; `connects` below
+records every attempt).
 """
 
 from __future__ import annotations
 
-import io
 import os
 import socket
 import ssl
-import struct
 import threading
 import time
-import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import quote
 
-import numpy as np
 import pandas as pd
 import pytest
 import urllib3
-from PIL import Image
 
 from imgsim_dask.errors import InputError
 from imgsim_dask.fetch import OK, FetchOptions, fetch_partition
 from imgsim_dask.safehttp import AddressPolicy, BlockedAddress, GuardedPoolManager
 
+from support.http import HUGE_BYTES, LoopbackServer, jpeg_bytes
+
 METADATA_IP = "169.254.169.254"
-HUGE_BYTES = 256 * 2**20
 CAP_BYTES = 2**20
-
-
-def _jpeg() -> bytes:
-    ramp = np.linspace(0, 255, 64 * 48 * 3).astype(np.uint8).reshape(48, 64, 3)
-    buffer = io.BytesIO()
-    Image.fromarray(ramp).save(buffer, format="JPEG")
-    return buffer.getvalue()
-
-
-def _png_bomb(side: int) -> bytes:
-    """A valid 1-bit PNG of side x side pixels (all black) that compresses to a few KiB."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data)))
-
-    rows = (b"\x00" + bytes((side + 7) // 8)) * side
-    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
-
-
-JPEG = _jpeg()
-BOMB = _png_bomb(12_000)  # 144 M pixels: over Pillow's 89.5 M warning limit, under its error
-
-
-class _FaultServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 64  # every fault of a partition connects at once
-
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), _FaultHandler)
-        self.lock = threading.Lock()
-        self.hits: Counter[str] = Counter()
-        self.sent: Counter[str] = Counter()  # body bytes the kernel accepted, per path
-        self.finished: dict[str, threading.Event] = {}
-        self.stop = threading.Event()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}{path}"
-
-    def handle_error(self, request, client_address):  # clients hang up on purpose
-        pass
-
-
-class _FaultHandler(BaseHTTPRequestHandler):
-    """One fault per path; `server.hits` counts requests per path and query."""
-
-    protocol_version = "HTTP/1.1"  # keep-alive, so that retries may reuse a connection
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        parts = urlsplit(self.path)
-        query = {key: values[0] for key, values in parse_qs(parts.query).items()}
-        with self.server.lock:
-            self.server.hits[self.path] += 1
-            hit = self.server.hits[self.path]
-        getattr(self, "fault_" + parts.path.strip("/").replace("-", "_"))(hit, query)
-
-    def reply(self, code: int, body: bytes = b"", content_type: str = "image/jpeg",
-              headers: dict | None = None):
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def trickle(self, data: bytes):
-        """Send `data` then a byte every 50 ms until the client goes or the server stops."""
-        self.wfile.write(data)
-        while not self.server.stop.wait(0.05):
-            self.wfile.write(b"\x00")
-
-    def fault_image(self, hit, query):
-        self.reply(200, JPEG)
-
-    def fault_missing(self, hit, query):
-        self.reply(404, b"not here", "text/plain")
-
-    def fault_error_then_ok(self, hit, query):
-        self.reply(500, b"oops", "text/plain") if hit == 1 else self.reply(200, JPEG)
-
-    def fault_always_503(self, hit, query):
-        self.reply(503, b"busy", "text/plain")
-
-    def fault_busy_then_ok(self, hit, query):
-        if hit == 1:
-            self.reply(429, b"slow down", "text/plain", {"Retry-After": query["after"]})
-        else:
-            self.reply(200, JPEG)
-
-    def fault_reset_then_ok(self, hit, query):
-        if hit == 1:  # close with RST before any response
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                       struct.pack("ii", 1, 0))
-            self.close_connection = True
-        else:
-            self.reply(200, JPEG)
-
-    def fault_silent(self, hit, query):
-        self.server.stop.wait(30)
-
-    def fault_trickle_headers(self, hit, query):
-        self.trickle(b"HTTP/1.1 200 OK\r\nX-Slow: ")
-
-    def fault_trickle_body(self, hit, query):
-        self.trickle(b"HTTP/1.1 200 OK\r\nContent-Length: 10000000\r\n\r\n" + JPEG[:100])
-
-    def fault_half(self, hit, query):
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(JPEG)))
-        self.end_headers()
-        self.wfile.write(JPEG[: len(JPEG) // 2])
-        self.close_connection = True
-
-    def fault_html(self, hit, query):
-        self.reply(200, b"<!doctype html><html><body>a page, not a photo</body></html>")
-
-    def fault_bomb(self, hit, query):
-        self.reply(200, BOMB, "image/png")
-
-    def fault_odd_length(self, hit, query):
-        """Content-Length '²' (str.isdigit() says yes, int() no): the body runs to the close."""
-        self.send_response(200)
-        self.send_header("Content-Length", "\xb2")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(JPEG)
-        self.close_connection = True
-
-    def fault_huge(self, hit, query):
-        """A body of HUGE_BYTES, close-delimited (no Content-Length) or declared."""
-        self.send_response(200)
-        if query.get("declared"):
-            self.send_header("Content-Length", str(HUGE_BYTES))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-        block = JPEG[:16] + bytes(64 * 1024 - 16)
-        try:
-            while self.server.sent["/huge"] < HUGE_BYTES:
-                self.wfile.write(block)
-                self.server.sent["/huge"] += len(block)
-        finally:
-            self.server.finished.setdefault("/huge", threading.Event()).set()
-
-    def fault_loop(self, hit, query):
-        self.reply(302, b"", "text/plain", {"Location": "/loop"})
-
-    def fault_redirect(self, hit, query):
-        self.reply(302, b"", "text/plain", {"Location": query["to"]})
-
-
-@pytest.fixture
-def server():
-    """A fresh fault server per test (fresh hit counters)."""
-    fault_server = _FaultServer()
-    thread = threading.Thread(target=fault_server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield fault_server
-    fault_server.stop.set()
-    fault_server.shutdown()
-    fault_server.server_close()
+JPEG = jpeg_bytes()  # what the fault server's /image serves
 
 
 @dataclass
@@ -298,17 +128,17 @@ FAULTS = {
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 @pytest.mark.parametrize("fault", FAULTS.values(), ids=FAULTS.keys())
-def test_fault_gets_its_status_in_bounded_time(server, fault):
-    rows, seconds = fetch([server.url(fault.path)], **{**FAST, **fault.options})
+def test_fault_gets_its_status_in_bounded_time(fault_server, fault):
+    rows, seconds = fetch([fault_server.url(fault.path)], **{**FAST, **fault.options})
     row = rows.iloc[0]
     assert row["status"] == fault.status, row["error"]
     assert (row["error"] == "") == (fault.status == OK)
-    assert server.hits[fault.path] == fault.hits
+    assert fault_server.hits[fault.path] == fault.hits
     assert fault.min_seconds <= seconds < fault.max_seconds
 
 
 @pytest.mark.parametrize("declared", [False, True], ids=["streamed", "content-length"])
-def test_body_over_the_cap_is_never_read_past_it(server, monkeypatch, declared):
+def test_body_over_the_cap_is_never_read_past_it(fault_server, monkeypatch, declared):
     read = Counter()
     real_read1 = urllib3.response.HTTPResponse.read1
 
@@ -318,12 +148,13 @@ def test_body_over_the_cap_is_never_read_past_it(server, monkeypatch, declared):
         return data
 
     monkeypatch.setattr(urllib3.response.HTTPResponse, "read1", counting_read1)
-    url = server.url("/huge" + ("?declared=1" if declared else ""))
+    url = fault_server.url("/huge" + ("?declared=1" if declared else ""))
     rows, seconds = fetch([url], **{**FAST, "max_bytes": CAP_BYTES})
     assert rows["status"].tolist() == ["too_large"] and seconds < 2
     assert read["bytes"] <= (0 if declared else CAP_BYTES + 1)
-    assert server.finished.setdefault("/huge", threading.Event()).wait(5)
-    assert server.sent["/huge"] < HUGE_BYTES // 4  # the client hung up; only socket buffers filled
+    assert fault_server.finished.setdefault("/huge", threading.Event()).wait(5)
+    # the client hung up; only socket buffers filled
+    assert fault_server.sent["/huge"] < HUGE_BYTES // 4
 
 
 def test_refused_connection():
@@ -379,20 +210,20 @@ def test_link_local_and_metadata_literals_are_blocked(connects, host):
 @pytest.mark.parametrize("target", ["http://metadata.test/latest/meta-data/",
                                     f"http://{METADATA_IP}/latest/meta-data/",
                                     "file:///etc/passwd"])
-def test_redirect_to_metadata_or_a_file_is_blocked(server, dns, connects, target):
+def test_redirect_to_metadata_or_a_file_is_blocked(fault_server, dns, connects, target):
     dns.answers["metadata.test"] = [METADATA_IP]
-    rows, _ = fetch([server.url(f"/redirect?to={target}")], **FAST)
+    rows, _ = fetch([fault_server.url(f"/redirect?to={target}")], **FAST)
     assert rows["status"].tolist() == ["blocked"]
-    assert sum(server.hits.values()) == 1
+    assert sum(fault_server.hits.values()) == 1
     assert connects and all(address == "127.0.0.1" for address in connects)
 
 
 @pytest.mark.parametrize("target", ["http://[::1/x.jpg", "//[zz]/x.jpg",
                                     "http://127.0.0.1:99999/x.jpg"],
                          ids=["unclosed-bracket", "not-an-ip-in-brackets", "port-out-of-range"])
-def test_malformed_redirect_location_is_bad_url(server, connects, target):
-    urls = [server.url("/image"), server.url("/redirect?to=" + quote(target, safe="")),
-            server.url("/image")]
+def test_malformed_redirect_location_is_bad_url(fault_server, connects, target):
+    urls = [fault_server.url("/image"), fault_server.url("/redirect?to=" + quote(target, safe="")),
+            fault_server.url("/image")]
     rows, _ = fetch(urls, **FAST)
     assert rows["status"].tolist() == [OK, "bad_url", OK]
     assert "malformed redirect Location" in rows.loc[1, "error"]
@@ -400,7 +231,8 @@ def test_malformed_redirect_location_is_bad_url(server, connects, target):
     assert set(connects) == {"127.0.0.1"}
 
 
-def test_host_names_with_empty_or_long_labels_are_bad_url_before_any_lookup(server, monkeypatch):
+def test_host_names_with_empty_or_long_labels_are_bad_url_before_any_lookup(fault_server,
+                                                                          monkeypatch):
     guarded_getaddrinfo = socket.getaddrinfo  # the conftest guard: loopback names only
 
     def getaddrinfo(host, *args, **kwargs):
@@ -409,17 +241,17 @@ def test_host_names_with_empty_or_long_labels_are_bad_url_before_any_lookup(serv
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     urls = ["http://a..b/x.jpg", f"http://{'a' * 64}.test/x.jpg",
-            server.url("/redirect?to=http://a..b/x.jpg"), server.url("/image")]
+            fault_server.url("/redirect?to=http://a..b/x.jpg"), fault_server.url("/image")]
     rows, _ = fetch(urls, **FAST)
     assert rows["status"].tolist() == ["bad_url", "bad_url", "bad_url", OK]
     assert "malformed redirect Location 'http://a..b/x.jpg'" in rows.loc[2, "error"]
 
 
-def test_resolved_once_and_connected_to_the_checked_address(server, dns, connects):
+def test_resolved_once_and_connected_to_the_checked_address(fault_server, dns, connects):
     """DNS rebinding: a second lookup would answer 169.254.169.254; there is none."""
     dns.answers["rebind.test"] = ["127.0.0.1"]
     dns.later["rebind.test"] = [METADATA_IP]
-    port = server.server_address[1]
+    port = fault_server.server_address[1]
     urls = [f"http://rebind.test:{port}/image"] * 3
     rows, _ = fetch(urls, **FAST, threads=1)
     assert rows["status"].tolist() == [OK] * 3
@@ -433,25 +265,26 @@ def test_allow_link_local_lifts_the_block(dns, connects):
     assert connects == [METADATA_IP]
 
 
-def test_public_only_refuses_loopback(server, connects):
-    port = server.server_address[1]
-    urls = [server.url("/image"), f"http://localhost:{port}/image", f"http://[::1]:{port}/image"]
+def test_public_only_refuses_loopback(fault_server, connects):
+    port = fault_server.server_address[1]
+    urls = [fault_server.url("/image"), f"http://localhost:{port}/image",
+            f"http://[::1]:{port}/image"]
     rows, _ = fetch(urls, **FAST, public_only=True)
     assert rows["status"].tolist() == ["blocked"] * 3
-    assert connects == [] and server.hits["/image"] == 0
+    assert connects == [] and fault_server.hits["/image"] == 0
 
 
-def test_scheme_allow_list(server, tmp_path, connects):
+def test_scheme_allow_list(fault_server, tmp_path, connects):
     """A well-formed scheme that is not allowed (or never fetched: ftp, data) is `blocked`,
     before anything is resolved or connected to; only a malformed URL is `bad_url`."""
     image = tmp_path / "a.jpg"
     image.write_bytes(JPEG)
-    urls = [server.url("/image"), str(image), f"file://{image}", "ftp://127.0.0.1/a.jpg",
+    urls = [fault_server.url("/image"), str(image), f"file://{image}", "ftp://127.0.0.1/a.jpg",
             "data:image/jpeg;base64,/9j/4AAQ", "http://[::1/a.jpg"]
     rows, _ = fetch(urls, schemes=("https",))
     assert rows["status"].tolist() == ["blocked"] * 5 + ["bad_url"]
     assert "ftp URLs are not fetched" in rows.loc[3, "error"]
-    assert connects == [] and server.hits["/image"] == 0
+    assert connects == [] and fault_server.hits["/image"] == 0
     rows, _ = fetch(urls, schemes=("http", "file"))
     assert rows["status"].tolist() == [OK, OK, OK, "blocked", "blocked", "bad_url"]
 
@@ -505,62 +338,28 @@ def test_root_confines_local_paths(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
-def test_every_fault_in_one_partition_finishes_in_bounded_time(server):
+def test_every_fault_in_one_partition_finishes_in_bounded_time(fault_server):
     """All faults at once, as a worker meets them: one status each, the slowest bounds the run."""
-    urls = [server.url(fault.path) for fault in FAULTS.values()]
+    urls = [fault_server.url(fault.path) for fault in FAULTS.values()]
     rows, seconds = fetch(urls, **{**FAST, "read_timeout": 0.5, "deadline": 1.5})
     assert rows["status"].tolist() == [fault.status for fault in FAULTS.values()]
     assert seconds < 4
 
 
-def _certificate_authority(tmp_path, server_name: str):
-    """A CA file and a server certificate + key for `server_name`, signed by that CA."""
-    x509 = pytest.importorskip("cryptography.x509")
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    def certificate(subject, key, issuer, issuer_key, extensions):
-        builder = (x509.CertificateBuilder()
-                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(datetime.now(UTC) - timedelta(days=1))
-                   .not_valid_after(datetime.now(UTC) + timedelta(days=1))
-                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                                  critical=False)
-                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                       issuer_key.public_key()), critical=False))
-        for extension, critical in extensions:
-            builder = builder.add_extension(extension, critical=critical)
-        return builder.sign(issuer_key, hashes.SHA256())
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    ca = certificate("imgsim test CA", ca_key, "imgsim test CA", ca_key, [
-        (x509.BasicConstraints(ca=True, path_length=None), True),
-        (x509.KeyUsage(False, False, False, False, False, True, True, False, False), True)])
-    leaf = certificate(server_name, server_key, "imgsim test CA", ca_key, [
-        (x509.BasicConstraints(ca=False, path_length=None), True),
-        (x509.SubjectAlternativeName([x509.DNSName(server_name)]), False),
-        (x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False)])
-    pem = serialization.Encoding.PEM
-    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(pem))
-    (tmp_path / "server.pem").write_bytes(leaf.public_bytes(pem) + server_key.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return tmp_path / "ca.pem", tmp_path / "server.pem"
-
-
 def test_https_connects_to_the_checked_address_and_verifies_the_host_name(tmp_path, dns, connects):
     """TLS on a guarded connection: the socket goes to the checked IP, the certificate is
     verified against the URL's host name, and a metadata host is refused before any connect."""
-    ca_file, server_pem = _certificate_authority(tmp_path, "images.test")
+    pytest.importorskip("cryptography.x509")
+    from support.certs import CertificateAuthority
+
+    ca = CertificateAuthority("imgsim test CA")
+    ca_file = ca.write(tmp_path / "ca.pem")
+    server_pem, _ = ca.issue("images.test", dns_names=["images.test"],
+                             server_auth=True).write(tmp_path / "server.pem")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(server_pem)
-    tls_server = _FaultServer()
-    tls_server.socket = context.wrap_socket(tls_server.socket, server_side=True)
-    threading.Thread(target=tls_server.serve_forever, args=(0.05,), daemon=True).start()
-    port = tls_server.server_address[1]
+    tls_server = LoopbackServer(protocol="HTTP/1.1", ssl_context=context).start()
+    port = tls_server.port
     dns.answers.update({"images.test": ["127.0.0.1"], "impostor.test": ["127.0.0.1"],
                         "metadata.test": [METADATA_IP]})
     manager = GuardedPoolManager(AddressPolicy(), ca_certs=str(ca_file))
@@ -572,7 +371,5 @@ def test_https_connects_to_the_checked_address_and_verifies_the_host_name(tmp_pa
         with pytest.raises(BlockedAddress):
             manager.urlopen("GET", f"https://metadata.test:{port}/", retries=False)
     finally:
-        tls_server.stop.set()
-        tls_server.shutdown()
-        tls_server.server_close()
+        tls_server.close()
     assert connects == ["127.0.0.1", "127.0.0.1"]

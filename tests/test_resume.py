@@ -217,38 +217,14 @@ def test_run_reuses_a_source_only_for_the_same_csv(client, many_rows_csv, tmp_pa
         run(str(csv), client=client, store=str(tmp_path / "store"), top_k=1, options=options)
 
 
-def test_retry_failed_refetches_only_transient_failures(client, image_dir, tmp_path,
+def test_retry_failed_refetches_only_transient_failures(client, image_server, tmp_path,
                                                         monkeypatch):
     """Rows that met a 503 are fetched again once the server recovers, and only they: a row
     stored `ok` keeps its features even if its URL has gone since. On a source whose driver
     died (no meta.json, a partition missing), the retry also finishes the extraction."""
-    import threading
-    from functools import partial
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-
-    down = threading.Event()
-    down.set()
-    gone: set[str] = set()
-    requests_seen: list[str] = []
-
-    class Flaky(SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            requests_seen.append(self.path)
-            flaky = self.path.startswith("/flaky/") and down.is_set()
-            if flaky or self.path in gone:
-                self.send_response(503 if flaky else 404)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.path = self.path.removeprefix("/flaky")
-            super().do_GET()
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Flaky, directory=str(image_dir)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
+    server = image_server
+    server.down.set()  # /flaky/ paths answer 503 while set
+    base = server.base_url
     urls = [f"{base}/chelsea.jpg", f"{base}/flaky/coffee.jpg", f"{base}/missing.jpg",
             f"{base}/rocket.jpg", f"{base}/flaky/astronaut.jpg", f"{base}/camera.jpg"]
     csv = tmp_path / "in.csv"
@@ -256,52 +232,48 @@ def test_retry_failed_refetches_only_transient_failures(client, image_dir, tmp_p
     options = dict(client=client, weights="random", partition_rows=2, batch_size=2,
                    fetch=FetchOptions(retries=0))
     store = tmp_path / "store"
-    try:
-        first = extract(str(csv), "web", str(store), **options)
-        assert first.rows()["status"].tolist() == ["ok", "http_5xx", "http_404", "ok",
-                                                   "http_5xx", "ok"]
-        stored_ok = first.features[:][[0, 5]]
-        down.clear()
-        gone.update({"/chelsea.jpg", "/camera.jpg"})  # would fail now if fetched again
-        requests_seen.clear()
-        again = extract(str(csv), "web", str(store), retry_failed=True, **options)
-        assert sorted(requests_seen) == ["/flaky/astronaut.jpg", "/flaky/coffee.jpg"]
-        gone.clear()
-        clean = extract(str(csv), "clean", str(store), **options)
+    first = extract(str(csv), "web", str(store), **options)
+    assert first.rows()["status"].tolist() == ["ok", "http_5xx", "http_404", "ok",
+                                               "http_5xx", "ok"]
+    stored_ok = first.features[:][[0, 5]]
+    server.down.clear()
+    server.gone.update({"/chelsea.jpg", "/camera.jpg"})  # would fail now if fetched again
+    server.hits.clear()
+    again = extract(str(csv), "web", str(store), retry_failed=True, **options)
+    assert sorted(server.hits.elements()) == ["/flaky/astronaut.jpg", "/flaky/coffee.jpg"]
+    server.gone.clear()
+    clean = extract(str(csv), "clean", str(store), **options)
 
-        down.set()
-        broken = extract(str(csv), "broken", str(store), **options)
-        (broken.path / "meta.json").unlink()  # the driver died before partition 1 was written
-        (broken.path / "rows.parquet" / "part-00001.parquet").unlink()
-        down.clear()
-        requests_seen.clear()
-        finished = extract(str(csv), "broken", str(store), retry_failed=True, **options)
-        assert sorted(requests_seen) == ["/flaky/astronaut.jpg", "/flaky/coffee.jpg",
-                                         "/missing.jpg", "/rocket.jpg"]
+    server.down.set()
+    broken = extract(str(csv), "broken", str(store), **options)
+    (broken.path / "meta.json").unlink()  # the driver died before partition 1 was written
+    (broken.path / "rows.parquet" / "part-00001.parquet").unlink()
+    server.down.clear()
+    server.hits.clear()
+    finished = extract(str(csv), "broken", str(store), retry_failed=True, **options)
+    assert sorted(server.hits.elements()) == ["/flaky/astronaut.jpg", "/flaky/coffee.jpg",
+                                              "/missing.jpg", "/rocket.jpg"]
 
-        # a retry interrupted between a partition's features and its part file: the row has
-        # new features beside its old status; a plain --resume must finish the retry
-        down.set()
-        extract(str(csv), "halfway", str(store), **options)
-        down.clear()
-        write = store_module.atomic_write
+    # a retry interrupted between a partition's features and its part file: the row has
+    # new features beside its old status; a plain --resume must finish the retry
+    server.down.set()
+    extract(str(csv), "halfway", str(store), **options)
+    server.down.clear()
+    write = store_module.atomic_write
 
-        def interrupted(path, *args):
-            if Path(path).name == "part-00000.parquet":
-                raise KeyboardInterrupt
-            return write(path, *args)
+    def interrupted(path, *args):
+        if Path(path).name == "part-00000.parquet":
+            raise KeyboardInterrupt
+        return write(path, *args)
 
-        with monkeypatch.context() as patch:
-            patch.setattr(store_module, "atomic_write", interrupted)
-            with pytest.raises(KeyboardInterrupt):
-                extract(str(csv), "halfway", str(store), retry_failed=True, **options)
-        halfway = zarr.open_array(store / "halfway" / "features.zarr", mode="r")
-        assert not np.isnan(halfway[1]).any()  # coffee's features are in, its status is not
-        finished = extract(str(csv), "halfway", str(store), resume=True, **options)
-        assert not (finished.path / "retrying").exists()
-    finally:
-        server.shutdown()
-        server.server_close()
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module, "atomic_write", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            extract(str(csv), "halfway", str(store), retry_failed=True, **options)
+    halfway = zarr.open_array(store / "halfway" / "features.zarr", mode="r")
+    assert not np.isnan(halfway[1]).any()  # coffee's features are in, its status is not
+    finished = extract(str(csv), "halfway", str(store), resume=True, **options)
+    assert not (finished.path / "retrying").exists()
     for source in (again, finished, open_store(store, "broken")):
         assert source.rows()["status"].tolist() == ["ok", "ok", "http_404", "ok", "ok", "ok"]
         assert source.meta["status_counts"] == {"http_404": 1, "ok": 5}

@@ -1,16 +1,13 @@
 """A TLS cluster started as users start one: `dask scheduler` + `dask worker` processes on 127.0.0.1.
 
-Certificates are made here: a cluster CA signs the scheduler/worker certificate and the
-client's; a second CA signs an impostor's. The whole `imgsim run` goes over TLS; clients
-without a certificate from the cluster CA are refused; the pre-flight check names what a
-cluster lacks within seconds.
+Certificates are made here (support/certs.py): a cluster CA signs the scheduler/worker
+certificate and the client's; a second CA signs an impostor's. The whole `imgsim run` goes
+over TLS; clients without a certificate from the cluster CA are refused; the pre-flight check
+names what a cluster lacks within seconds.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
-import json
 import os
 import subprocess
 import sys
@@ -25,69 +22,26 @@ from distributed.security import Security
 from imgsim_dask import ClusterOptions, ImgsimError, extract, open_store
 from imgsim_dask.cluster import _check_versions, connect
 
-
-def _write_ca(root: Path, name: str):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = dt.datetime.now(dt.timezone.utc)
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    path = root / f"{name}.pem"
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return cert, key, path
-
-
-def _write_leaf(root: Path, name: str, ca) -> tuple[Path, Path]:
-    """A certificate for `name` signed by `ca`, valid for 127.0.0.1; returns (cert, key) paths."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    ca_cert, ca_key, _ = ca
-    now = dt.datetime.now(dt.timezone.utc)
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(ca_cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    cert_path, key_path = root / f"{name}.pem", root / f"{name}-key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
+from support.certs import CertificateAuthority
+from support.cluster import ProcessCluster, tls_flags
 
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory) -> dict[str, Path]:
     """Paths: `ca`, `cluster`/`cluster-key`, `client`/`client-key`, and an impostor's pair."""
     root = tmp_path_factory.mktemp("tls")
-    ca = _write_ca(root, "cluster-ca")
-    other_ca = _write_ca(root, "other-ca")
-    files = {"ca": ca[2], "other-ca": other_ca[2]}
+    ca, other_ca = CertificateAuthority("cluster-ca"), CertificateAuthority("other-ca")
+    files = {"ca": ca.write(root / "cluster-ca.pem"),
+             "other-ca": other_ca.write(root / "other-ca.pem")}
     for name, signer in (("cluster", ca), ("client", ca), ("impostor", other_ca)):
-        files[name], files[f"{name}-key"] = _write_leaf(root, name, signer)
+        issued = signer.issue(name, ip_addresses=["127.0.0.1"])
+        files[name], files[f"{name}-key"] = issued.write(root / f"{name}.pem",
+                                                         root / f"{name}-key.pem")
     return files
 
 
 def _tls_args(certs, role: str) -> list[str]:
-    return ["--tls-ca-file", str(certs["ca"]), "--tls-cert", str(certs[role]),
-            "--tls-key", str(certs[f"{role}-key"])]
+    return tls_flags(certs["ca"], certs[role], certs[f"{role}-key"])
 
 
 def client_options(certs, scheduler_file: Path | None, **fields) -> ClusterOptions:
@@ -97,48 +51,17 @@ def client_options(certs, scheduler_file: Path | None, **fields) -> ClusterOptio
                           **fields)
 
 
-class ProcessCluster:
-    """`dask scheduler` and `dask worker` processes over TLS, logging to one file."""
-
-    def __init__(self, root: Path, certs: dict[str, Path]):
-        self.root, self.certs, self.processes = root, certs, []
-        self.scheduler_file = root / "scheduler.json"
-        self.env = {**os.environ, "KERAS_HOME": str(root / "worker-keras"),
-                    "TF_CPP_MIN_LOG_LEVEL": "2"}
-        self.log = open(root / "cluster.log", "w")
-
-    def start(self, module: str, *args: str) -> None:
-        self.processes.append(subprocess.Popen(
-            [sys.executable, "-m", f"distributed.cli.{module}", *args,
-             *_tls_args(self.certs, "cluster")],
-            env=self.env, stdout=self.log, stderr=subprocess.STDOUT))
-
-    def start_scheduler(self) -> str:
-        self.start("dask_scheduler", "--protocol", "tls", "--host", "127.0.0.1", "--port", "0",
-                   "--dashboard-address", "127.0.0.1:0", "--scheduler-file",
-                   str(self.scheduler_file))
-        deadline = time.monotonic() + 60
-        while not self.scheduler_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        return json.loads(self.scheduler_file.read_text())["address"]
-
-    def add_worker(self, *options: str) -> None:
-        self.start("dask_worker", "--scheduler-file", str(self.scheduler_file), "--host",
-                   "127.0.0.1", "--no-dashboard", *options)
-
-    def stop(self) -> None:
-        for process in reversed(self.processes):  # workers to the end, then the scheduler
-            process.terminate()
-            process.wait(30)
-        self.log.close()
+def _cluster(root: Path, certs) -> ProcessCluster:
+    """Scheduler and workers presenting the cluster certificate."""
+    return ProcessCluster(root, tls=(certs["ca"], certs["cluster"], certs["cluster-key"]))
 
 
 @pytest.fixture(scope="module")
 def tls_cluster(tmp_path_factory, certs):
     """A TLS scheduler, one model worker (GPU=1, one thread) and one fetch worker (NET=2)."""
-    cluster = ProcessCluster(tmp_path_factory.mktemp("tls-cluster"), certs)
+    cluster = _cluster(tmp_path_factory.mktemp("tls-cluster"), certs)
     try:
-        cluster.address = cluster.start_scheduler()
+        cluster.start_scheduler()
         cluster.add_worker("--nthreads", "1", "--resources", "GPU=1")
         cluster.add_worker("--nthreads", "2", "--resources", "NET=2")
         with connect(options=client_options(certs, cluster.scheduler_file)) as client:
@@ -206,7 +129,7 @@ def test_clients_without_the_cluster_certificate_are_refused(tls_cluster, certs)
 
 def test_preflight_names_what_the_cluster_lacks(tmp_path, certs, image_dir):
     """No workers at all: one error within seconds, naming the GPU and the fetch workers."""
-    cluster = ProcessCluster(tmp_path, certs)
+    cluster = _cluster(tmp_path, certs)
     try:
         cluster.start_scheduler()
         csv = tmp_path / "in.csv"

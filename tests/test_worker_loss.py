@@ -20,16 +20,15 @@ from imgsim_dask import extract
 from imgsim_dask.cluster import cluster_workers
 from imgsim_dask.store import StoreWriter
 
-from test_remote import add_worker, scheduler  # noqa: F401  (the process-cluster fixture)
-
 PARTITION_ROWS = 6
 ROWS = 120
 
 
-def test_worker_killed_mid_run_job_completes_with_same_output(scheduler, tmp_path,  # noqa: F811
+def test_worker_killed_mid_run_job_completes_with_same_output(process_cluster, tmp_path,
                                                                image_dir, monkeypatch):
     for _ in range(2):  # no nanny: a killed worker stays dead, as when its machine goes away
-        add_worker(scheduler, "--nthreads", "2", "--resources", "GPU=1,NET=2", "--no-nanny")
+        process_cluster.add_worker("--nthreads", "2", "--resources", "GPU=1,NET=2",
+                                   "--no-nanny")
     names = ["astronaut", "chelsea", "coffee", "rocket", "camera"]
     csv = tmp_path / "in.csv"
     pd.DataFrame({"url": [str(image_dir / f"{names[i % 5]}.jpg") for i in range(ROWS)]}) \
@@ -45,7 +44,7 @@ def test_worker_killed_mid_run_job_completes_with_same_output(scheduler, tmp_pat
 
     monkeypatch.setattr(StoreWriter, "write_partition", counting_write)
 
-    with Client(scheduler[0]) as client:
+    with Client(process_cluster.address) as client:
         client.wait_for_workers(2, timeout=60)
         clean = extract(str(csv), "clean", str(tmp_path / "store"), client=client, **options)
         writes.clear()
