@@ -11,15 +11,12 @@ import ipaddress
 import socket
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from support.cluster import ProcessCluster
 from support.http import LoopbackServer
-
-SEED_DEMO = Path(__file__).resolve().parents[2] / "shared" / "seed" / "demo"
-
+from support.images import sample_images
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
 
@@ -46,20 +43,6 @@ def loopback_only(monkeypatch):
         return real_connect(sock, address)
 
     monkeypatch.setattr(socket.socket, "connect", guarded)
-
-
-def sample_images() -> dict[str, np.ndarray]:
-    """Distinct real photographs shipped by scikit-image, as RGB uint8."""
-    from skimage import data
-
-    images = {
-        "astronaut": data.astronaut(),
-        "chelsea": data.chelsea(),
-        "coffee": data.coffee(),
-        "rocket": data.rocket(),
-        "camera": np.stack([data.camera()] * 3, axis=-1),
-    }
-    return images
 
 
 @pytest.fixture(scope="session")

@@ -154,7 +154,7 @@ def test_the_device_kernel_under_jax_equals_the_reference():
         assert keras.backend.backend() == "jax"
         from imgsim_dask import accel
         from imgsim_dask.match import MatchOptions, match_features
-        from test_match import MODES, _blocks, assert_same, quantized, reference
+        from support.matching import MODES, assert_same, quantized, reference, score_blocks
         with accel.full_float32():
             assert jax.config.jax_default_matmul_precision == "float32"
         # -0.0 and +0.0 tie (JAX's top_k alone ranks -0.0 lower)
@@ -183,7 +183,7 @@ def test_the_device_kernel_under_jax_equals_the_reference():
                 b[5] = 0.0
                 options = MatchOptions(threshold=threshold, top_k=top_k, block_rows=17,
                                        slice_rows=9)
-                assert_same(_blocks(a, b, options, self_match, "keras"),
+                assert_same(score_blocks(a, b, options, self_match, "keras"),
                             reference(a, b, threshold, top_k, self_match))
         print("ok")
         """

@@ -10,7 +10,7 @@ import pytest
 from imgsim_dask import extract, open_store
 from imgsim_dask.errors import StoreError
 
-from conftest import SEED_DEMO
+from support.images import SEED_DEMO
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ reference exactly, and ties (duplicate rows, equal scores) are everywhere.
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -18,50 +17,7 @@ from imgsim_dask.errors import ImgsimError, InputError
 from imgsim_dask.match import (MatchOptions, connected_groups, estimate_pairs, match_features,
                                score_block, valid_rows)
 
-
-def reference(a: np.ndarray, b: np.ndarray, threshold: float | None, top_k: int | None,
-              self_match: bool = False) -> pd.DataFrame:
-    """The module's semantics, spelled out on the dense matrix."""
-    sims = np.clip(a.astype(np.float32) @ b.astype(np.float32).T, -1, 1)
-    sims[~valid_rows(a)] = -np.inf
-    sims[:, ~valid_rows(b)] = -np.inf
-    if self_match:
-        np.fill_diagonal(sims, -np.inf)
-    found: dict[tuple[int, int], float] = {}
-    for i in range(len(a)):
-        if top_k is None:
-            chosen = np.flatnonzero(sims[i] >= np.float32(threshold))
-        else:
-            chosen = np.lexsort((np.arange(len(b)), -sims[i]))[:top_k]
-            chosen = [j for j in chosen if sims[i, j] > -np.inf]
-            if threshold is not None:
-                chosen = [j for j in chosen if sims[i, j] >= np.float32(threshold)]
-        for j in chosen:
-            if self_match and top_k is None and j <= i:
-                continue
-            pair = (min(i, j), max(i, j)) if self_match else (i, j)
-            found[pair] = max(found.get(pair, -np.inf), sims[i, j])
-    rows = np.array(list(found), dtype=np.int64).reshape(-1, 2)
-    return match.pairs_frame(rows[:, 0], rows[:, 1], np.array(list(found.values()), np.float32))
-
-
-def assert_same(got: pd.DataFrame, expected: pd.DataFrame, exact: bool = True) -> None:
-    assert list(got.columns) == ["row_a", "row_b", "similarity"]
-    assert got.dtypes.tolist() == [np.int64, np.int64, np.float32]
-    if exact:
-        pd.testing.assert_frame_equal(got.reset_index(drop=True), expected.reset_index(drop=True))
-    else:
-        assert set(zip(got.row_a, got.row_b)) == set(zip(expected.row_a, expected.row_b))
-        merged = got.merge(expected, on=["row_a", "row_b"])
-        np.testing.assert_allclose(merged.similarity_x, merged.similarity_y, atol=1e-5)
-
-
-def quantized(rng: np.random.Generator, rows: int, dim: int = 8) -> np.ndarray:
-    """Rows of multiples of 1/8 (dot products exact in float32), with duplicate rows."""
-    x = (rng.integers(-2, 3, (rows, dim)) / 8).astype(np.float32)
-    if rows > 3:
-        x[rng.integers(0, rows, rows // 4)] = x[rng.integers(0, rows)]  # duplicates: ties
-    return x
+from support.matching import MODES, assert_same, quantized, reference, score_blocks
 
 
 def unit(rng: np.random.Generator, rows: int, dim: int) -> np.ndarray:
@@ -69,25 +25,9 @@ def unit(rng: np.random.Generator, rows: int, dim: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-MODES = [(0.25, None), (None, 3), (0.1, 4), (-1.0, None), (None, 1)]
-
-
 # -- the kernel, directly ------------------------------------------------------------------
 
 SCORERS = ["numpy", "keras"]  # keras: Keras ops (TensorFlow here) on its device, the CPU here
-
-
-def _blocks(a, b, options, self_match, scorer="numpy"):
-    """Run score_block the way the driver does, in-process."""
-    starts = list(range(0, len(b), options.slice_rows))
-    slices = [b[s:s + options.slice_rows] for s in starts]
-    parts = [score_block(a[s:s + options.block_rows], s, slices, starts, options.threshold,
-                         options.top_k, self_match, threads=options.threads, scorer=scorer)
-             for s in range(0, len(a), options.block_rows)]
-    pairs = match._concat(parts)
-    if self_match and options.top_k is not None:
-        pairs = match._dedupe(*pairs)
-    return match.pairs_frame(*pairs)
 
 
 @pytest.mark.parametrize("threshold,top_k", MODES)
@@ -102,7 +42,7 @@ def test_score_block_equals_reference(threshold, top_k, self_match, scorer, monk
     a[[3, 30]] = np.nan
     b[5] = 0.0
     options = MatchOptions(threshold=threshold, top_k=top_k, block_rows=17, slice_rows=9, threads=3)
-    assert_same(_blocks(a, b, options, self_match, scorer),
+    assert_same(score_blocks(a, b, options, self_match, scorer),
                 reference(a, b, threshold, top_k, self_match))
 
 
@@ -126,7 +66,7 @@ def test_score_block_random_shapes(data):
                            block_rows=data.draw(st.integers(1, 12)),
                            slice_rows=data.draw(st.integers(1, 12)), threads=2)
     scorer = data.draw(st.sampled_from(SCORERS))
-    assert_same(_blocks(a, b, options, self_match, scorer),
+    assert_same(score_blocks(a, b, options, self_match, scorer),
                 reference(a, b, threshold, top_k, self_match))
 
 
@@ -135,7 +75,7 @@ def test_score_block_unit_vectors(scorer):
     rng = np.random.default_rng(3)
     a, b = unit(rng, 300, 32), unit(rng, 200, 32)
     options = MatchOptions(threshold=0.45, block_rows=128, slice_rows=70)
-    got = _blocks(a, b, options, False, scorer)
+    got = score_blocks(a, b, options, False, scorer)
     assert len(got) > 20
     assert_same(got, reference(a, b, 0.45, None), exact=False)
 
@@ -187,7 +127,7 @@ def test_top_k_beyond_b_costs_no_memory_and_changes_nothing():
     rng = np.random.default_rng(13)
     a, b = unit(rng, 100, 16), unit(rng, 5, 16)
     tracemalloc.start()
-    huge = _blocks(a, b, MatchOptions(top_k=10 ** 12, block_rows=64, slice_rows=4), False)
+    huge = score_blocks(a, b, MatchOptions(top_k=10 ** 12, block_rows=64, slice_rows=4), False)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 2 ** 20  # rows x k buffers are sized by B's 5 rows, not by k

@@ -13,33 +13,10 @@ from imgsim_dask.driver import ExtractOptions
 from imgsim_dask.demo import serve_directory, write_csvs
 from imgsim_dask.errors import InputError, StoreError
 from imgsim_dask.pairs import match_sources
-from imgsim_dask.store import StoreWriter
 from imgsim_dask.workflow import run
 
-from test_cli import assert_usage_error, imgsim
-
-
-def make_source(store, name, features, model="mobilenet", ids=None, extra=None,
-                weights=("file test", "x")):
-    """A complete source written through the real StoreWriter (features as given); `extra`
-    adds fields (name -> one value per row) after `id` and `url`; `weights` is the
-    (description, sha256) its meta records."""
-    extra = extra or {}
-    n, dim = features.shape
-    writer = StoreWriter(store, name, {"rows": n, "dim": dim, "partition_rows": 4})
-    ids = ids or [f"{name}-{i}" for i in range(n)]
-    for k, start in enumerate(range(0, n, 4)):
-        stop = min(n, start + 4)
-        status = ["ok" if not np.isnan(features[i]).any() else "not_found"
-                  for i in range(start, stop)]
-        rows = pd.DataFrame({"row": range(start, stop), "id": ids[start:stop],
-                             "url": [f"http://127.0.0.1/{name}/{i}.jpg" for i in range(start, stop)],
-                             **{f: v[start:stop] for f, v in extra.items()}, "status": status})
-        writer.write_partition(k, features[start:stop], rows)
-    return writer.finish({"name": name, "model": model, "dim": dim, "threshold": 0.845,
-                          "weights": weights[0], "weights_sha256": weights[1],
-                          "fields": ["id", "url", *extra],
-                          "rows": n})
+from support.cli import assert_usage_error, imgsim
+from support.store import make_source
 
 
 def unit(x):

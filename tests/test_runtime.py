@@ -15,7 +15,7 @@ from imgsim_dask.errors import ImgsimError
 from imgsim_dask.models import build_model, resolve_weights
 from imgsim_dask.runtime import KerasPredictor, OpenVINOPredictor, resolve_runtime
 
-from conftest import sample_images
+from support.images import sample_images
 
 
 def photos() -> np.ndarray:

@@ -15,7 +15,7 @@ from imgsim_dask import store as store_module
 from imgsim_dask.errors import StoreError
 from imgsim_dask.store import StoreWriter, open_store
 
-from test_pairs import make_source
+from support.store import make_source
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", ".hidden", "a/b", "n" * 256, "a\0b"])
