@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -44,16 +48,35 @@ def test_info_and_export_of_unknown_source(tmp_path):
                        "no source named")
 
 
-def test_extract_200_urls_on_the_default_local_cluster(tmp_path, http_server):
-    """The issue's 'done' check: 200 served URLs (some failing), every row accounted for."""
-    names = ["astronaut", "chelsea", "coffee", "rocket", "camera", "missing", "notes"]
-    urls = [f"{http_server}/{names[i % len(names)]}.jpg" for i in range(200)]
-    pd.DataFrame({"id": range(200), "url": urls}).to_csv(tmp_path / "urls.csv", index=False)
-    store = tmp_path / "store"
+NAMES = ["astronaut", "chelsea", "coffee", "rocket", "camera", "missing", "notes"]
+
+
+@dataclass
+class Extracted:
+    root: Path  # the working folder: urls.csv, and what the commands write
+    store: Path
+    urls: list[str]
+    result: subprocess.CompletedProcess  # the `imgsim extract` run
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory, http_server) -> Extracted:
+    """The issue's 'done' check: `imgsim extract` of 200 served URLs (some failing) on the
+    default local cluster, into a store the other commands then read."""
+    root = tmp_path_factory.mktemp("cli-web")
+    urls = [f"{http_server}/{NAMES[i % len(NAMES)]}.jpg" for i in range(200)]
+    pd.DataFrame({"id": range(200), "url": urls}).to_csv(root / "urls.csv", index=False)
+    store = root / "store"
     result = imgsim("extract", "urls.csv", "--name", "web", "--store", store, "--weights",
                     "random", "--workers", "1", "--partition-rows", "64", "--no-progress",
-                    cwd=tmp_path)
+                    cwd=root)
     assert result.returncode == 0, result.stderr
+    return Extracted(root, store, urls, result)
+
+
+def test_extract_200_urls_on_the_default_local_cluster(extracted):
+    """Every row accounted for."""
+    result, store = extracted.result, extracted.store
     assert "dashboard: http://127.0.0.1:" in result.stderr
     assert "RANDOM WEIGHTS" in result.stderr
     assert "web: 200 rows" in result.stdout
@@ -63,35 +86,53 @@ def test_extract_200_urls_on_the_default_local_cluster(tmp_path, http_server):
     rows = source.rows()
     assert rows["row"].tolist() == list(range(200))
     expected = ["http_404" if n == "missing" else "not_image" if n == "notes" else "ok"
-                for n in (names[i % len(names)] for i in range(200))]
+                for n in (NAMES[i % len(NAMES)] for i in range(200))]
     assert rows["status"].tolist() == expected
     features = source.features[:]
     assert np.isnan(features[rows["status"] != "ok"]).all()
     assert not np.isnan(features[rows["status"] == "ok"]).any()
 
-    info = imgsim("info", "web", "--store", store)
-    assert info.returncode == 0 and "http_404" in info.stdout and "mobilenet" in info.stdout
-    exported = imgsim("export", "web", "--store", store, "--h5", tmp_path / "web.h5")
-    assert exported.returncode == 0, exported.stderr
-    assert (tmp_path / "web_fields.csv").is_file()
-    assert_usage_error(imgsim("export", "web", "--store", store, "--h5", tmp_path / "urls.csv"),
-                       "name the HDF5 file .h5 or .hdf5")
-    assert pd.read_csv(tmp_path / "urls.csv")["url"].tolist() == urls  # not written over
 
-    # dedupe with the device kernel (Keras ops; on this machine's CPU) finds what the CPU
-    # kernel finds, every served image's copies among it
+def test_info_of_the_extracted_source(extracted):
+    info = imgsim("info", "web", "--store", extracted.store)
+    assert info.returncode == 0 and "http_404" in info.stdout and "mobilenet" in info.stdout
+
+
+def test_export_writes_the_h5_and_the_fields_file(extracted):
+    exported = imgsim("export", "web", "--store", extracted.store, "--h5",
+                      extracted.root / "web.h5")
+    assert exported.returncode == 0, exported.stderr
+    assert (extracted.root / "web_fields.csv").is_file()
+
+
+def test_export_refuses_an_h5_name_without_h5_suffix(extracted):
+    root = extracted.root
+    assert_usage_error(imgsim("export", "web", "--store", extracted.store, "--h5",
+                              root / "urls.csv"),
+                       "name the HDF5 file .h5 or .hdf5")
+    assert pd.read_csv(root / "urls.csv")["url"].tolist() == extracted.urls  # not written over
+
+
+def test_dedupe_device_kernel_finds_what_the_cpu_kernel_finds(extracted):
+    """dedupe with the device kernel (Keras ops; on this machine's CPU) finds what the CPU
+    kernel finds, every served image's copies among it."""
+    root = extracted.root
     found = {}
     for scorer in ("keras", "numpy"):
-        dupes = imgsim("dedupe", "web", "--store", store, "--thresh", "0.99", "--scorer",
-                       scorer, "--workers", "1", "--out", tmp_path / f"{scorer}.csv")
+        dupes = imgsim("dedupe", "web", "--store", extracted.store, "--thresh", "0.99",
+                       "--scorer", scorer, "--workers", "1", "--out", root / f"{scorer}.csv")
         assert dupes.returncode == 0, dupes.stderr
-        pairs = pd.read_csv(tmp_path / f"{scorer}.csv")
+        pairs = pd.read_csv(root / f"{scorer}.csv")
         found[scorer] = set(zip(pairs.row_a, pairs.row_b))
     assert found["keras"] == found["numpy"]
+    rows = open_store(extracted.store, "web").rows()
     ok = rows[rows.status == "ok"]
     copies = {(a, b) for _, same in ok.groupby("url") for a in same.row for b in same.row if a < b}
     assert copies and copies <= found["keras"]
-    assert_usage_error(imgsim("dedupe", "web", "--store", store, "--scorer", "cupy"),
+
+
+def test_dedupe_refuses_an_unknown_scorer(extracted):
+    assert_usage_error(imgsim("dedupe", "web", "--store", extracted.store, "--scorer", "cupy"),
                        "'cupy' is not one of 'auto', 'numpy', 'keras'")
 
 
