@@ -20,6 +20,17 @@ from support.images import sample_images
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
 
+# Tests using these (directly or through another fixture) start a Dask cluster.
+CLUSTER_FIXTURES = {"client", "process_cluster"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(items):
+    """Mark every test that uses a cluster fixture `cluster` (others are marked by hand)."""
+    for item in items:
+        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.cluster)
+
 
 @pytest.fixture(autouse=True)
 def loopback_only(monkeypatch):

@@ -145,6 +145,7 @@ def test_auto_asks_keras_where_an_nvidia_driver_is_loaded(monkeypatch, tmp_path)
     assert accel.resolve_scorer("numpy") == "numpy"
 
 
+@pytest.mark.slow
 def test_the_device_kernel_under_jax_equals_the_reference():
     """What a GPU machine with JAX (and no TensorFlow) runs, on JAX's CPU device."""
     script = textwrap.dedent(

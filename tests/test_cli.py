@@ -74,6 +74,8 @@ def extracted(tmp_path_factory, http_server) -> Extracted:
     return Extracted(root, store, urls, result)
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_extract_200_urls_on_the_default_local_cluster(extracted):
     """Every row accounted for."""
     result, store = extracted.result, extracted.store
@@ -93,11 +95,15 @@ def test_extract_200_urls_on_the_default_local_cluster(extracted):
     assert not np.isnan(features[rows["status"] == "ok"]).any()
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_info_of_the_extracted_source(extracted):
     info = imgsim("info", "web", "--store", extracted.store)
     assert info.returncode == 0 and "http_404" in info.stdout and "mobilenet" in info.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_export_writes_the_h5_and_the_fields_file(extracted):
     exported = imgsim("export", "web", "--store", extracted.store, "--h5",
                       extracted.root / "web.h5")
@@ -105,6 +111,8 @@ def test_export_writes_the_h5_and_the_fields_file(extracted):
     assert (extracted.root / "web_fields.csv").is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_export_refuses_an_h5_name_without_h5_suffix(extracted):
     root = extracted.root
     assert_usage_error(imgsim("export", "web", "--store", extracted.store, "--h5",
@@ -113,6 +121,8 @@ def test_export_refuses_an_h5_name_without_h5_suffix(extracted):
     assert pd.read_csv(root / "urls.csv")["url"].tolist() == extracted.urls  # not written over
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_dedupe_device_kernel_finds_what_the_cpu_kernel_finds(extracted):
     """dedupe with the device kernel (Keras ops; on this machine's CPU) finds what the CPU
     kernel finds, every served image's copies among it."""
@@ -131,11 +141,15 @@ def test_dedupe_device_kernel_finds_what_the_cpu_kernel_finds(extracted):
     assert copies and copies <= found["keras"]
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_dedupe_refuses_an_unknown_scorer(extracted):
     assert_usage_error(imgsim("dedupe", "web", "--store", extracted.store, "--scorer", "cupy"),
                        "'cupy' is not one of 'auto', 'numpy', 'keras'")
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_demo_command_finds_every_edited_copy_and_nothing_else(tmp_path):
     """The README's main job, as `make demo` runs it: offline, on the embedded local cluster."""
     result = imgsim("demo", "--dir", tmp_path / "demo", "--no-progress", "--workers", "1")
@@ -150,6 +164,8 @@ def test_demo_command_finds_every_edited_copy_and_nothing_else(tmp_path):
     assert f"{len(copies)} pairs" in result.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_fetch_policy_flags_reach_the_workers(tmp_path, http_server):
     """`--public-only` refuses the loopback server (no fetch), `--schemes http` refuses paths;
     `--runtime keras` reaches the model worker."""
@@ -195,6 +211,8 @@ def test_options_that_contradict_themselves_are_refused(tmp_path, args, fragment
     assert not (tmp_path / "store").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_a_wrong_url_column_is_named_when_no_row_gives_an_image(tmp_path):
     (tmp_path / "in.csv").write_text("id,url\nimg1,a.jpg\nimg2,b.jpg\n")
     result = imgsim("extract", "in.csv", "--name", "ids", "--url-col", "id", "--store",

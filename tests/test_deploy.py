@@ -235,6 +235,8 @@ def test_dockerfile_runs_as_a_user_with_baked_weights_and_gpu_tensorflow():
 
 # --- Local cluster by hand ---------------------------------------------------------------------
 
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_local_recipe_starts_a_tls_cluster_with_both_worker_kinds(made_certs, tmp_path):
     env = {**_env_with_dask_on_path(), "PORT": "0", "DASHBOARD_PORT": "0", "GPUS": "1",
            "FETCH_WORKERS": "1", "FETCH_THREADS": "2"}
@@ -298,6 +300,8 @@ def test_slurm_example_prints_gpu_and_fetch_job_scripts(made_certs):
         assert f"--tls-cert {made_certs / 'cluster.pem'}" in script
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_slurm_example_runs_a_job_with_stand_in_sbatch(made_certs, tmp_path, image_dir):
     """The real SLURMCluster path: TLS scheduler here, one GPU job and one fetch job, `run`."""
     bin_dir, jobs_dir = tmp_path / "bin", tmp_path / "jobs"

@@ -135,6 +135,7 @@ def test_default_cache_dir_follows_keras_home(tmp_path, monkeypatch):
     assert lite.converted_weights_path().parent == tmp_path / "imgsim"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax not installed")
 def test_runs_under_jax_backend(tmp_path, notop_model, images):
     path = lite.ensure_converted_weights(tmp_path)

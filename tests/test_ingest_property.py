@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import dask
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,6 +35,7 @@ def write_csv(path: Path, rows, delimiter: str, quoting: int) -> None:
         writer.writerows(rows)
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rows=st.lists(ROW, min_size=1, max_size=40), delimiter=DELIMITER, quoting=QUOTING,
        partition_rows=st.integers(1, 9))

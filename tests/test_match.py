@@ -46,6 +46,7 @@ def test_score_block_equals_reference(threshold, top_k, self_match, scorer, monk
                 reference(a, b, threshold, top_k, self_match))
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_score_block_random_shapes(data):
@@ -223,6 +224,7 @@ def test_edge_sources(client):
     assert match_features(b[:0], b, options, client=client).empty
 
 
+@pytest.mark.cluster
 def test_no_gpu_worker_is_one_line_error():
     from distributed import Client, LocalCluster
 

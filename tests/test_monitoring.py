@@ -12,6 +12,7 @@ import time
 import urllib.request
 
 import pandas as pd
+import pytest
 
 
 def _get(url: str) -> tuple[int, bytes]:
@@ -19,6 +20,8 @@ def _get(url: str) -> tuple[int, bytes]:
         return response.status, response.read()
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_dashboard_answers_while_a_job_runs_and_report_is_written(tmp_path, http_server):
     urls = [f"{http_server}/{n}.jpg" for n in ("astronaut", "chelsea", "coffee")]
     urls += [f"{http_server}/slow/3"] * 2  # keeps the job running while the test looks

@@ -168,6 +168,7 @@ def test_run_checks_both_csvs_before_extracting_either(client, tmp_path):
     assert not (tmp_path / "store").exists()  # nothing was extracted
 
 
+@pytest.mark.slow
 def test_run_end_to_end_over_http(client, tmp_path):
     """`run` on the demo set served over HTTP: every edited copy finds its original."""
     root = tmp_path / "demo"

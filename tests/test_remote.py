@@ -20,6 +20,7 @@ from imgsim_dask.errors import ImgsimError
 from imgsim_dask.models import build_model, resolve_weights
 
 
+@pytest.mark.slow
 def test_weights_travel_to_workers_with_empty_caches(process_cluster, tmp_path, monkeypatch,
                                                      mobilenet_h5, image_dir):
     address = process_cluster.address

@@ -65,6 +65,7 @@ def clean(client, many_rows_csv, tmp_path_factory):
                    client=client, weights="random", partition_rows=PARTITION_ROWS, batch_size=4)
 
 
+@pytest.mark.slow
 def test_driver_killed_then_resumed_equals_clean_run(client, many_rows_csv, clean, tmp_path):
     store = tmp_path / "store"
     total = ROWS // PARTITION_ROWS
@@ -88,6 +89,7 @@ def test_driver_killed_then_resumed_equals_clean_run(client, many_rows_csv, clea
     assert_same_store(open_store(store, "books"), clean)
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_terminal_stops_in_one_line_then_resumes(many_rows_csv, clean, tmp_path):
     """A terminal's Ctrl-C reaches the driver and its local cluster's workers (one process
     group): the driver cancels the run and says how to continue, without a traceback from

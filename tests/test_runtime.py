@@ -25,6 +25,7 @@ def photos() -> np.ndarray:
     return np.stack(resized + darker)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["mobilenet", "efficientnet-lite0"])
 def test_openvino_features_equal_keras_float32(model, mobilenet_h5, tmp_path):
     weights = resolve_weights(model, str(mobilenet_h5) if model == "mobilenet" else None)

@@ -27,6 +27,7 @@ def test_bad_source_names_are_one_line_errors(tmp_path, name):
         assert "\n" not in str(error.value)
 
 
+@pytest.mark.slow
 def test_export_streams_past_the_hdf5_attribute_limit(tmp_path):
     # 9,000 row ids no longer fit an HDF5 attribute (64 KiB): they are a dataset now
     rng = np.random.default_rng(0)

@@ -71,6 +71,8 @@ def tls_cluster(tmp_path_factory, certs):
         cluster.stop()
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_whole_run_over_tls(tls_cluster, certs, http_server, tmp_path):
     """`imgsim run` with --scheduler-file and the client certificate: extract both, match."""
     pd.DataFrame({"id": ["a", "b", "c"], "url": [f"{http_server}/{n}.jpg" for n in
@@ -99,6 +101,7 @@ def test_whole_run_over_tls(tls_cluster, certs, http_server, tmp_path):
     assert matches["catalogue_id"].iloc[0] in {"a", "b", "c"}
 
 
+@pytest.mark.cluster
 def test_clients_without_the_cluster_certificate_are_refused(tls_cluster, certs):
     address = tls_cluster.address
     with pytest.raises(ImgsimError, match="uses TLS: pass --tls-ca-file"):
@@ -127,6 +130,7 @@ def test_clients_without_the_cluster_certificate_are_refused(tls_cluster, certs)
         assert [c for c in clients if c != "fire-and-forget"] == [client.id]
 
 
+@pytest.mark.cluster
 def test_preflight_names_what_the_cluster_lacks(tmp_path, certs, image_dir):
     """No workers at all: one error within seconds, naming the GPU and the fetch workers."""
     cluster = _cluster(tmp_path, certs)

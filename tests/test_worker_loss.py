@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pandas as pd
+import pytest
 from distributed import Client
 
 from imgsim_dask import extract
@@ -24,6 +25,7 @@ PARTITION_ROWS = 6
 ROWS = 120
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_run_job_completes_with_same_output(process_cluster, tmp_path,
                                                                image_dir, monkeypatch):
     for _ in range(2):  # no nanny: a killed worker stays dead, as when its machine goes away
