@@ -225,7 +225,8 @@ def test_refuses_garbage(tmp_path):
     with pytest.raises(CheckpointError, match="zip-format"):
         load_torch_checkpoint(zipped)
     truncated = tmp_path / "trunc.pth"
-    truncated.write_bytes(open(lite.checkpoint_path(), "rb").read(200_000))
+    with open(lite.checkpoint_path(), "rb") as checkpoint:
+        truncated.write_bytes(checkpoint.read(200_000))
     with pytest.raises(CheckpointError):
         load_torch_checkpoint(truncated)
 

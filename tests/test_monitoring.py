@@ -68,6 +68,8 @@ def test_dashboard_answers_while_a_job_runs_and_report_is_written(tmp_path, http
         if job.poll() is None:
             job.kill()
     reader.join(10)
+    job.stdout.close()
+    job.stderr.close()
     assert job.returncode == 0, "".join(stderr)
     html = report.read_text()
     assert html.lstrip().lower().startswith("<!doctype html>")

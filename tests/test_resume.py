@@ -76,6 +76,7 @@ def test_driver_killed_then_resumed_equals_clean_run(client, many_rows_csv, clea
         time.sleep(0.01)
     driver.send_signal(signal.SIGKILL)
     driver.wait(30)
+    driver.stdout.close()
     written = written_parts(store)
     assert 3 <= written < total, f"the kill should land mid-run, {written} of {total} written"
     with pytest.raises(StoreError, match="--resume"):
