@@ -1,16 +1,17 @@
 """imgsim-dask: find similar and near-duplicate images across huge collections, on Dask."""
 
-from .cluster import ClusterOptions
-from .driver import ExtractOptions, extract
+from .about import VERSION
+from .driver import extract
 from .errors import ImgsimError
-from .fetch import FetchOptions
-from .match import MatchOptions, match_features
+from .match import match_features
+from .options import ClusterOptions, CsvOptions, ExtractOptions, FetchOptions, MatchOptions
 from .pairs import MatchResult, match_sources
-from .store import FeatureStore, open_store
+from .store import Source, open_source
 from .workflow import run
 
 __all__ = [
-    "ClusterOptions", "ExtractOptions", "FeatureStore", "FetchOptions", "ImgsimError",
-    "MatchOptions", "MatchResult", "extract", "match_features", "match_sources", "open_store", "run",
+    "ClusterOptions", "CsvOptions", "ExtractOptions", "FetchOptions", "ImgsimError",
+    "MatchOptions", "MatchResult", "Source", "extract", "match_features", "match_sources",
+    "open_source", "run",
 ]
-__version__ = "0.1.0"
+__version__ = VERSION

@@ -17,7 +17,6 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -25,60 +24,43 @@ import dask
 from distributed import Client, Nanny, Scheduler, SpecCluster, performance_report
 from distributed.security import Security
 
-from .errors import ImgsimError, InputError
+from .about import PACKAGE, VERSION
+from .errors import ImgsimError
+from .options import ClusterOptions, OptionError, opt
 
 logger = logging.getLogger(__name__)
 
 GPU = "GPU"
 NET = "NET"
 FETCH_THREADS_PER_WORKER = 2
-PACKAGE = "imgsim-dask"
 CONNECT_TIMEOUT_S = 20.0
 
 
-@dataclass(frozen=True)
-class ClusterOptions:
-    """Where a job runs and how it is watched.
+Cluster = Client | ClusterOptions | str | None  # where a job runs: see `connect`
 
-    `scheduler` (an address) or `scheduler_file` name a remote cluster, else
-    `DASK_SCHEDULER_ADDRESS`, else a local cluster with `workers` fetch workers. The three
-    `tls_*` files are the client's CA, certificate and key for a `tls://` scheduler.
-    `wait_workers` is how long to wait for a GPU worker to join a remote cluster; `report`
-    is where Dask's performance report (HTML) goes.
-    """
 
-    scheduler: str | None = None
-    scheduler_file: str | None = None
-    workers: int | None = None
-    tls_ca_file: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    wait_workers: float = 0.0
-    report: str | None = None
-
-    def security(self) -> Security | None:
-        """Dask `Security` for the client from the TLS files, or None (Dask's config applies)."""
-        files = {"--tls-ca-file": self.tls_ca_file, "--tls-cert": self.tls_cert,
-                 "--tls-key": self.tls_key}
-        if not any(files.values()):
-            return None
-        for flag in ("--tls-ca-file", "--tls-cert"):
-            if not files[flag]:
-                raise ImgsimError(f"TLS needs --tls-ca-file and --tls-cert (and --tls-key unless "
-                                  f"the key is in the certificate file); {flag} is missing")
-        for flag, path in files.items():
-            if path and not Path(path).is_file():
-                raise ImgsimError(f"{flag} {path}: no such file")
-        return Security(tls_ca_file=self.tls_ca_file, tls_client_cert=self.tls_cert,
-                        tls_client_key=self.tls_key, require_encryption=True)
+def client_security(options: ClusterOptions) -> Security | None:
+    """Dask `Security` for the client from the TLS files, or None (Dask's config applies)."""
+    files = {"tls_ca_file": options.tls_ca_file, "tls_cert": options.tls_cert,
+             "tls_key": options.tls_key}
+    if not any(files.values()):
+        return None
+    for name in ("tls_ca_file", "tls_cert"):
+        if not files[name]:
+            raise OptionError(f"TLS needs {opt('tls_ca_file')} and {opt('tls_cert')} (and "
+                              f"{opt('tls_key')} unless the key is in the certificate file); "
+                              f"{opt(name)} is missing")
+    for name, path in files.items():
+        if path and not Path(path).is_file():
+            raise OptionError(f"{opt(name)} {path}: no such file")
+    return Security(tls_ca_file=options.tls_ca_file, tls_client_cert=options.tls_cert,
+                    tls_client_key=options.tls_key, require_encryption=True)
 
 
 def local_cluster(fetch_workers: int | None = None,
                   dashboard_address: str = "127.0.0.1:8787") -> SpecCluster:
     """A local cluster on 127.0.0.1: one `GPU` model worker plus `fetch_workers` `NET` workers."""
     count = fetch_workers if fetch_workers is not None else max(1, (os.cpu_count() or 2) // 2)
-    if count < 1:
-        raise ImgsimError("--workers must be at least 1")
     common = {"host": "127.0.0.1", "dashboard": False, "silence_logs": logging.ERROR,
               "preload": [*dask.config.get("distributed.worker.preload", []),
                           "imgsim_dask.workerinit"]}  # the workers leave Ctrl-C to the driver
@@ -97,38 +79,42 @@ def local_cluster(fetch_workers: int | None = None,
 
 
 @contextmanager
-def connect(scheduler: str | None = None, client: Client | None = None,
-            workers: int | None = None, options: ClusterOptions | None = None) -> Iterator[Client]:
-    """A client: the one given, one for a remote scheduler, or one for a new local cluster.
+def connect(cluster: Cluster = None) -> Iterator[Client]:
+    """A client for where a job runs, the one way the API says it:
 
-    `scheduler` and `workers` override the fields of `options` (a scheduler wins over a
-    scheduler file; `workers` with any scheduler is refused: it sizes a local cluster). A client this opens logs the
-    dashboard link and, with `options.report`, writes Dask's performance report on exit; a
-    client given is used as it is (its owner reports).
+    - a `distributed.Client`: used as it is (its owner reports);
+    - a scheduler address (`tcp://HOST:8786`, `tls://...`): a client for it;
+    - `ClusterOptions`: a scheduler address or file, TLS, the local cluster's size, and a
+      performance report;
+    - None: `DASK_SCHEDULER_ADDRESS` (Dask's config), else a new local cluster.
+
+    A client this opens logs the dashboard link and, with `ClusterOptions.report`, writes
+    Dask's performance report on exit.
     """
-    if client is not None:
-        yield client
+    if isinstance(cluster, Client):
+        yield cluster
         return
-    overrides = {"scheduler": scheduler, "workers": workers}
-    options = replace(options or ClusterOptions(),
-                      **{k: v for k, v in overrides.items() if v is not None})
+    options = ClusterOptions(scheduler=cluster) if isinstance(cluster, str) else \
+        cluster or ClusterOptions()
     report = _report_path(options.report) if options.report else None
     with ExitStack() as stack:
         address = _remote_address(options)
         if address and options.workers:
-            raise InputError(f"--workers sizes the local cluster, but the run goes to the "
-                             f"scheduler at {address}, whose workers are its own; drop --workers")
+            raise OptionError(f"{opt('workers')} sizes the local cluster, but the run goes to "
+                              f"the scheduler at {address}, whose workers are its own; drop "
+                              f"{opt('workers')}")
         if address:
             active = stack.enter_context(_remote_client(address, options))
         else:
-            if options.security():
-                raise ImgsimError("--tls-ca-file/--tls-cert/--tls-key are for a remote scheduler: "
-                                  "pass --scheduler tls://HOST:PORT or --scheduler-file too")
+            if client_security(options):
+                raise OptionError(f"{opt('tls_ca_file')}/{opt('tls_cert')}/{opt('tls_key')} are "
+                                  f"for a remote scheduler: pass {opt('scheduler')} "
+                                  f"tls://HOST:PORT or {opt('scheduler_file')} too")
             with _hold_sigint():  # Ctrl-C here would leave a half-started cluster behind
-                cluster = stack.enter_context(local_cluster(options.workers))
-            active = stack.enter_context(Client(cluster))
+                local = stack.enter_context(local_cluster(options.workers))
+            active = stack.enter_context(Client(local))
             try:
-                active.wait_for_workers(len(cluster.worker_spec), timeout="120s")
+                active.wait_for_workers(len(local.worker_spec), timeout="120s")
             except TimeoutError:
                 raise ImgsimError("the local cluster's workers did not start within 120 s; "
                                   "see the log above (-v for more)") from None
@@ -171,7 +157,7 @@ def _hold_sigint() -> Iterator[None]:
 def _report_path(path: str) -> Path:
     report = Path(path)
     if not report.parent.is_dir():
-        raise ImgsimError(f"--report {path}: directory {report.parent} does not exist")
+        raise OptionError(f"{opt('report')} {path}: directory {report.parent} does not exist")
     return report
 
 
@@ -183,14 +169,14 @@ def _remote_address(options: ClusterOptions) -> str | None:
         try:
             return json.loads(Path(options.scheduler_file).read_text())["address"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ImgsimError(f"--scheduler-file {options.scheduler_file}: no scheduler address "
-                              f"in it ({exc})") from None
+            raise OptionError(f"{opt('scheduler_file')} {options.scheduler_file}: no scheduler "
+                              f"address in it ({exc})") from None
     return dask.config.get("scheduler-address", None)
 
 
 @contextmanager
 def _remote_client(address: str, options: ClusterOptions) -> Iterator[Client]:
-    security = options.security()
+    security = client_security(options)
     if security is not None and "://" not in address:
         address = f"tls://{address}"
     scheme = address.split("://", 1)[0] if "://" in address else "tcp"
@@ -198,8 +184,9 @@ def _remote_client(address: str, options: ClusterOptions) -> Iterator[Client]:
         raise ImgsimError(f"TLS files given, but the scheduler address {address} is not tls://")
     if security is None and scheme == "tls" and not dask.config.get(
             "distributed.comm.tls.client.cert", None):
-        raise ImgsimError(f"the scheduler at {address} uses TLS: pass --tls-ca-file, --tls-cert "
-                          "and --tls-key (or set distributed.comm.tls in the Dask config)")
+        raise OptionError(f"the scheduler at {address} uses TLS: pass {opt('tls_ca_file')}, "
+                          f"{opt('tls_cert')} and {opt('tls_key')} (or set distributed.comm.tls "
+                          "in the Dask config)")
     timeout = max(CONNECT_TIMEOUT_S, options.wait_workers)
     try:
         remote = Client(address, security=security, timeout=f"{timeout}s")
@@ -226,6 +213,7 @@ def cluster_workers(client: Client) -> dict[str, dict]:
     overwrites with a worker-less summary, so it can read as no workers at all (74 of 2,000
     calls with a 5 ms refresh interval, distributed 2026.8).
     """
+    assert client.scheduler is not None, "the client is not connected"
     return client.sync(client.scheduler.identity, n_workers=-1)["workers"]
 
 
@@ -244,6 +232,7 @@ def require_workers(client: Client, *, fetch: bool, stage: str) -> list[str]:
     """
     workers = cluster_workers(client)
     gpu = workers_with(client, GPU)
+    assert client.scheduler is not None
     start = f"start one with: dask worker {client.scheduler.address} --nthreads 1 --resources GPU=1"
     if not workers and fetch:
         raise ImgsimError(f"the cluster has no workers: none has the GPU resource that the "
@@ -260,7 +249,7 @@ def require_workers(client: Client, *, fetch: bool, stage: str) -> list[str]:
 
 def _check_versions(client: Client) -> None:
     """Every worker must run the same version of the package as this client."""
-    mine = version(PACKAGE)
+    mine = VERSION
     found = client.run(version, PACKAGE, on_error="return")
     missing = sorted(addr for addr, v in found.items() if isinstance(v, PackageNotFoundError))
     if missing:

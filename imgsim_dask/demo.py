@@ -9,7 +9,7 @@ against the catalogue should find exactly the copies.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -18,13 +18,19 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image, ImageDraw, ImageOps
 
+from .models import get_spec
+from .options import ClusterOptions, ExtractOptions, MatchOptions
+from .pairs import MatchResult
+from .workflow import run
+
 CATALOGUE = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "camera.png",
              "coins.png", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png",
              "retina.jpg", "brick.png", "page.png")
+DEMO_MODEL = "efficientnet-lite0"  # its weights install offline
 UNRELATED = ("moon.png", "grass.png", "gravel.png", "clock_motion.png")
 
 
-def _edits() -> dict[str, callable]:
+def _edits() -> dict[str, Callable[[Image.Image], Image.Image]]:
     """Named edits that keep an image 'the same picture' for a person."""
     def watermark(image: Image.Image) -> Image.Image:
         image = image.copy()
@@ -108,3 +114,19 @@ def write_csvs(workdir: Path, base_url: str) -> tuple[Path, Path]:
         table.to_csv(path, index=False)
         paths.append(path)
     return paths[0], paths[1]
+
+
+def run_demo(root: Path, cluster: ClusterOptions, progress: bool,
+             on_serving: Callable[[str], object] = print) -> MatchResult:
+    """The whole demo: serve the images, extract both collections, match uploads to the
+    catalogue (each upload's best match at the model's threshold), write `matches.csv`."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    with serve_directory(root / "images") as base_url:
+        catalogue, uploads = write_csvs(root, base_url)
+        on_serving(f"serving {len(list((root / 'images').iterdir()))} demo images at {base_url}")
+        options = ExtractOptions(model=DEMO_MODEL, partition_rows=8, batch_size=8,
+                                 overwrite=True, progress=progress)
+        return run(str(uploads), str(catalogue), ["uploads", "catalogue"], str(root / "store"),
+                   out=root / "matches.csv", cluster=cluster, options=options,
+                   match_options=MatchOptions(top_k=1,
+                                              threshold=get_spec(DEMO_MODEL).threshold))

@@ -1,9 +1,13 @@
-"""Driver: wire ingest -> fetch -> embed -> store on a Dask cluster, with back-pressure.
+"""Driver: wire ingest -> fetch -> embed -> store on a Dask cluster, in three steps.
 
-Per partition k the graph is `rows-k` (slice of the CSV blocks, fixed row ids) ->
-`fetch-k` (CPU workers, resource `NET` when the cluster has it) -> `embed-k` (workers
-with resource `GPU`). At most `window` partitions are in flight; the driver writes each
-finished partition to the store as it arrives, so memory stays flat whatever the input size.
+- plan (`plan_extraction`): check the CSV and options, fix the row ids and partitions, open
+  (or resume) the source, and decide which partitions, or which rows of them, to do;
+- submit (`submit_partition`): per partition k the tasks `rows-k` (slice of the CSV blocks,
+  fixed row ids) -> `fetch-k` (CPU workers, resource `NET` when the cluster has it) ->
+  `embed-k` (workers with resource `GPU`), at most a window of partitions in flight
+  (`pipeline.bounded`); the driver writes each finished partition as it arrives, so memory
+  stays flat whatever the input size;
+- seal (`seal`): write meta.json, the commit point.
 """
 
 from __future__ import annotations
@@ -12,39 +16,36 @@ import datetime as dt
 import logging
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
-from distributed import Client, as_completed, span
+import pandas as pd
+from distributed import Client, Future, span
+from tqdm.auto import tqdm
 
-from .cluster import GPU, NET, ClusterOptions, cluster_workers, connect, require_workers, workers_with
-from .embed import ModelPlugin, embed_partition
+from .about import PACKAGE
+from .cluster import GPU, NET, Cluster, cluster_workers, connect, require_workers, workers_with
+from .embed import EmbeddedPartition, ModelPlugin, embed_partition
 from .errors import InputError, StoreError
-from .fetch import OK, TRANSIENT_STATUSES, FetchOptions, fetch_partition
-from .ingest import CsvSource, assemble_partition, inspect_csv, plan_partitions, read_blocks
+from .fetch import fetch_partition
+from .ingest import CsvFile, Piece, assemble_partition, cut_partitions, inspect_csv, read_blocks
 from .models import Weights, get_spec, resolve_weights
-from .runtime import check_runtime
-from .store import DEFAULT_STORE, FeatureStore, StoreWriter, check_name
+from .options import (
+    DEFAULT_STORE,
+    TASK_RETRIES,
+    CsvOptions,
+    ExtractOptions,
+    FetchOptions,
+    with_overrides,
+)
+from .pipeline import bounded, compute_all
+from .schema import OK, TRANSIENT_STATUSES, SourceMeta, SourcePlan
+from .store import Source, SourceWriter, check_name, check_plan, is_complete, stored_plan
 
 logger = logging.getLogger(__name__)
-
-TASK_RETRIES = 2  # a task lost with its worker is recomputed elsewhere
-
-
-@dataclass(frozen=True)
-class ExtractOptions:
-    """Everything that shapes an extraction besides its input and output."""
-
-    model: str = "mobilenet"
-    weights: str | None = None
-    batch_size: int = 64
-    runtime: str = "auto"
-    partition_rows: int = 256
-    fetch: FetchOptions = field(default_factory=FetchOptions)
-    overwrite: bool = False
-    resume: bool = False
-    retry_failed: bool = False
-    progress: bool = False
 
 
 def extract(
@@ -52,74 +53,135 @@ def extract(
     name: str,
     store: str = DEFAULT_STORE,
     *,
-    client: Client | None = None,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    cluster_options: ClusterOptions | None = None,
-    delimiter: str = ",",
-    header: bool = True,
-    cols: list[str] | None = None,
-    url_col: str | None = None,
-    id_col: str | None = None,
+    cluster: Cluster = None,
+    csv_options: CsvOptions | None = None,
     options: ExtractOptions | None = None,
-    **option_fields,
-) -> FeatureStore:
+    **fields: Any,
+) -> Source:
     """Extract features for every row of `csv` into `store/name` and return the stored source.
 
-    Runs on `client` if given, else on the scheduler at `scheduler` (or
-    `DASK_SCHEDULER_ADDRESS`), else on an embedded local cluster; `cluster_options` adds
-    TLS, a scheduler file and a performance report. Keyword arguments named
-    like `ExtractOptions` fields (`model=`, `batch_size=`, ...) override `options`.
+    `cluster` says where it runs (see `cluster.connect`): a `Client`, a scheduler address,
+    `ClusterOptions`, or None for `DASK_SCHEDULER_ADDRESS` or else an embedded local
+    cluster. Keyword arguments named like `ExtractOptions` or `CsvOptions` fields
+    (`model=`, `batch_size=`, `url_col=`, ...) override `options` and `csv_options`.
     """
-    options = _merge_options(options, option_fields)
+    options, csv_options = with_overrides(fields, options or ExtractOptions(),
+                                          csv_options or CsvOptions())
     check_name(name)
-    source = inspect_csv(csv, delimiter, header, cols, url_col, id_col)
-    spec = get_spec(options.model)
-    if options.batch_size < 1:
-        raise InputError("--batch-size must be at least 1")
-    check_runtime(options.runtime)
-    if options.overwrite and (options.resume or options.retry_failed):
-        raise InputError("--overwrite excludes --resume and --retry-failed")
-    if options.retry_failed:
-        options = replace(options, resume=True)
-    if (Path(store) / name).exists() and not (options.overwrite or options.resume):
+    csv_file = inspect_csv(csv, csv_options)
+    if (Path(store) / name).exists() and not (options.overwrite or options.resume
+                                              or options.retry_failed):
         raise StoreError(f"source {name!r} already exists in {store}; pass --overwrite to "
                          "replace it (or --resume to continue an interrupted extraction)")
     weights = resolve_weights(options.model, options.weights)
-    fetch_options = FetchOptions(**{**asdict(options.fetch), "image_size": spec.image_size,
-                                    "base_dir": source.base_dir})
-    with connect(scheduler, client, workers, cluster_options) as active:
-        return _run(active, source, name, store, options, weights, fetch_options)
+    with connect(cluster) as client:
+        return extract_on(client, csv_file, name, store, options, weights)
 
 
-def _merge_options(options: ExtractOptions | None, overrides: dict) -> ExtractOptions:
-    base = asdict(options or ExtractOptions())
-    unknown = set(overrides) - set(base)
-    if unknown:
-        raise TypeError(f"unknown extract option(s): {', '.join(sorted(unknown))}")
-    base.update(overrides)
-    if isinstance(base["fetch"], dict):
-        base["fetch"] = FetchOptions(**base["fetch"])
-    return ExtractOptions(**base)
-
-
-def _run(client: Client, source: CsvSource, name: str, store: str, options: ExtractOptions,
-         weights: Weights, fetch_options: FetchOptions) -> FeatureStore:
+def extract_on(client: Client, csv_file: CsvFile, name: str, store: str,
+               options: ExtractOptions, weights: Weights) -> Source:
+    """The extraction on a connected client: plan, submit every partition, seal."""
     started = time.perf_counter()
     gpu_workers = require_workers(client, fetch=True, stage="embed")
+    job = plan_extraction(csv_file, name, store, options, weights,
+                          compute=lambda tasks: compute_all(client, tasks))
+    if job.writer.complete:
+        logger.info("%s: already complete in %s, nothing to do", name, store)
+        return Source(job.writer.path)
+    if job.writer.done and len(job.writer.done) < len(job.partitions):
+        logger.info("%s: resuming, %d of %d partitions already written", name,
+                    len(job.writer.done), len(job.partitions))
+    plugin = ModelPlugin(weights, options.runtime)
+    client.register_plugin(plugin)
     fetch_resources = {NET: 1} if workers_with(client, NET) else None
+    progress = _Progress(options.progress, job)
+    submit = _Submitter(client, job, plugin.name, fetch_resources, progress.fetched.update)
+    window = 2 * len(gpu_workers) + _fetch_slots(client, fetch_resources) + 2
+    try:
+        with bounded(client, job.todo, submit, window) as finished:
+            for k, future in finished:
+                embedded: EmbeddedPartition = future.result()
+                job.write(k, embedded)
+                progress.embedded(len(embedded.rows), job.failed)
+    except BaseException as exc:
+        # The pipeline cancelled the embed futures still in flight: nothing depends on them,
+        # and the scheduler then releases their fetch and rows tasks. Cancelling a CSV block
+        # future too made the scheduler recurse into rows tasks no client holds and fail
+        # `assert ts.who_wants` (Scheduler.stimulus_cancel), so the blocks are only released.
+        submit.release_blocks()
+        if isinstance(exc, KeyboardInterrupt):
+            done = "while retrying failed rows" if job.retry else \
+                f"with {len(job.writer.done)} of {len(job.partitions)} partitions written"
+            logger.warning("%s: interrupted %s; continue with --resume", name, done)
+        raise
+    finally:
+        progress.close()
+    return seal(job, time.perf_counter() - started)
 
-    blocks, block_lengths = read_blocks(source)
+
+@dataclass
+class ExtractionJob:
+    """What an extraction is to do, and the counts of what it has done so far."""
+
+    csv_file: CsvFile
+    name: str
+    options: ExtractOptions
+    weights: Weights
+    fetch: FetchOptions  # the options' fetch, sized for the model and rooted at the CSV
+    plan: SourcePlan
+    blocks: list  # the CSV's byte blocks, parsed lazily (`ingest.read_blocks`)
+    partitions: list[list[Piece]]
+    writer: SourceWriter
+    retry: dict[int, list[int]]  # partition -> its rows to fetch again
+    done_rows: int  # rows already stored before this run
+    counts: dict[str, int] = field(default_factory=dict)  # status -> rows, stored so far
+    stage_seconds: dict[str, float] = field(default_factory=lambda: {"fetch": 0.0, "embed": 0.0})
+    runtimes: set[str] = field(default_factory=set)  # what `auto` became on the model workers
+    ok_before: int = 0
+
+    @property
+    def todo(self) -> list[int]:
+        """The partitions to submit: those not written yet, then those with rows to retry."""
+        return [k for k in range(len(self.partitions)) if k not in self.writer.done] \
+            + sorted(self.retry)
+
+    @property
+    def failed(self) -> int:
+        return sum(count for status, count in self.counts.items() if status != OK)
+
+    def rows_of(self, k: int) -> int:
+        """Rows that partition k's tasks handle in this run."""
+        if k in self.retry:
+            return len(self.retry[k])
+        return sum(stop - start for _, start, stop in self.partitions[k])
+
+    def write(self, k: int, embedded: EmbeddedPartition) -> None:
+        """Store one finished partition and count it."""
+        if k in self.retry:
+            self.writer.rewrite_rows(k, embedded.features, embedded.rows)
+        else:
+            self.writer.write_partition(k, embedded.features, embedded.rows)
+        _count(self.counts, embedded.rows)
+        self.runtimes.add(embedded.runtime)
+        for stage, seconds in embedded.seconds.items():
+            self.stage_seconds[stage] += seconds
+
+
+def plan_extraction(csv_file: CsvFile, name: str, store: str, options: ExtractOptions,
+                    weights: Weights, compute: Callable | None = None) -> ExtractionJob:
+    """Count the CSV's rows (the scan tasks run by `compute`, default `dask.compute`), cut
+    the partitions, and open (or resume) the source."""
+    spec = get_spec(options.model)
+    blocks, block_lengths = read_blocks(csv_file, compute=compute)
     n_rows = sum(block_lengths)
     if n_rows == 0:
-        raise InputError(f"{source.path}: no data rows (only a header?)")
-    plan = plan_partitions(block_lengths, options.partition_rows)
-    spec = get_spec(options.model)
-
-    writer = StoreWriter(store, name, _plan(source, options, weights, n_rows, spec.dim),
-                         options.overwrite, options.resume)
+        raise InputError(f"{csv_file.path}: no data rows (only a header?)")
+    partitions = cut_partitions(block_lengths, options.partition_rows)
+    plan = source_plan(csv_file, options, weights, n_rows, spec.dim)
+    resume = options.resume or options.retry_failed
+    writer = SourceWriter(store, name, plan, options.overwrite, resume)
     done_rows = writer.done_rows()
-    retry: dict[int, list[int]] = {}  # partition -> its rows to fetch again
+    retry: dict[int, list[int]] = {}
     if options.retry_failed or writer.retrying:  # (an interrupted retry goes on as one)
         failed = done_rows.loc[done_rows["status"].isin(TRANSIENT_STATUSES), "row"]
         for row in failed.astype(int):
@@ -128,144 +190,137 @@ def _run(client: Client, source: CsvSource, name: str, store: str, options: Extr
         if retry:
             writer.reopen()
         done_rows = done_rows[~done_rows["row"].isin(failed)]
-    if writer.complete:
-        logger.info("%s: already complete in %s, nothing to do", name, store)
-        return FeatureStore(writer.path)
-    todo = [k for k in range(len(plan)) if k not in writer.done] + sorted(retry)
-    if writer.done and len(writer.done) < len(plan):
-        logger.info("%s: resuming, %d of %d partitions already written", name,
-                    len(writer.done), len(plan))
-    plugin = ModelPlugin(weights, options.runtime)
-    client.register_plugin(plugin)
+    fetch = replace(options.fetch, image_size=spec.image_size, base_dir=csv_file.base_dir)
+    job = ExtractionJob(csv_file, name, options, weights, fetch, plan, blocks, partitions,
+                        writer, retry, len(done_rows))
+    _count(job.counts, done_rows)
+    job.ok_before = job.counts.get(OK, 0)
+    return job
 
-    token = uuid.uuid4().hex[:8]
-    delayed_blocks = blocks.to_delayed()
-    last_use = {block: k for k in todo for block, _, _ in plan[k]}
-    block_futures: dict = {}
 
-    def submit(k: int):
+class _Submitter:
+    """Submits a partition's rows -> fetch -> embed tasks; each CSV block is computed once
+    and released after the last partition that reads it."""
+
+    def __init__(self, client: Client, job: ExtractionJob, plugin_name: str,
+                 fetch_resources: dict[str, int] | None, on_fetched: Callable[[int], object]):
+        self.client, self.job, self.plugin_name = client, job, plugin_name
+        self.fetch_resources = fetch_resources
+        self.on_fetched = on_fetched  # called with the rows of each finished fetch task
+        self.token = uuid.uuid4().hex[:8]
+        self.last_use = {block: k for k in job.todo for block, _, _ in job.partitions[k]}
+        self.block_futures: dict[int, Future] = {}
+
+    def __call__(self, k: int) -> Future:
+        client, job = self.client, self.job
         slices = []
-        for block, start, stop in plan[k]:
-            if block not in block_futures:
-                block_futures[block] = client.compute(delayed_blocks[block])
-            slices.append((block_futures[block], start, stop))
-            if last_use[block] == k:
-                block_futures.pop(block)  # the rows task keeps it alive as long as needed
-        first_row = k * options.partition_rows
-        with span("extract", name, "rows"):  # spans group the stages on the dashboard
-            rows = client.submit(assemble_partition, first_row, slices, list(source.keep),
-                                 retry.get(k), key=f"rows-{k:05d}-{token}", retries=TASK_RETRIES)
-        with span("extract", name, "fetch"):
-            fetched = client.submit(fetch_partition, rows, source.url_col, fetch_options,
-                                    key=f"fetch-{k:05d}-{token}", resources=fetch_resources,
-                                    retries=TASK_RETRIES)
-        size = len(retry[k]) if k in retry else sum(stop - start for _, start, stop in plan[k])
-        fetched.add_done_callback(
-            lambda f: fetch_bar.update(size) if f.status == "finished" else None)
-        with span("extract", name, "embed"):
-            return client.submit(embed_partition, fetched, plugin.name, options.batch_size,
-                                 key=f"embed-{k:05d}-{token}", resources={GPU: 1},
+        for block, start, stop in job.partitions[k]:
+            if block not in self.block_futures:
+                self.block_futures[block] = client.compute(job.blocks[block])
+            slices.append((self.block_futures[block], start, stop))
+            if self.last_use[block] == k:
+                self.block_futures.pop(block)  # the rows task keeps it alive as long as needed
+        first_row = k * job.options.partition_rows
+        with span("extract", job.name, "rows"):  # spans group the stages on the dashboard
+            rows = client.submit(assemble_partition, first_row, slices, list(job.csv_file.keep),
+                                 job.retry.get(k), key=f"rows-{k:05d}-{self.token}",
                                  retries=TASK_RETRIES)
+        with span("extract", job.name, "fetch"):
+            fetched = client.submit(fetch_partition, rows, job.csv_file.url_col, job.fetch,
+                                    key=f"fetch-{k:05d}-{self.token}",
+                                    resources=self.fetch_resources, retries=TASK_RETRIES)
+        size = job.rows_of(k)
+        fetched.add_done_callback(
+            lambda f: self.on_fetched(size) if f.status == "finished" else None)
+        with span("extract", job.name, "embed"):
+            return client.submit(embed_partition, fetched, self.plugin_name,
+                                 job.options.batch_size, key=f"embed-{k:05d}-{self.token}",
+                                 resources={GPU: 1}, retries=TASK_RETRIES)
 
-    window = 2 * len(gpu_workers) + _fetch_slots(client, fetch_resources) + 2
-    pending: dict = {}  # embed key -> (future, partition)
-    in_flight = as_completed()
-    queue = iter(todo)
-
-    def submit_next() -> None:
-        k = next(queue, None)
-        if k is not None:
-            future = submit(k)
-            pending[future.key] = (future, k)
-            in_flight.add(future)
-
-    counts: dict[str, int] = {}
-    stage_seconds = {"fetch": 0.0, "embed": 0.0}
-    runtimes: set[str] = set()  # what `auto` became on the model workers
-    _count(counts, done_rows)
-    fetch_bar = _progress_bar(options.progress, n_rows, f"fetch {name}", len(done_rows), 0)
-    progress = _progress_bar(options.progress, n_rows, f"embed {name}", len(done_rows), 1)
-    ok_before = counts.get(OK, 0)
-    try:
-        for _ in range(window):
-            submit_next()
-        for future in in_flight:
-            embedded = future.result()
-            k = pending.pop(future.key)[1]
-            if k in retry:
-                writer.rewrite_rows(k, embedded.features, embedded.rows)
-            else:
-                writer.write_partition(k, embedded.features, embedded.rows)
-            _count(counts, embedded.rows)
-            runtimes.add(embedded.runtime)
-            for stage, value in embedded.seconds.items():
-                stage_seconds[stage] += value
-            progress.update(len(embedded.rows))
-            progress.set_postfix(failed=_failed(counts), refresh=False)
-            submit_next()
-    except BaseException as exc:
-        # stop the work still queued (on a shared cluster it would go on fetching). Cancel the
-        # embed futures only: nothing depends on them, and the scheduler then releases their
-        # fetch and rows tasks. Cancelling a CSV block future too made the scheduler recurse
-        # into its dependents, rows tasks no client holds, and fail `assert ts.who_wants`
-        # (Scheduler.stimulus_cancel): tracebacks, and this client's stream dropped. The
-        # blocks are only released.
-        client.cancel([future for future, _ in pending.values()])
-        for block_future in block_futures.values():
+    def release_blocks(self) -> None:
+        for block_future in self.block_futures.values():
             block_future.release()
-        if isinstance(exc, KeyboardInterrupt):
-            done = "while retrying failed rows" if retry else \
-                f"with {len(writer.done)} of {len(plan)} partitions written"
-            logger.warning("%s: interrupted %s; continue with --resume", name, done)
-        raise
-    finally:
-        fetch_bar.close()
-        progress.close()
-
-    seconds = time.perf_counter() - started
-    meta = {
-        "name": name,
-        "model": options.model,
-        "dim": spec.dim,
-        "threshold": spec.threshold,
-        "weights": weights.source,
-        "weights_sha256": weights.sha256,
-        "csv": source.path if "://" in source.path else str(Path(source.path).resolve()),
-        "fields": list(source.keep),
-        "url_col": source.url_col,
-        "id_col": source.id_col,
-        "rows": n_rows,
-        "status_counts": dict(sorted(counts.items())),
-        "partition_rows": options.partition_rows,
-        "batch_size": options.batch_size,
-        "runtime": sorted(runtimes),
-        "seconds": round(seconds, 3),
-        "images_per_second": round((counts.get(OK, 0) - ok_before) / seconds, 2) if seconds
-        else None,
-        "stages": _stage_summary(stage_seconds, counts.get(OK, 0) - ok_before,
-                                 n_rows - len(done_rows)),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
-    }
-    return writer.finish(meta)
 
 
-def _plan(source: CsvSource, options: ExtractOptions, weights: Weights, n_rows: int,
-          dim: int) -> dict:
+class _Progress:
+    """Two progress bars, rows fetched and rows embedded; off where stderr is no terminal."""
+
+    def __init__(self, enabled: bool, job: ExtractionJob):
+        total = job.plan.rows
+        self.fetched = _bar(enabled, total, f"fetch {job.name}", job.done_rows, 0)
+        self.stored = _bar(enabled, total, f"embed {job.name}", job.done_rows, 1)
+
+    def embedded(self, rows: int, failed: int) -> None:
+        self.stored.update(rows)
+        self.stored.set_postfix(failed=failed, refresh=False)
+
+    def close(self) -> None:
+        self.fetched.close()
+        self.stored.close()
+
+
+def _bar(enabled: bool, total: int, desc: str, initial: int, position: int) -> tqdm:
+    return tqdm(total=total, initial=initial, unit="row", desc=desc, position=position,
+                disable=None if enabled else True,  # None: off where stderr is no terminal
+                dynamic_ncols=True, smoothing=0.05)
+
+
+def seal(job: ExtractionJob, seconds: float) -> Source:
+    """Write the source's meta.json: after this it opens as complete."""
+    spec = get_spec(job.options.model)
+    ok_new = job.counts.get(OK, 0) - job.ok_before
+    meta = SourceMeta(
+        name=job.name, model=job.options.model, dim=spec.dim, threshold=spec.threshold,
+        weights=job.weights.description, weights_sha256=job.weights.sha256, csv=job.plan.csv,
+        fields=list(job.csv_file.keep), url_col=job.csv_file.url_col,
+        id_col=job.csv_file.id_col, rows=job.plan.rows,
+        status_counts=dict(sorted(job.counts.items())),
+        partition_rows=job.options.partition_rows, batch_size=job.options.batch_size,
+        runtime=sorted(job.runtimes), seconds=round(seconds, 3),
+        images_per_second=round(ok_new / seconds, 2) if seconds else None,
+        stages=_stage_summary(job.stage_seconds, ok_new, job.plan.rows - job.done_rows),
+        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        versions=_versions(),
+    )
+    return job.writer.finish(meta)
+
+
+def reuse_complete(csv_file: CsvFile, name: str, store: str,
+                   options: ExtractOptions) -> Source | None:
+    """The sealed source `store/name` when it was made from this CSV with these options, so
+    that nothing needs doing; None when there is none (or `overwrite`); a one-line
+    StoreError when it was made otherwise. Its weights count as given unless `options`
+    name a weights file, so nothing is resolved (or downloaded) to reuse it."""
+    if options.overwrite or not is_complete(store, name):
+        return None
+    path = Path(store) / name
+    weights = resolve_weights(options.model, options.weights) if options.weights else None
+    n_rows = sum(read_blocks(csv_file)[1])
+    plan = source_plan(csv_file, options, weights, n_rows, get_spec(options.model).dim)
+    if weights is None:
+        plan = replace(plan, weights=stored_plan(path).get("weights", ""))
+    check_plan(path, plan)
+    return Source(path)
+
+
+def source_plan(csv_file: CsvFile, options: ExtractOptions, weights: Weights | None,
+                n_rows: int, dim: int) -> SourcePlan:
     """What fixes the extraction's output: a resumed run must agree on all of it."""
-    csv = {"csv": source.path}
-    if "://" not in source.path:
-        stat = Path(source.path).stat()
-        csv = {"csv": str(Path(source.path).resolve()), "csv_bytes": stat.st_size,
-               "csv_mtime_ns": stat.st_mtime_ns}
+    csv, size, mtime = csv_file.path, None, None
+    if "://" not in csv_file.path:
+        stat = Path(csv_file.path).stat()
+        csv, size, mtime = str(Path(csv_file.path).resolve()), stat.st_size, stat.st_mtime_ns
     fetch = {key: getattr(options.fetch, key) for key in (
         "schemes", "public_only", "allow_link_local", "root", "max_bytes", "max_pixels")}
-    return {**csv, "rows": n_rows, "dim": dim, "partition_rows": options.partition_rows,
-            "model": options.model,  # a file's hash; random or package weights by name
-            "weights": weights.sha256 if weights.data is not None else weights.source,
-            "fetch": {k: list(v) if isinstance(v, tuple) else v for k, v in fetch.items()},
-            "fields": list(source.keep), "url_col": source.url_col, "id_col": source.id_col,
-            "delimiter": source.delimiter, "header": source.header}
+    return SourcePlan(
+        csv=csv, rows=n_rows, dim=dim, partition_rows=options.partition_rows,
+        model=options.model,  # a file's hash; random or package weights by name
+        weights="" if weights is None else
+        weights.sha256 if weights.data is not None else weights.description,
+        fetch={k: list(v) if isinstance(v, tuple) else v for k, v in fetch.items()},
+        fields=list(csv_file.keep), url_col=csv_file.url_col, id_col=csv_file.id_col,
+        delimiter=csv_file.delimiter, header=csv_file.header, csv_bytes=size,
+        csv_mtime_ns=mtime)
 
 
 def _stage_summary(stage_seconds: dict[str, float], images: int, rows: int) -> dict:
@@ -279,15 +334,11 @@ def _stage_summary(stage_seconds: dict[str, float], images: int, rows: int) -> d
                       "images_per_task_second": rate(images, stage_seconds["embed"])}}
 
 
-def _count(counts: dict[str, int], rows) -> None:
+def _count(counts: dict[str, int], rows: pd.DataFrame) -> None:
     """Add the rows' statuses to `counts`."""
     if len(rows):
         for status, count in rows["status"].value_counts().items():
             counts[str(status)] = counts.get(str(status), 0) + int(count)
-
-
-def _failed(counts: dict[str, int]) -> int:
-    return sum(v for k, v in counts.items() if k != OK)
 
 
 def _fetch_slots(client: Client, fetch_resources: dict | None) -> int:
@@ -297,19 +348,9 @@ def _fetch_slots(client: Client, fetch_resources: dict | None) -> int:
     return int(sum(w.get("nthreads", 1) for w in workers))
 
 
-def _progress_bar(enabled: bool, total: int, desc: str, initial: int, position: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, unit="row", desc=desc, position=position,
-                disable=None if enabled else True,  # None: off where stderr is no terminal
-                dynamic_ncols=True, smoothing=0.05)
-
-
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     found = {}
-    for package in ("imgsim-dask", "dask", "distributed", "keras", "tensorflow", "tensorflow-cpu",
+    for package in (PACKAGE, "dask", "distributed", "keras", "tensorflow", "tensorflow-cpu",
                     "zarr", "numpy", "pandas", "pillow"):
         try:
             found[package] = version(package)

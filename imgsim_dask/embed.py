@@ -13,11 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from distributed import WorkerPlugin, get_worker
+from distributed import Worker, WorkerPlugin, get_worker
 
-from .fetch import OK, FetchedPartition
+from .fetch import FetchedPartition
 from .models import Weights, build_model
-from .runtime import make_predictor
+from .quiet import filtered_native_stderr
+from .runtime import Predictor, make_predictor
+from .schema import OK
 
 
 class ModelPlugin(WorkerPlugin):
@@ -29,24 +31,30 @@ class ModelPlugin(WorkerPlugin):
         self.weights = weights
         self.runtime = runtime
         self.name = f"imgsim-model-{weights.token}-{runtime}"
-        self._predictor = None
+        self._unbuilt()
+
+    def _unbuilt(self) -> None:
+        self._predictor: Predictor | None = None
         self._lock = threading.Lock()
+        self._workdir = ""
 
-    def __getstate__(self):
-        return {"weights": self.weights, "runtime": self.runtime}
+    def __getstate__(self) -> dict:
+        return {"weights": self.weights, "runtime": self.runtime, "name": self.name}
 
-    def __setstate__(self, state):
-        self.__init__(state["weights"], state["runtime"])
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._unbuilt()
 
-    def setup(self, worker):
+    def setup(self, worker: Worker) -> None:
         self._workdir = worker.local_directory
 
-    def predictor(self):
+    def predictor(self) -> Predictor:
         """The model under its runtime (`runtime.py`), built on first use."""
         with self._lock:
             if self._predictor is None:
-                model = build_model(self.weights, self._workdir)
-                self._predictor = make_predictor(model, self.runtime)
+                with filtered_native_stderr():  # TensorFlow's start-up chatter
+                    model = build_model(self.weights, self._workdir)
+                    self._predictor = make_predictor(model, self.runtime)
             return self._predictor
 
 
@@ -88,7 +96,9 @@ def embed_partition(fetched: FetchedPartition, plugin_name: str, batch_size: int
                     ) -> EmbeddedPartition:
     """Run the model over a fetched partition's `ok` images."""
     started = time.perf_counter()
-    predictor = get_worker().plugins[plugin_name].predictor()
+    plugin = get_worker().plugins[plugin_name]
+    assert isinstance(plugin, ModelPlugin)
+    predictor = plugin.predictor()
     features = np.full((len(fetched.rows), predictor.dim), np.nan, np.float32)
     ok = (fetched.rows["status"] == OK).to_numpy()
     if ok.any():

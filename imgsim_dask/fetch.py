@@ -1,6 +1,6 @@
-"""Fetch and decode: turn one partition of rows into uint8 model inputs plus a status per row.
+"""Fetch: turn one partition of rows into uint8 model inputs plus a status per row.
 
-Runs on CPU workers. Downloads overlap in a per-process thread pool; each thread keeps its
+Runs on CPU workers; the bytes are decoded by `decode`. Downloads overlap in a per-process thread pool; each thread keeps its
 own urllib3 pools (HTTP keep-alive) whose connections obey an address policy (see
 `safehttp`). Every fetch is bounded: connect and read timeouts, a total deadline, a byte
 cap, a redirect cap, bounded retries. Content is identified by its magic bytes, never by
@@ -10,7 +10,6 @@ Content-Type. Every row gets a status (`ok` or a failure code) and never stops t
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import random
 import stat
@@ -23,81 +22,28 @@ from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 import certifi
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
 from urllib3 import BaseHTTPResponse, Retry, Timeout
 from urllib3.exceptions import (
-    HTTPError, InvalidHeader, LocationValueError, NameResolutionError, NewConnectionError,
-    PoolError, ProtocolError,
+    HTTPError,
+    InvalidHeader,
+    LocationValueError,
+    NameResolutionError,
+    NewConnectionError,
+    PoolError,
+    ProtocolError,
 )
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
-from .errors import InputError
-from .ingest import INGEST_ERROR
+from .about import PACKAGE, VERSION
+from .decode import NOT_IMAGE, SNIFF_BYTES, decode_image, sniff_format
+from .options import FetchOptions
 from .safehttp import AddressPolicy, BlockedAddress, Deadline, GuardedPoolManager, watched_deadline
+from .schema import INGEST_ERROR, OK, STATUS_COLUMNS, RowFailure
 
-OK = "ok"
-STATUS_COLUMNS = ("status", "error", "http_status", "bytes", "sha256", "width", "height")
-# Failures worth fetching again later (the server or network may do better next time).
-TRANSIENT_STATUSES = frozenset({
-    "timeout", "connection_error", "dns_error", "truncated", "http_5xx", "http_429", "io_error",
-})
-SCHEMES = ("http", "https", "file")  # "file" covers file:// URLs and plain local paths
-DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb limit (MAX_IMAGE_PIXELS)
-
-_USER_AGENT = "imgsim-dask/0.1 (+https://pypi.org/project/imgsim-dask/)"
+_USER_AGENT = f"{PACKAGE}/{VERSION} (+https://pypi.org/project/{PACKAGE}/)"
 _HEADERS = {"User-Agent": _USER_AGENT, "Accept": "image/*,*/*;q=0.8"}
 _RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
 _CHUNK_BYTES = 64 * 1024
-_SNIFF_BYTES = 12  # enough for every signature in `sniff_format`
-
-
-@dataclass(frozen=True)
-class FetchOptions:
-    """How images are fetched and decoded (times in seconds)."""
-
-    image_size: int = 224
-    threads: int = 64  # downloads in flight per worker process: hides per-request latency
-    connect_timeout: float = 5.0
-    read_timeout: float = 20.0  # longest wait for the next bytes
-    deadline: float = 60.0  # total per image: connects, retries, redirects and the body
-    retries: int = 2  # for 429, 500/502/503/504 and connection resets only
-    backoff: float = 0.5  # first retry delay, doubled for each further retry
-    max_retry_after: float = 10.0  # a longer Retry-After is not waited for: the row fails
-    max_redirects: int = 5
-    max_bytes: int = 32 * 2**20
-    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused as `bomb`
-    schemes: tuple[str, ...] = SCHEMES  # others get `blocked`
-    allow_link_local: bool = False  # 169.254.0.0/16, fe80::/10 and cloud metadata endpoints
-    # only public network addresses: loopback, private addresses and local files are refused
-    # (`file` is dropped from `schemes`, so the options, and plan.json, say what is fetched)
-    public_only: bool = False
-    root: str = ""  # when set, local paths must resolve to a file under this directory
-    base_dir: str = ""  # relative local paths are resolved against this
-
-    def __post_init__(self):
-        unknown = set(self.schemes) - set(SCHEMES)
-        if unknown:
-            raise InputError(f"unsupported scheme(s) {sorted(unknown)}; choose from {SCHEMES}")
-        schemes = tuple(self.schemes)
-        if self.public_only:  # like allow_link_local, an allowance never lifts public_only
-            schemes = tuple(scheme for scheme in schemes if scheme != "file")
-            if self.schemes and not schemes:
-                raise InputError("public_only refuses local files, so schemes=file leaves "
-                                 "nothing to fetch; allow http/https, or drop public_only")
-        object.__setattr__(self, "schemes", schemes)
-        if self.deadline <= 0 or self.max_bytes <= 0 or self.retries < 0 \
-                or self.max_redirects < 0:
-            raise InputError("deadline and max_bytes must be positive, retries and "
-                             "max_redirects at least 0")
-
-
-class RowFailure(Exception):
-    """One row could not be turned into an image; `status` is its code in the row table."""
-
-    def __init__(self, status: str, message: str, http_status: int | None = None):
-        super().__init__(message)
-        self.status = status
-        self.http_status = http_status
 
 
 @dataclass
@@ -297,10 +243,10 @@ def _read_body(response: BaseHTTPResponse, options: FetchOptions, deadline: Dead
         if len(body) > options.max_bytes:
             raise RowFailure("too_large", f"body exceeds {options.max_bytes} bytes",
                              response.status)
-        if not sniffed and len(body) >= _SNIFF_BYTES:
+        if not sniffed and len(body) >= SNIFF_BYTES:
             sniffed = True
             if sniff_format(body) is None:
-                raise RowFailure("not_image", _NOT_IMAGE, response.status)
+                raise RowFailure("not_image", NOT_IMAGE, response.status)
     if deadline.passed:  # the watchdog may have ended the body early
         raise RowFailure("timeout", f"deadline of {options.deadline:g} s passed", response.status)
     return bytes(body)
@@ -362,9 +308,9 @@ def _read_file(path: str, options: FetchOptions) -> bytes:
         _check_regular(os.stat(path), path, options)
         with open(os.open(path, _OPEN_FLAGS), "rb") as f:
             _check_regular(os.fstat(f.fileno()), path, options)  # swapped since the stat?
-            head = f.read(_SNIFF_BYTES)
+            head = f.read(SNIFF_BYTES)
             if sniff_format(head) is None:
-                raise RowFailure("not_image", _NOT_IMAGE)
+                raise RowFailure("not_image", NOT_IMAGE)
             data = head + f.read(options.max_bytes + 1 - len(head))
         if len(data) > options.max_bytes:
             raise RowFailure("too_large", f"file grew past {options.max_bytes} bytes")
@@ -392,68 +338,6 @@ def _check_regular(info: os.stat_result, path: str, options: FetchOptions) -> No
         raise RowFailure("too_large", f"file is {info.st_size} bytes, over {options.max_bytes}")
 
 
-_NOT_IMAGE = "not a JPEG, PNG, GIF, WebP, BMP, TIFF or AVIF image (by its first bytes)"
-
-
-def sniff_format(data: bytes) -> str | None:
-    """The Pillow format named by the magic bytes at the start of `data`, or None."""
-    head = bytes(data[:_SNIFF_BYTES])
-    if head.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if head.startswith((b"GIF87a", b"GIF89a")):
-        return "GIF"
-    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
-        return "WEBP"
-    if head.startswith(b"BM"):
-        return "BMP"
-    if head.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")):
-        return "TIFF"
-    if head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis", b"mif1", b"msf1"):
-        return "AVIF"
-    return None
-
-
-def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS
-                 ) -> tuple[np.ndarray, int, int]:
-    """Decode image bytes to uint8 RGB `size` x `size`; return it with the original width, height.
-
-    Only the format its magic bytes name is tried (no other Pillow decoder sees the bytes),
-    and an image over `max_pixels` is refused from its header, before any pixel is decoded.
-    """
-    image_format = sniff_format(data)
-    if image_format is None:
-        raise RowFailure("not_image", _NOT_IMAGE)
-    try:
-        with Image.open(io.BytesIO(data), formats=[image_format]) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise RowFailure("bomb", f"{width}x{height} pixels exceed the limit of "
-                                 f"{max_pixels}")
-            image.draft("RGB", (size, size))  # JPEG: decode at a reduced DCT scale
-            ImageOps.exif_transpose(image, in_place=True)
-            image = _to_rgb(image).resize((size, size), Image.Resampling.BILINEAR,
-                                          reducing_gap=3.0)
-            return np.asarray(image, dtype=np.uint8), width, height
-    except RowFailure:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise RowFailure("bomb", str(exc)[:300]) from None
-    except Exception as exc:  # any error while parsing untrusted bytes means a corrupt image
-        raise RowFailure("decode_error", f"{type(exc).__name__}: {exc}"[:300]) from None
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB; 16/32-bit greyscale is scaled down to 8 bits instead of clipped to white."""
-    if image.mode.startswith("I"):
-        pixels = np.asarray(image).astype(np.int64)
-        if pixels.max(initial=0) > 255:
-            pixels = pixels // 257
-        image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "L")
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
 def _fetch_one(url: str, options: FetchOptions,
                ingest_error: str = "") -> tuple[np.ndarray | None, dict]:
     record: dict = {"status": OK, "error": "", "http_status": None, "bytes": None,
@@ -466,7 +350,7 @@ def _fetch_one(url: str, options: FetchOptions,
         # `bytes` and `sha256` describe a whole body that was read: the readers abandon a
         # non-image after its first bytes (this catches shorter ones), so it has neither
         if sniff_format(data) is None:
-            raise RowFailure("not_image", _NOT_IMAGE)
+            raise RowFailure("not_image", NOT_IMAGE)
         record["bytes"] = len(data)
         record["sha256"] = hashlib.sha256(data).hexdigest()
         pixels, record["width"], record["height"] = decode_image(

@@ -10,17 +10,19 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from distributed import Client
 
-from .cluster import ClusterOptions, connect
+from .cluster import Cluster, connect
 from .errors import InputError, StoreError
-from .match import MatchOptions, connected_groups, match_features
-from .store import DEFAULT_STORE, FeatureStore, atomic_write, open_store
+from .match import connected_groups, match_features
+from .options import DEFAULT_STORE, MatchOptions, OptionError, opt, with_overrides
+from .schema import SourceMeta
+from .store import Source, atomic_write, open_source
 
 
 @dataclass
@@ -52,19 +54,22 @@ def check_output_path(out: str | os.PathLike, inputs: tuple[str, ...] = ()) -> P
     `inputs` (the sources' CSVs), else a one-line error."""
     path = Path(out)
     if path.suffix not in (".csv", ".parquet") and not path.is_dir():
-        raise InputError(f"--out {out}: use a .csv or .parquet file, or an existing directory")
+        raise OptionError(f"{opt('out')} {out}: use a .csv or .parquet file, or an existing "
+                          "directory")
     parent = path if path.is_dir() else path.parent
     if not parent.is_dir():
         what = "is not a directory" if parent.exists() else "does not exist"
-        raise InputError(f"--out {out}: {parent} {what}")
+        raise OptionError(f"{opt('out')} {out}: {parent} {what}")
     try:  # what write access really means here (root, read-only mounts, /proc)
         with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError as exc:
-        raise InputError(f"--out {out}: cannot write in {parent}: {exc.strerror or exc}") from None
+        raise OptionError(f"{opt('out')} {out}: cannot write in {parent}: "
+                          f"{exc.strerror or exc}") from None
     if path.is_file() and any(path.resolve() == Path(csv).resolve() for csv in inputs
                               if csv and "://" not in csv):
-        raise InputError(f"--out {out} is the CSV a source was extracted from; pick another file")
+        raise OptionError(f"{opt('out')} {out} is the CSV a source was extracted from; pick "
+                          "another file")
     return path
 
 
@@ -74,39 +79,31 @@ def match_sources(
     store: str = DEFAULT_STORE,
     *,
     out: str | os.PathLike | None = None,
-    threshold: float | None = None,
-    top_k: int | None = None,
-    max_pairs: int | None = None,
-    scorer: str = "auto",
-    client: Client | None = None,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    cluster_options: ClusterOptions | None = None,
+    cluster: Cluster = None,
+    options: MatchOptions | None = None,
+    **fields: Any,
 ) -> MatchResult:
     """Match `name1` against `name2` (itself when None or equal) and optionally write `out`.
 
-    Without `threshold`, the model's recommended threshold applies, except to `top_k`
-    between two sources (each row's best matches, however far).
-    `scorer`: see `MatchOptions`.
+    Without a threshold, the model's recommended threshold applies, except to `top_k`
+    between two sources (each row's best matches, however far). `cluster`: where it runs
+    (see `cluster.connect`). Keyword arguments named like `MatchOptions` fields
+    (`threshold=`, `top_k=`, ...) override `options`.
     """
-    first = open_store(store, name1)
-    second = first if name2 in (None, name1) else open_store(store, name2)
+    (options,) = with_overrides(fields, options or MatchOptions())
+    first = open_source(store, name1)
+    second = first if name2 in (None, name1) else open_source(store, name2)
     self_match = second is first
     _check_compatible(first, second)
-    if threshold is None and (top_k is None or self_match):  # a pair within one source
-        threshold = first.meta["threshold"]                  # claims a near-duplicate
-    if threshold is not None and not -1.0 <= threshold <= 1.0:
-        raise InputError(f"--thresh {threshold} is outside [-1, 1] (cosine similarity)")
-    if top_k is not None and top_k < 1:
-        raise InputError("--top-k must be at least 1")
-    path = check_output_path(out, (first.meta.get("csv", ""), second.meta.get("csv", ""))) \
-        if out is not None else None
+    if options.threshold is None and (options.top_k is None or self_match):
+        # a pair within one source claims a near-duplicate
+        options = replace(options, threshold=first.meta.threshold)
+    path = check_output_path(out, (first.meta.csv, second.meta.csv)) if out is not None \
+        else None
     prefixes = _prefixes(first, second, self_match)
 
-    options = MatchOptions(threshold=threshold, top_k=top_k, max_pairs=max_pairs,
-                           scorer=scorer)
     started = time.perf_counter()
-    with connect(scheduler, client, workers, cluster_options) as active:
+    with connect(cluster) as active:
         found = match_features(first.features, second.features, options, client=active,
                                self_match=self_match)
     table = _with_fields(found, first, second, prefixes)
@@ -122,29 +119,29 @@ def match_sources(
     return result
 
 
-def _check_compatible(first: FeatureStore, second: FeatureStore) -> None:
+def _check_compatible(first: Source, second: Source) -> None:
     a, b = first.meta, second.meta
-    if (a["model"], a["dim"]) != (b["model"], b["dim"]):
-        raise InputError(f"cannot match {first.name} ({a['model']}, {a['dim']}-d) with "
-                         f"{second.name} ({b['model']}, {b['dim']}-d): extract both with one model")
+    if (a.model, a.dim) != (b.model, b.dim):
+        raise InputError(f"cannot match {first.name} ({a.model}, {a.dim}-d) with "
+                         f"{second.name} ({b.model}, {b.dim}-d): extract both with one model")
     # where a side has no hash (random weights, or package weights stored before they had
     # one), the descriptions decide
-    hashes = a.get("weights_sha256") or "", b.get("weights_sha256") or ""
-    if not (hashes[0] == hashes[1] if all(hashes) else a["weights"] == b["weights"]):
-        def described(meta: dict, sha256: str) -> str:
-            return f"{meta['weights']}, sha256 {sha256[:12]}" if sha256 else meta["weights"]
+    hashes = a.weights_sha256 or "", b.weights_sha256 or ""
+    if not (hashes[0] == hashes[1] if all(hashes) else a.weights == b.weights):
+        def described(meta: SourceMeta, sha256: str) -> str:
+            return f"{meta.weights}, sha256 {sha256[:12]}" if sha256 else meta.weights
 
         raise InputError(f"cannot match {first.name} (weights: {described(a, hashes[0])}) with "
                          f"{second.name} (weights: {described(b, hashes[1])}): features of "
                          "different weights are not comparable; extract both with the same --weights")
 
 
-def _prefixes(first: FeatureStore, second: FeatureStore, self_match: bool) -> tuple[str, str]:
+def _prefixes(first: Source, second: Source, self_match: bool) -> tuple[str, str]:
     """The column prefixes of both sides' fields, or a one-line error if two columns collide."""
     prefix1, prefix2 = (f"{first.name}_a_", f"{first.name}_b_") if self_match else \
         (f"{first.name}_", f"{second.name}_")
-    columns = ["row_a", "row_b", *(prefix1 + f for f in first.meta["fields"]),
-               *(prefix2 + f for f in second.meta["fields"]), "similarity"]
+    columns = ["row_a", "row_b", *(prefix1 + f for f in first.meta.fields),
+               *(prefix2 + f for f in second.meta.fields), "similarity"]
     if self_match:
         columns.append("group")
     clashes = sorted({c for c in columns if columns.count(c) > 1})
@@ -156,20 +153,21 @@ def _prefixes(first: FeatureStore, second: FeatureStore, self_match: bool) -> tu
     return prefix1, prefix2
 
 
-def _with_fields(found: pd.DataFrame, first: FeatureStore, second: FeatureStore,
+def _with_fields(found: pd.DataFrame, first: Source, second: Source,
                  prefixes: tuple[str, str]) -> pd.DataFrame:
     """The pairs with every kept field of both rows, `NAME1_<field>` and `NAME2_<field>`."""
     self_match = second is first
     prefix1, prefix2 = prefixes
-    fields1 = first.rows(["row", *first.meta["fields"]]).set_index("row")
-    fields2 = fields1 if self_match else second.rows(["row", *second.meta["fields"]]).set_index("row")
+    fields1 = first.rows(["row", *first.meta.fields]).set_index("row")
+    fields2 = fields1 if self_match else \
+        second.rows(["row", *second.meta.fields]).set_index("row")
     left = fields1.loc[found["row_a"].to_numpy()].add_prefix(prefix1).reset_index(drop=True)
     right = fields2.loc[found["row_b"].to_numpy()].add_prefix(prefix2).reset_index(drop=True)
     table = pd.concat([found[["row_a", "row_b"]].reset_index(drop=True), left, right,
                        found[["similarity"]].reset_index(drop=True)], axis=1)
     if self_match:
         groups = connected_groups(found["row_a"].to_numpy(), found["row_b"].to_numpy(),
-                                  first.meta["rows"])
+                                  first.meta.rows)
         table["group"] = groups[found["row_a"].to_numpy()].astype(np.int64)
     return table
 

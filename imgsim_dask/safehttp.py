@@ -21,11 +21,15 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, PoolManager
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import (
-    ConnectTimeoutError, LocationParseError, NameResolutionError, NewConnectionError,
+    ConnectTimeoutError,
+    LocationParseError,
+    NameResolutionError,
+    NewConnectionError,
 )
 from urllib3.util.connection import allowed_gai_family
 
@@ -75,7 +79,7 @@ def resolve_checked(host: str, port: int, policy: AddressPolicy) -> list[tuple]:
         _check_address(host, host, policy)
     infos = socket.getaddrinfo(host, port, allowed_gai_family(), socket.SOCK_STREAM)
     for *_, sockaddr in infos:
-        _check_address(host, sockaddr[0], policy)
+        _check_address(host, str(sockaddr[0]), policy)
     return infos
 
 
@@ -86,7 +90,14 @@ def _check_address(host: str, address: str, policy: AddressPolicy) -> None:
         raise BlockedAddress(f"refused to connect: {where} {reason}")
 
 
-class _GuardedConnectionMixin:
+# the mixin's methods use HTTPConnection's attributes: type-check it as one
+if TYPE_CHECKING:
+    _ConnectionBase = HTTPConnection
+else:
+    _ConnectionBase = object
+
+
+class _GuardedConnectionMixin(_ConnectionBase):
     """Resolves once per connection, checks every address, connects to a checked one."""
 
     def __init__(self, *args, address_policy: AddressPolicy, **kwargs):
@@ -120,6 +131,7 @@ class _GuardedConnectionMixin:
             else:
                 _attach_to_current_deadline(sock)
                 return sock
+        assert error is not None  # getaddrinfo gives at least one address or raises
         raise error
 
     def request(self, *args, **kwargs) -> None:

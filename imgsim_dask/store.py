@@ -2,10 +2,10 @@
 
     features.zarr   rows x dim float32, row i <-> row i of the row table, NaN rows for failures
     rows.parquet/   one part file per partition: kept CSV fields, `row`, status columns
-    plan.json       what the extraction was started with (rows, model, weights, CSV...);
-                    `--resume` continues only an extraction with the same plan
-    meta.json       model, weights, dim, counts, timings, versions; written last, so a store
-                    without it is incomplete
+    plan.json       what the extraction was started with (`schema.SourcePlan`: rows, model,
+                    weights, CSV...); `--resume` continues only one with the same plan
+    meta.json       `schema.SourceMeta`: model, weights, dim, counts, timings, versions and
+                    the store format; written last, so a source without it is incomplete
 
 Only the driver writes (one writer, chunk-aligned, part files renamed into place), so
 workers need no shared filesystem and no two writers ever touch one Zarr chunk. A
@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +28,13 @@ import pandas as pd
 import zarr
 
 from .errors import StoreError
-from .fetch import OK
+from .schema import OK, SourceMeta, SourcePlan
 
 FEATURES = "features.zarr"
 ROWS = "rows.parquet"
 META = "meta.json"
 PLAN = "plan.json"
 RETRYING = "retrying"  # present while rows of a source are being written again
-DEFAULT_STORE = "imgsim-store"
 
 
 def _file_mode() -> int:
@@ -65,7 +65,7 @@ def atomic_write(path: Path, write) -> None:
 
 
 @dataclass(frozen=True)
-class FeatureStore:
+class Source:
     """A complete extracted source: features, row table and metadata."""
 
     path: Path
@@ -74,9 +74,10 @@ class FeatureStore:
     def name(self) -> str:
         return self.path.name
 
-    @property
-    def meta(self) -> dict:
-        return json.loads((self.path / META).read_text())
+    @cached_property
+    def meta(self) -> SourceMeta:
+        """meta.json, read once."""
+        return SourceMeta.from_json((self.path / META).read_text(), str(self.path))
 
     @property
     def features(self) -> zarr.Array:
@@ -109,7 +110,7 @@ class FeatureStore:
         ok = (rows["status"] == OK).to_numpy()
         features = self.features
         fields_path = target.with_name(f"{target.stem}_fields.csv")
-        fields = rows.loc[ok, list(self.meta["fields"])]
+        fields = rows.loc[ok, list(self.meta.fields)]
         need = int(ok.sum()) * features.shape[1] * 4 + int(ok.sum()) * 8
         free = shutil.disk_usage(target.parent).free
         if need > free:
@@ -120,11 +121,11 @@ class FeatureStore:
             with h5py.File(tmp, "w") as h5:
                 data = h5.create_dataset("data", shape=(int(ok.sum()), features.shape[1]),
                                          dtype="float32")
-                h5.attrs["model"] = self.meta["model"]
+                h5.attrs["model"] = self.meta.model
                 h5.create_dataset("rows", data=rows.loc[ok, "row"].to_numpy(np.int64))
                 written, step = 0, features.chunks[0]
                 for start in range(0, features.shape[0], step):
-                    block = features[start:start + step][ok[start:start + step]]
+                    block = np.asarray(features[start:start + step])[ok[start:start + step]]
                     data[written:written + len(block)] = block
                     written += len(block)
 
@@ -146,7 +147,7 @@ def check_name(name: str) -> str:
     return name
 
 
-def open_store(store: str | os.PathLike, name: str) -> FeatureStore:
+def open_source(store: str | os.PathLike, name: str) -> Source:
     """Open a complete source by name, or raise a one-line `StoreError`."""
     path = Path(store) / check_name(name)
     if not path.is_dir():
@@ -159,10 +160,12 @@ def open_store(store: str | os.PathLike, name: str) -> FeatureStore:
             raise _not_a_source(path)
         raise StoreError(f"source {name!r} in {store} is incomplete (the extraction did not "
                          "finish); continue it with --resume, or start over with --overwrite")
-    return FeatureStore(path)
+    source = Source(path)
+    source.meta  # noqa: B018  (read now: a store of an unknown format fails here, in one line)
+    return source
 
 
-class StoreWriter:
+class SourceWriter:
     """Creates (or resumes) a source, writes it one partition at a time, seals it with meta.json.
 
     `plan` describes the extraction (row count, dim, partition size, model, weights, CSV);
@@ -171,10 +174,10 @@ class StoreWriter:
     set when there is nothing left to do).
     """
 
-    def __init__(self, store: str | os.PathLike, name: str, plan: dict,
+    def __init__(self, store: str | os.PathLike, name: str, plan: SourcePlan,
                  overwrite: bool = False, resume: bool = False):
         self.path = Path(store) / check_name(name)
-        self.chunk_rows = int(plan["partition_rows"])
+        self.chunk_rows = plan.partition_rows
         self.done: set[int] = set()
         self.complete = False
         self.retrying = False
@@ -197,13 +200,14 @@ class StoreWriter:
             raise self._cannot_create(exc) from None
         try:
             (self.path / ROWS).mkdir()
-            n_rows, dim = int(plan["rows"]), int(plan["dim"])
+            n_rows, dim = plan.rows, plan.dim
             self.features = zarr.create_array(
                 self.path / FEATURES, shape=(n_rows, dim),
                 chunks=(max(1, min(self.chunk_rows, n_rows)), dim), dtype="float32",
                 fill_value=np.nan,
             )
-            atomic_write(self.path / PLAN, lambda tmp: Path(tmp).write_text(_dumps(plan)))
+            atomic_write(self.path / PLAN,
+                         lambda tmp: Path(tmp).write_text(_dumps(plan.to_json())))
         except BaseException as exc:  # leave nothing that neither --resume nor --overwrite take
             shutil.rmtree(self.path, ignore_errors=True)
             if isinstance(exc, OSError):
@@ -213,15 +217,9 @@ class StoreWriter:
     def _cannot_create(self, exc: OSError) -> StoreError:
         return StoreError(f"cannot create {self.path}: {exc.strerror or exc}")
 
-    def _reopen(self, plan: dict) -> None:
+    def _reopen(self, plan: SourcePlan) -> None:
         """Continue an interrupted extraction, if it was started with the same plan."""
-        before = json.loads((self.path / PLAN).read_text())
-        changed = [key for key in sorted(set(before) | set(plan)) if before.get(key) != plan.get(key)]
-        if changed:  # name the cause, not a consequence (a new model changes dim too)
-            key = min(changed, key=lambda k: (k not in ("model", "weights", "csv"), k))
-            raise StoreError(f"source {self.path.name!r} in {self.path.parent} was started with "
-                             f"{key} {before.get(key)!r}, now {plan.get(key)!r}; pass --overwrite "
-                             f"to start over, or use another --name")
+        check_plan(self.path, plan)
         self.complete = (self.path / META).is_file()
         self.retrying = (self.path / RETRYING).is_file()
         if not self.complete:
@@ -258,7 +256,7 @@ class StoreWriter:
         (`retrying` is still set)."""
         stored = pd.read_parquet(self.path / ROWS / f"part-{index:05d}.parquet")
         start = index * self.chunk_rows
-        chunk = self.features[start:start + len(stored)]
+        chunk = np.asarray(self.features[start:start + len(stored)])
         chunk[rows["row"].to_numpy(np.int64) - start] = features
         kept = stored[~stored["row"].isin(rows["row"])]
         merged = pd.concat([kept, rows[stored.columns]], ignore_index=True)
@@ -275,15 +273,36 @@ class StoreWriter:
             raise StoreError(f"cannot write partition {index} to {self.path}: "
                              f"{exc.strerror or exc}; fix it, then continue with --resume") from None
 
-    def finish(self, meta: dict) -> FeatureStore:
+    def finish(self, meta: SourceMeta) -> Source:
         """Seal the source: after this it opens as complete."""
         try:
-            atomic_write(self.path / META, lambda tmp: Path(tmp).write_text(_dumps(meta)))
+            atomic_write(self.path / META, lambda tmp: Path(tmp).write_text(meta.to_json()))
             (self.path / RETRYING).unlink(missing_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot write {self.path / META}: {exc.strerror or exc}; fix it, "
                              "then continue with --resume") from None
-        return FeatureStore(self.path)
+        return Source(self.path)
+
+
+def stored_plan(path: Path) -> dict:
+    """The plan.json document of the source at `path`."""
+    return json.loads((path / PLAN).read_text())
+
+
+def check_plan(path: Path, plan: SourcePlan) -> None:
+    """A one-line StoreError unless the source at `path` was started with `plan`."""
+    before = stored_plan(path)
+    changed = plan.differences(before)
+    if changed:  # name the cause, not a consequence (a new model changes dim too)
+        key = min(changed, key=lambda k: (k not in ("model", "weights", "csv"), k))
+        raise StoreError(f"source {path.name!r} in {path.parent} was started with "
+                         f"{key} {before.get(key)!r}, now {plan.to_json().get(key)!r}; pass "
+                         "--overwrite to start over, or use another --name")
+
+
+def is_complete(store: str | os.PathLike, name: str) -> bool:
+    """True when `store/name` is a sealed source."""
+    return (Path(store) / check_name(name) / META).is_file()
 
 
 def _remove_source(path: Path) -> None:

@@ -5,16 +5,23 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-from distributed import Client
-
-from .accel import check_scorer
-from .cluster import ClusterOptions, connect
-from .driver import ExtractOptions, extract
-from .errors import InputError
+from .cluster import Cluster, connect
+from .driver import extract_on, reuse_complete
 from .ingest import inspect_csv
+from .models import resolve_weights
+from .options import (
+    DEFAULT_STORE,
+    CsvOptions,
+    ExtractOptions,
+    MatchOptions,
+    OptionError,
+    opt,
+    with_overrides,
+)
 from .pairs import MatchResult, check_output_path, match_sources
-from .store import DEFAULT_STORE, check_name
+from .store import check_name
 
 
 def default_names(csvs: list[str]) -> list[str]:
@@ -32,41 +39,43 @@ def run(
     store: str = DEFAULT_STORE,
     *,
     out: str | os.PathLike | None = None,
-    threshold: float | None = None,
-    top_k: int | None = None,
-    max_pairs: int | None = None,
-    scorer: str = "auto",
-    client: Client | None = None,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    cluster_options: ClusterOptions | None = None,
-    csv_options: dict | None = None,
+    cluster: Cluster = None,
+    csv_options: CsvOptions | None = None,
     options: ExtractOptions | None = None,
+    match_options: MatchOptions | None = None,
+    **fields: Any,
 ) -> MatchResult:
     """Extract `csv1` (and `csv2`), then match them; one CSV is matched against itself.
 
     A source already in the store from the same CSV and options is reused as it is (an
     interrupted one is continued, as with `--resume`); one from a different CSV or model
-    is an error unless `overwrite` is set.
+    is an error unless `overwrite` is set. Keyword arguments named like fields of the
+    three option classes override them.
     """
-    options = options or ExtractOptions()
+    options, csv_options, match_options = with_overrides(
+        fields, options or ExtractOptions(), csv_options or CsvOptions(),
+        match_options or MatchOptions())
     if not options.overwrite:
         options = replace(options, resume=True)
     csvs = [csv1] + ([csv2] if csv2 else [])
     names = list(names) if names else default_names(csvs)
     if len(names) != len(csvs):
-        raise InputError(f"--names needs {len(csvs)} name(s), got {len(names)}")
+        raise OptionError(f"{opt('names')} needs {len(csvs)} name(s), got {len(names)}")
     if len(set(names)) != len(names):
-        raise InputError(f"--names must differ, got {', '.join(names)}")
+        raise OptionError(f"{opt('names')} must differ, got {', '.join(names)}")
     if out is not None:
         check_output_path(out, tuple(csvs))
-    check_scorer(scorer)
+    csv_files = []
     for csv, name in zip(csvs, names):  # both inputs are checked before any work starts
         check_name(name)
-        inspect_csv(csv, **(csv_options or {}))
-    with connect(scheduler, client, workers, cluster_options) as active:
-        for csv, name in zip(csvs, names):
-            extract(csv, name, store, client=active, options=options, **(csv_options or {}))
-        return match_sources(names[0], names[-1], store, out=out, threshold=threshold,
-                             top_k=top_k, max_pairs=max_pairs, scorer=scorer,
-                             client=active)
+        csv_files.append(inspect_csv(csv, csv_options))
+    # a complete source made with these options is reused, without resolving its weights
+    todo = [(csv_file, name) for csv_file, name in zip(csv_files, names)
+            if reuse_complete(csv_file, name, store, options) is None]
+    weights = resolve_weights(options.model, options.weights) if todo else None
+    with connect(cluster) as active:
+        for csv_file, name in todo:
+            assert weights is not None
+            extract_on(active, csv_file, name, store, options, weights)
+        return match_sources(names[0], names[-1], store, out=out, cluster=active,
+                             options=match_options)

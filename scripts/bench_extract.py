@@ -129,10 +129,10 @@ def run_imgsim(client, csv: Path, store: Path, name: str, options: dict) -> floa
     from imgsim_dask import extract
 
     started = time.perf_counter()
-    source = extract(str(csv), name, str(store), client=client, weights="random",
+    source = extract(str(csv), name, str(store), cluster=client, weights="random",
                      overwrite=True, **options)
     seconds = time.perf_counter() - started
-    assert source.status_counts() == {"ok": source.meta["rows"]}, source.status_counts()
+    assert source.status_counts() == {"ok": source.meta.rows}, source.status_counts()
     return seconds
 
 
@@ -143,7 +143,7 @@ def write_csv(path: Path, urls: list[str]) -> Path:
 
 def main() -> None:
     from imgsim_dask import ExtractOptions, FetchOptions
-    from imgsim_dask.runtime import RUNTIMES
+    from imgsim_dask.options import RUNTIMES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000)

@@ -37,8 +37,9 @@ import numpy as np
 from keras import ops
 
 from bench_match import make_data
-from imgsim_dask.accel import full_float32, keras_sees_gpu
-from imgsim_dask.match import MatchOptions, match_features
+from imgsim_dask.match.device import full_float32, keras_sees_gpu
+from imgsim_dask.match import match_features
+from imgsim_dask.options import MatchOptions
 from imgsim_dask.models import build_model, resolve_weights
 from imgsim_dask.runtime import KerasPredictor
 

@@ -22,8 +22,8 @@ import time
 import numpy as np
 import psutil
 
-from imgsim_dask.accel import SCORERS
-from imgsim_dask.match import MatchOptions, available_cpus, match_features
+from imgsim_dask.options import SCORERS, MatchOptions
+from imgsim_dask.match import available_cpus, match_features
 
 MiB = 2 ** 20
 

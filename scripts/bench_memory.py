@@ -47,15 +47,15 @@ def measure(rows: int, ok_every: int, work: Path) -> dict:
         client.wait_for_workers(2, timeout=120)
         (work / "warm").mkdir()
         extract(str(write_csv(work / "warm", 64, ok_every)), "warm", str(work / "store"),
-                client=client, weights="random", overwrite=True)
+                cluster=client, weights="random", overwrite=True)
         client.run(_worker_sampler_start)
         with RssSampler() as driver:
-            source = extract(str(csv), f"rows{rows}", str(work / "store"), client=client,
+            source = extract(str(csv), f"rows{rows}", str(work / "store"), cluster=client,
                              weights="random", overwrite=True)
         workers = client.run(_worker_sampler_stop)
     assert sum(source.status_counts().values()) == rows
     return {"rows": rows, "ok_rows": source.status_counts().get("ok", 0),
-            "seconds": source.meta["seconds"], "driver_peak": driver.peak,
+            "seconds": source.meta.seconds, "driver_peak": driver.peak,
             "driver_peak_increase": driver.increase,
             "worker_peak": max(w["peak"] for w in workers.values()),
             "worker_peak_increase": max(w["peak"] - w["base"] for w in workers.values())}

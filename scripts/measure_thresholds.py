@@ -23,7 +23,7 @@ def extract_paths(client, paths: list[Path], name: str, store: Path, model: str)
 
     csv = store / f"{name}.csv"
     pd.DataFrame({"url": [str(p) for p in paths]}).to_csv(csv, index=False)
-    source = extract(str(csv), name, str(store), client=client, model=model, overwrite=True)
+    source = extract(str(csv), name, str(store), cluster=client, model=model, overwrite=True)
     assert source.status_counts() == {"ok": len(paths)}, source.status_counts()
     return source.features[:]
 

@@ -1,4 +1,4 @@
-"""The device kernel (`accel`): its own machinery, and its results under the JAX backend.
+"""The device kernel (`match.device`): its own machinery, and its results under the JAX backend.
 
 There is no GPU here: the Keras ops run on the CPU device, which exercises every line that a
 GPU would run except the device's own arithmetic. test_match.py holds the kernel's exactness
@@ -18,47 +18,47 @@ import numpy as np
 import pytest
 
 import imgsim_dask
-from imgsim_dask import accel
 from imgsim_dask.errors import InputError
-from imgsim_dask.match import MatchOptions, match_features
+from imgsim_dask.match import device, match_features
+from imgsim_dask.options import MatchOptions
 
 
 def test_device_copies_are_made_once_per_run_and_freed_at_its_end(monkeypatch):
     made = []
-    to_device = accel._to_device
-    monkeypatch.setattr(accel, "_to_device", lambda host: made.append(len(host)) or to_device(host))
+    to_device = device._to_device
+    monkeypatch.setattr(device, "_to_device", lambda host: made.append(len(host)) or to_device(host))
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal((50, 8), np.float32), rng.standard_normal((30, 8), np.float32)
     options = MatchOptions(threshold=0.2, block_rows=10, slice_rows=12, scorer="keras")
     got = match_features(a, b, options)
     assert made == [12, 12, 6]  # 5 blocks, 3 slices: each slice copied once
-    assert accel.DEVICE_SLICES._tensors == {}
+    assert device.DEVICE_SLICES._tensors == {}
     expected = match_features(a, b, MatchOptions(threshold=0.2, scorer="numpy"))
     assert set(zip(got.row_a, got.row_b)) == set(zip(expected.row_a, expected.row_b))
 
 
 def test_release_drops_only_its_own_run():
-    slices = accel.DeviceSlices()
+    slices = device.DeviceSlices()
     host = np.ones((2, 3), np.float32)
-    first = slices.get("bslice-00000-aaaa", host)
-    assert slices.get("bslice-00000-aaaa", host) is first
-    slices.get("bslice-00001-aaaa", host)
-    slices.get("bslice-00000-bbbb", host)
+    first = slices.get("aaaa", 0, host)
+    assert slices.get("aaaa", 0, host) is first
+    slices.get("aaaa", 1, host)
+    slices.get("bbbb", 0, host)
     assert slices.release("aaaa") == 2
-    assert list(slices._tensors) == ["bslice-00000-bbbb"]
+    assert list(slices._tensors) == [("bbbb", 0)]
 
 
 def test_a_released_run_keeps_no_new_copies():
     """A score task still running when its (failed) run was released must not leave a copy
     behind that no release would free."""
-    slices = accel.DeviceSlices()
+    slices = device.DeviceSlices()
     host = np.arange(6, dtype=np.float32).reshape(2, 3)
     slices.release("aaaa")
-    late = slices.get("bslice-00003-aaaa", host)
+    late = slices.get("aaaa", 3, host)
     np.testing.assert_array_equal(np.asarray(late), host)
     assert slices._tensors == {}
-    slices.get("bslice-00003-bbbb", host)
-    assert list(slices._tensors) == ["bslice-00003-bbbb"]
+    slices.get("bbbb", 3, host)
+    assert list(slices._tensors) == [("bbbb", 3)]
 
 
 def test_device_copies_on_the_cluster_are_freed(client):
@@ -68,7 +68,7 @@ def test_device_copies_on_the_cluster_are_freed(client):
     got = match_features(a, a, options, client=client, self_match=True)
     expected = match_features(a, a, MatchOptions(top_k=2, scorer="numpy"), self_match=True)
     assert set(zip(got.row_a, got.row_b)) == set(zip(expected.row_a, expected.row_b))
-    held = client.run(lambda: len(accel.DEVICE_SLICES._tensors))
+    held = client.run(lambda: len(device.DEVICE_SLICES._tensors))
     assert set(held.values()) == {0}
 
 
@@ -76,7 +76,7 @@ def test_full_float32_turns_tf32_off_inside_only():
     import tensorflow as tf
 
     tf.config.experimental.enable_tensor_float_32_execution(True)
-    with accel.full_float32():
+    with device.full_float32():
         assert not tf.config.experimental.tensor_float_32_execution_enabled()
     assert tf.config.experimental.tensor_float_32_execution_enabled()
 
@@ -91,13 +91,13 @@ def test_full_float32_from_two_threads_restores_tf32_only_when_both_left():
     seen = {}
 
     def first():
-        with accel.full_float32():
+        with device.full_float32():
             first_in.set()
             first_out.wait(10)
 
     def second():
         first_in.wait(10)
-        with accel.full_float32():
+        with device.full_float32():
             first_out.set()
             thread.join(10)  # the first has left: TF32 must still be off for this one
             seen["inside"] = tf.config.experimental.tensor_float_32_execution_enabled()
@@ -120,14 +120,14 @@ def test_torch_backend_is_refused_for_its_ties(monkeypatch, tmp_path):
 
     monkeypatch.setattr(keras.backend, "backend", lambda: "torch")
     with pytest.raises(ImgsimError, match="needs the TensorFlow or JAX Keras backend"):
-        accel.resolve_scorer("keras")
+        device.resolve_scorer("keras")
     (tmp_path / "version").write_text("NVRM version: stand-in")
-    monkeypatch.setattr(accel, "_NVIDIA_DRIVER", str(tmp_path / "version"))
-    assert accel.resolve_scorer("auto") == "numpy"
+    monkeypatch.setattr(device, "_NVIDIA_DRIVER", str(tmp_path / "version"))
+    assert device.resolve_scorer("auto") == "numpy"
 
 
 def test_auto_is_numpy_without_a_gpu_and_does_not_import_keras():
-    script = ("import sys; from imgsim_dask.accel import resolve_scorer; "
+    script = ("import sys; from imgsim_dask.match.device import resolve_scorer; "
               "print(resolve_scorer('auto'), 'keras' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          check=True, timeout=120).stdout.split()
@@ -138,11 +138,11 @@ def test_auto_asks_keras_where_an_nvidia_driver_is_loaded(monkeypatch, tmp_path)
     # no NVIDIA driver here: a file stands in for /proc/driver/nvidia/version; the Keras
     # backend (TensorFlow, CPU only) then decides
     (tmp_path / "version").write_text("NVRM version: stand-in")
-    monkeypatch.setattr(accel, "_NVIDIA_DRIVER", str(tmp_path / "version"))
-    assert accel.resolve_scorer("auto") == "numpy"  # TensorFlow sees no GPU
-    monkeypatch.setattr(accel, "keras_sees_gpu", lambda: True)
-    assert accel.resolve_scorer("auto") == "keras"
-    assert accel.resolve_scorer("numpy") == "numpy"
+    monkeypatch.setattr(device, "_NVIDIA_DRIVER", str(tmp_path / "version"))
+    assert device.resolve_scorer("auto") == "numpy"  # TensorFlow sees no GPU
+    monkeypatch.setattr(device, "keras_sees_gpu", lambda: True)
+    assert device.resolve_scorer("auto") == "keras"
+    assert device.resolve_scorer("numpy") == "numpy"
 
 
 @pytest.mark.slow
@@ -153,10 +153,10 @@ def test_the_device_kernel_under_jax_equals_the_reference():
         import jax, keras, numpy as np
         from jax import monitoring
         assert keras.backend.backend() == "jax"
-        from imgsim_dask import accel
-        from imgsim_dask.match import MatchOptions, match_features
+        from imgsim_dask.match import device, match_features
+        from imgsim_dask.options import MatchOptions
         from support.matching import MODES, assert_same, quantized, reference, score_blocks
-        with accel.full_float32():
+        with device.full_float32():
             assert jax.config.jax_default_matmul_precision == "float32"
         # -0.0 and +0.0 tie (JAX's top_k alone ranks -0.0 lower)
         a, b = np.array([[1, 0]], np.float32), np.array([[-0.0, -3], [0, 3]], np.float32)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from imgsim_dask import open_store
+from imgsim_dask import open_source
 
 from support.cli import assert_usage_error, imgsim
 
@@ -84,7 +84,7 @@ def test_extract_200_urls_on_the_default_local_cluster(extracted):
     assert "web: 200 rows" in result.stdout
     assert "  fetch " in result.stdout and "images/s per task)" in result.stdout
 
-    source = open_store(store, "web")
+    source = open_source(store, "web")
     rows = source.rows()
     assert rows["row"].tolist() == list(range(200))
     expected = ["http_404" if n == "missing" else "not_image" if n == "notes" else "ok"
@@ -135,7 +135,7 @@ def test_dedupe_device_kernel_finds_what_the_cpu_kernel_finds(extracted):
         pairs = pd.read_csv(root / f"{scorer}.csv")
         found[scorer] = set(zip(pairs.row_a, pairs.row_b))
     assert found["keras"] == found["numpy"]
-    rows = open_store(extracted.store, "web").rows()
+    rows = open_source(extracted.store, "web").rows()
     ok = rows[rows.status == "ok"]
     copies = {(a, b) for _, same in ok.groupby("url") for a in same.row for b in same.row if a < b}
     assert copies and copies <= found["keras"]
@@ -176,8 +176,8 @@ def test_fetch_policy_flags_reach_the_workers(tmp_path, http_server):
                     "--schemes", "http,https", "--deadline", "5", "--runtime", "keras",
                     cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert open_store(tmp_path / "store", "guarded").meta["runtime"] == ["keras"]
-    rows = open_store(tmp_path / "store", "guarded").rows()
+    assert open_source(tmp_path / "store", "guarded").meta.runtime == ["keras"]
+    rows = open_source(tmp_path / "store", "guarded").rows()
     assert rows["status"].tolist() == ["blocked", "blocked"]
     assert "not a public address" in rows["error"][0]
     assert "imgsim: warning: no row gave an image (2 blocked)\n" in result.stderr
@@ -198,8 +198,8 @@ def test_plain_imgsim_prints_its_help():
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["extract", "in.csv", "--name", "a", "--schemes", ""], "--schemes': name at least one"),
-    (["extract", "in.csv", "--name", "a", "--schemes", " , "], "--schemes': name at least one"),
+    (["extract", "in.csv", "--name", "a", "--schemes", ""], "--schemes: name at least one"),
+    (["extract", "in.csv", "--name", "a", "--schemes", " , "], "--schemes: name at least one"),
     (["extract", "in.csv", "--name", "a", "--scheduler", "tcp://127.0.0.1:1",
       "--scheduler-file", "s.json"], "--scheduler and --scheduler-file both name a scheduler"),
     (["extract", "in.csv", "--name", "a", "--scheduler", "tcp://127.0.0.1:1", "--workers", "2"],

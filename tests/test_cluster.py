@@ -8,6 +8,7 @@ from distributed import Client
 
 from imgsim_dask.cluster import GPU, NET, cluster_workers, connect, workers_with
 from imgsim_dask.errors import InputError
+from imgsim_dask.options import ClusterOptions
 
 
 def test_worker_reads_never_come_back_empty(client):
@@ -26,5 +27,5 @@ def test_workers_with_a_configured_scheduler_is_refused_before_connecting():
     the run elsewhere, so asking for both is a mistake worth one line, not a silent choice."""
     with dask.config.set({"scheduler-address": "tcp://127.0.0.1:1"}):
         with pytest.raises(InputError, match=r"scheduler at tcp://127\.0\.0\.1:1, whose workers"):
-            with connect(workers=2):
+            with connect(ClusterOptions(workers=2)):
                 pass

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from imgsim_dask import extract, open_store
+from imgsim_dask import extract, open_source
 from imgsim_dask.errors import StoreError
 
 from support.images import SEED_DEMO
@@ -28,7 +28,7 @@ def mixed_csv(tmp_path_factory, http_server, image_dir):
 
 def test_extract_mixed_sources(client, mixed_csv, tmp_path):
     path, table = mixed_csv
-    source = extract(str(path), "mixed", str(tmp_path), client=client, weights="random",
+    source = extract(str(path), "mixed", str(tmp_path), cluster=client, weights="random",
                      partition_rows=4, batch_size=3)
     rows = source.rows()
     assert rows["row"].tolist() == list(range(len(table)))
@@ -44,15 +44,15 @@ def test_extract_mixed_sources(client, mixed_csv, tmp_path):
     assert source.features.chunks == (4, 1024)
 
     meta = source.meta
-    assert meta["status_counts"] == {"bad_url": 1, "http_404": 1, "not_image": 1, "ok": 6}
-    assert meta["weights"].startswith("random") and meta["dim"] == 1024
-    assert meta["stages"]["fetch"]["task_seconds"] > 0 and meta["stages"]["embed"]["task_seconds"] > 0
-    assert meta["stages"]["embed"]["images_per_task_second"] > 0
+    assert meta.status_counts == {"bad_url": 1, "http_404": 1, "not_image": 1, "ok": 6}
+    assert meta.weights.startswith("random") and meta.dim == 1024
+    assert meta.stages["fetch"]["task_seconds"] > 0 and meta.stages["embed"]["task_seconds"] > 0
+    assert meta.stages["embed"]["images_per_task_second"] > 0
     spans = client.run_on_scheduler(
         lambda dask_scheduler: [s.name for s in dask_scheduler.extensions["spans"].spans.values()])
     assert {("extract", "mixed", stage) for stage in ("rows", "fetch", "embed")} <= set(spans)
 
-    again = extract(str(path), "mixed-again", str(tmp_path), client=client, weights="random",
+    again = extract(str(path), "mixed-again", str(tmp_path), cluster=client, weights="random",
                     partition_rows=4, batch_size=3)
     assert np.array_equal(again.features[:], features, equal_nan=True)  # deterministic
 
@@ -67,20 +67,20 @@ def test_extract_mixed_sources(client, mixed_csv, tmp_path):
 
 def test_existing_name_is_refused_unless_overwrite(client, mixed_csv, tmp_path):
     path, _ = mixed_csv
-    extract(str(path), "twice", str(tmp_path), client=client, weights="random")
+    extract(str(path), "twice", str(tmp_path), cluster=client, weights="random")
     with pytest.raises(StoreError, match="already exists"):
-        extract(str(path), "twice", str(tmp_path), client=client, weights="random")
-    again = extract(str(path), "twice", str(tmp_path), client=client, weights="random",
+        extract(str(path), "twice", str(tmp_path), cluster=client, weights="random")
+    again = extract(str(path), "twice", str(tmp_path), cluster=client, weights="random",
                     overwrite=True)
-    assert open_store(tmp_path, "twice").meta["rows"] == again.meta["rows"]
+    assert open_source(tmp_path, "twice").meta.rows == again.meta.rows
 
 
 def test_unknown_and_incomplete_sources(tmp_path):
     with pytest.raises(StoreError, match="no source named"):
-        open_store(tmp_path, "nothing")
+        open_source(tmp_path, "nothing")
     (tmp_path / "half").mkdir()
     with pytest.raises(StoreError, match="incomplete"):
-        open_store(tmp_path, "half")
+        open_source(tmp_path, "half")
 
 
 @pytest.mark.skipif(not SEED_DEMO.is_dir(), reason="the original's demo images are not here")
@@ -88,7 +88,7 @@ def test_demo_covers_group_with_efficientnet(client, tmp_path):
     """The original's demo: 1,2,3 are one book cover, 5,6 another, 4 a different book."""
     csv = tmp_path / "demo.csv"
     csv.write_text("id,url\n" + "".join(f"{i},{SEED_DEMO / f'{i}.jpg'}\n" for i in range(1, 7)))
-    source = extract(str(csv), "demo", str(tmp_path), client=client, model="efficientnet-lite0")
+    source = extract(str(csv), "demo", str(tmp_path), cluster=client, model="efficientnet-lite0")
     features = source.features[:]
     assert features.shape == (6, 1280) and not np.isnan(features).any()
     similarity = features @ features.T
@@ -105,7 +105,7 @@ def test_row_level_problems_become_statuses(client, tmp_path, image_dir):
     csv = tmp_path / "rows.csv"
     # UTF-8: a Latin-1 file is refused as a whole (test_ingest)
     csv.write_bytes(f"id,url\na,{chelsea},extra\na,{chelsea}\nb\nc,\nd,caf\xe9\n".encode())
-    source = extract(str(csv), "rows", str(tmp_path), client=client, weights="random")
+    source = extract(str(csv), "rows", str(tmp_path), cluster=client, weights="random")
     rows = source.rows()
     assert rows["id"].tolist() == ["a", "a", "b", "c", "d"]
     assert rows["status"].tolist() == ["bad_row", "ok", "bad_row", "bad_url", "not_found"]

@@ -13,9 +13,10 @@ import pandas as pd
 import pytest
 from PIL import Image, features
 
-from imgsim_dask.fetch import (
-    OK, TRANSIENT_STATUSES, FetchOptions, RowFailure, decode_image, fetch_partition, sniff_format,
-)
+from imgsim_dask.decode import decode_image, sniff_format
+from imgsim_dask.fetch import fetch_partition
+from imgsim_dask.options import FetchOptions
+from imgsim_dask.schema import OK, TRANSIENT_STATUSES, RowFailure
 
 
 def test_partition_statuses(http_server, image_dir):

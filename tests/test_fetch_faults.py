@@ -22,7 +22,9 @@ import pytest
 import urllib3
 
 from imgsim_dask.errors import InputError
-from imgsim_dask.fetch import OK, FetchOptions, fetch_partition
+from imgsim_dask.fetch import fetch_partition
+from imgsim_dask.options import FetchOptions
+from imgsim_dask.schema import OK
 from imgsim_dask.safehttp import AddressPolicy, BlockedAddress, GuardedPoolManager
 
 from support.http import HUGE_BYTES, LoopbackServer, jpeg_bytes

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
+import dask
 import pandas as pd
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from imgsim_dask.errors import InputError
-from imgsim_dask.ingest import (
-    INGEST_ERROR,
-    assemble_partition,
-    inspect_csv,
-    plan_partitions,
-    read_blocks,
-)
+from imgsim_dask.ingest import assemble_partition, cut_partitions, inspect_csv, read_blocks
+from imgsim_dask.options import CsvOptions
+from imgsim_dask.schema import INGEST_ERROR
 
 
 def write(tmp_path, text: str | bytes, name="in.csv"):
@@ -26,7 +23,7 @@ def write(tmp_path, text: str | bytes, name="in.csv"):
 def read_rows(source, blocksize=16 * 2**20) -> pd.DataFrame:
     """Every row as the blocks parse it, checked against the rows counted per block."""
     blocks, lengths = read_blocks(source, blocksize)
-    frame = blocks.compute().reset_index(drop=True)
+    frame = pd.concat(dask.compute(*blocks), ignore_index=True)
     assert len(frame) == sum(lengths)
     return frame
 
@@ -40,14 +37,14 @@ def test_defaults_follow_the_original(tmp_path):
 
 def test_cols_select_and_id_url_are_always_kept(tmp_path):
     path = write(tmp_path, "id,title,link,extra\n1,a,http://x/1.jpg,z\n")
-    source = inspect_csv(path, cols=["title"], url_col="link", id_col="id")
+    source = inspect_csv(path, CsvOptions(cols=["title"], url_col="link", id_col="id"))
     assert source.keep == ("title", "id", "link")
 
 
 def test_no_header_names_columns(tmp_path):
     path = write(tmp_path, "1,http://x/1.jpg\n2,http://x/2.jpg\n")
-    assert inspect_csv(path, header=False).keep == ("col1", "col2")
-    named = inspect_csv(path, header=False, cols=["id", "url"])
+    assert inspect_csv(path, CsvOptions(header=False)).keep == ("col1", "col2")
+    named = inspect_csv(path, CsvOptions(header=False, cols=["id", "url"]))
     assert (named.id_col, named.url_col) == ("id", "url")
     frame = read_rows(named)
     assert frame["url"].tolist() == ["http://x/1.jpg", "http://x/2.jpg"]
@@ -56,8 +53,8 @@ def test_no_header_names_columns(tmp_path):
 def test_no_header_counts_fields_in_the_first_record_not_line(tmp_path):
     """A quoted newline in the first record once made every row `bad_row`."""
     path = write(tmp_path, '1,"two\nlines",a.jpg\n2,b,c.jpg\n3,ragged\n')
-    assert inspect_csv(path, header=False).names == ("col1", "col2", "col3")
-    frame = read_rows(inspect_csv(path, header=False, cols=["id", "title", "url"]))
+    assert inspect_csv(path, CsvOptions(header=False)).names == ("col1", "col2", "col3")
+    frame = read_rows(inspect_csv(path, CsvOptions(header=False, cols=["id", "title", "url"])))
     assert frame["title"].tolist() == ["two\nlines", "b", "ragged"]
     assert frame[INGEST_ERROR].tolist() == ["", "", "row has 2 fields, the first row 3"]
 
@@ -66,9 +63,9 @@ def test_no_header_counts_fields_in_the_first_record_not_line(tmp_path):
     "text, kwargs, message",
     [
         ("", {}, "empty"),
-        ("id;url\n1;http://x/1.jpg\n", {}, "--delimiter ';'"),
-        ("id\turl\n1\thttp://x/1.jpg\n", {}, "--delimiter '\\t'"),
-        ("id,url\n1,http://x\n", {"url_col": "link"}, "--url-col 'link' is not a column"),
+        ("id;url\n1;http://x/1.jpg\n", {}, "pass delimiter ';'"),
+        ("id\turl\n1\thttp://x/1.jpg\n", {}, "pass delimiter '\\t'"),
+        ("id,url\n1,http://x\n", {"url_col": "link"}, "url_col 'link' is not a column"),
         ("id,url\n1,http://x\n", {"cols": ["id", "nope"]}, "nope not in the header"),
         ("id,id\n1,2\n", {}, "duplicate column names"),
         ("1,http://x\n", {"header": False, "cols": ["a", "b", "c"]}, "gives 3 names"),
@@ -77,7 +74,7 @@ def test_no_header_counts_fields_in_the_first_record_not_line(tmp_path):
 )
 def test_unusable_csv_gives_one_line_error(tmp_path, text, kwargs, message):
     with pytest.raises(InputError) as info:
-        inspect_csv(write(tmp_path, text), **kwargs)
+        inspect_csv(write(tmp_path, text), CsvOptions(**kwargs))
     assert message in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -104,10 +101,10 @@ def test_reserved_column_names_are_refused(tmp_path):
     with pytest.raises(InputError, match="'status' is reserved"):
         inspect_csv(write(tmp_path, "id,status,url\n1,new,a.jpg\n"))
     assert inspect_csv(write(tmp_path, "id,status,url\n1,new,a.jpg\n"),
-                       cols=["id", "url"]).keep == ("id", "url")
+                       CsvOptions(cols=["id", "url"])).keep == ("id", "url")
     with pytest.raises(InputError, match="'status' is reserved for the row table; name it "
-                                         "otherwise in --cols"):
-        inspect_csv(write(tmp_path, "1,new,a.jpg\n"), header=False, cols=["id", "status", "url"])
+                                         "otherwise in cols"):
+        inspect_csv(write(tmp_path, "1,new,a.jpg\n"), CsvOptions(header=False, cols=["id", "status", "url"]))
 
 
 def test_blanks_and_utf8_survive_as_strings(tmp_path):
@@ -152,7 +149,7 @@ def test_fields_over_csvs_default_limit_are_kept(tmp_path):
     assert frame["title"].tolist() == [long, lines, "c"]
     assert frame["url"].tolist() == ["a.jpg", "b.jpg", "c.jpg"]
     headless = write(tmp_path, f'"{lines}",a.jpg\n2,b.jpg\n', "headless.csv")  # over 64 KiB
-    assert inspect_csv(headless, header=False).names == ("col1", "col2")
+    assert inspect_csv(headless, CsvOptions(header=False)).names == ("col1", "col2")
 
 
 @pytest.mark.parametrize(
@@ -192,7 +189,7 @@ def test_quoted_newlines_across_block_boundaries(tmp_path):
 
 @given(st.lists(st.integers(0, 40), max_size=12), st.integers(1, 17))
 def test_plan_covers_every_row_once_in_order(lengths, partition_rows):
-    plan = plan_partitions(lengths, partition_rows)
+    plan = cut_partitions(lengths, partition_rows)
     covered = [(block, r) for pieces in plan for block, start, stop in pieces
                for r in range(start, stop)]
     assert covered == [(b, r) for b, n in enumerate(lengths) for r in range(n)]
@@ -214,9 +211,9 @@ def test_blocks_and_rows_agree_for_many_small_blocks(tmp_path):
     source = inspect_csv(write(tmp_path, "id,url\n" + lines))
     blocks, lengths = read_blocks(source, blocksize=2000)
     assert len(lengths) > 3 and sum(lengths) == 1000
-    frames = [d.compute() for d in blocks.to_delayed()]
+    frames = list(dask.compute(*blocks))
     parts = [assemble_partition(k * 64, [(frames[b], s, e) for b, s, e in pieces], ["id", "url"])
-             for k, pieces in enumerate(plan_partitions(lengths, 64))]
+             for k, pieces in enumerate(cut_partitions(lengths, 64))]
     merged = pd.concat(parts, ignore_index=True)
     assert merged["row"].tolist() == list(range(1000))
     assert merged["id"].tolist() == [str(i) for i in range(1000)]
@@ -224,9 +221,9 @@ def test_blocks_and_rows_agree_for_many_small_blocks(tmp_path):
 
 def test_columns_are_kept_once(tmp_path):
     path = write(tmp_path, "id,title,url\n1,a,b.jpg\n")
-    assert inspect_csv(path, cols=["title"], url_col="url", id_col="url").keep == ("title", "url")
-    with pytest.raises(InputError, match="--cols names a column twice"):
-        inspect_csv(path, cols=["url", "url"])
+    assert inspect_csv(path, CsvOptions(cols=["title"], url_col="url", id_col="url")).keep == ("title", "url")
+    with pytest.raises(InputError, match="cols names a column twice"):
+        inspect_csv(path, CsvOptions(cols=["url", "url"]))
 
 
 def test_unknown_protocol_is_one_line_error():

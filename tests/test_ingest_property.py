@@ -14,16 +14,18 @@ import tempfile
 from pathlib import Path
 
 import dask
+import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imgsim_dask import extract
 from imgsim_dask.ingest import inspect_csv, read_blocks
+from imgsim_dask.options import CsvOptions
 
 FIELD = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
                 max_size=12)
-ROW = st.tuples(FIELD, FIELD, FIELD.map(lambda s: f"nofile-{s}"))
+ROW = st.tuples(FIELD, FIELD, FIELD.map(lambda s: f"nofile/{s}"))  # no scheme: a missing path
 DELIMITER = st.sampled_from([",", ";", "\t", "|"])
 QUOTING = st.sampled_from([csv.QUOTE_MINIMAL, csv.QUOTE_ALL, csv.QUOTE_NONNUMERIC])
 
@@ -44,7 +46,7 @@ def test_every_row_appears_once_in_the_row_table(client, rows, delimiter, quotin
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "in.csv"
         write_csv(path, rows, delimiter, quoting)
-        source = extract(str(path), "prop", str(Path(tmp) / "store"), client=client,
+        source = extract(str(path), "prop", str(Path(tmp) / "store"), cluster=client,
                          delimiter=delimiter, weights="random", partition_rows=partition_rows)
         table = source.rows()
         assert table["row"].tolist() == list(range(len(rows)))
@@ -60,8 +62,8 @@ def test_every_row_parses_once_whatever_the_blocks(rows, delimiter, quoting, blo
     with tempfile.TemporaryDirectory() as tmp, dask.config.set(scheduler="sync"):
         path = Path(tmp) / "in.csv"
         write_csv(path, rows, delimiter, quoting)
-        blocks, lengths = read_blocks(inspect_csv(str(path), delimiter), blocksize)
-        frame = blocks.compute()
+        blocks, lengths = read_blocks(inspect_csv(str(path), CsvOptions(delimiter)), blocksize)
+        frame = pd.concat(dask.compute(*blocks))
         assert sum(lengths) == len(rows)
         assert list(zip(frame["id"], frame["title"], frame["url"])) == rows
         assert set(frame["_ingest_error"]) == {""}

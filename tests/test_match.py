@@ -12,9 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from imgsim_dask import match
+from imgsim_dask.match import kernel
 from imgsim_dask.errors import ImgsimError, InputError
-from imgsim_dask.match import (MatchOptions, connected_groups, estimate_pairs, match_features,
+from imgsim_dask.options import MatchOptions
+from imgsim_dask.match import (connected_groups, estimate_pairs, match_features,
                                score_block, valid_rows)
 
 from support.matching import MODES, assert_same, quantized, reference, score_blocks
@@ -34,8 +35,8 @@ SCORERS = ["numpy", "keras"]  # keras: Keras ops (TensorFlow here) on its device
 @pytest.mark.parametrize("self_match", [False, True])
 @pytest.mark.parametrize("scorer", SCORERS)
 def test_score_block_equals_reference(threshold, top_k, self_match, scorer, monkeypatch):
-    monkeypatch.setattr(match, "MIN_ROWS_PER_THREAD", 4)  # exercise the threaded split
-    monkeypatch.setattr(match, "_PARTITION_ROWS", 5)
+    monkeypatch.setattr(kernel, "MIN_ROWS_PER_THREAD", 4)  # exercise the threaded split
+    monkeypatch.setattr(kernel, "_PARTITION_ROWS", 5)
     rng = np.random.default_rng(7)
     a = quantized(rng, 53)
     b = a if self_match else quantized(rng, 41)
@@ -136,7 +137,7 @@ def test_top_k_beyond_b_costs_no_memory_and_changes_nothing():
     assert_same(match_features(a, b, MatchOptions(top_k=10 ** 12)), huge, exact=False)
     # --max-pairs bounds top-k by n x min(k, m): 500 pairs here, however large k is
     assert len(match_features(a, b, MatchOptions(top_k=100, max_pairs=500))) == 500
-    with pytest.raises(ImgsimError, match=r"more than --max-pairs 499: raise --thresh \(or raise"):
+    with pytest.raises(ImgsimError, match=r"more than max_pairs 499: raise threshold \(or raise"):
         match_features(a, b, MatchOptions(top_k=100, max_pairs=499))  # --top-k is already set
 
 
@@ -263,9 +264,9 @@ def test_estimate_pairs_close_to_truth():
 def test_max_pairs_stops_before_scoring(client):
     rng = np.random.default_rng(9)
     a, b = unit(rng, 400, 16), unit(rng, 300, 16)
-    with pytest.raises(ImgsimError, match="--max-pairs 100") as error:
+    with pytest.raises(ImgsimError, match="max_pairs 100") as error:
         match_features(a, b, MatchOptions(threshold=0.0, max_pairs=100), client=client)
-    assert "\n" not in str(error.value) and "--top-k" in str(error.value)
+    assert "\n" not in str(error.value) and "top_k" in str(error.value)
     with pytest.raises(ImgsimError, match="4,000 pairs"):  # top-k alone: exactly n * k at most
         match_features(a, b, MatchOptions(top_k=10, max_pairs=3999), client=client)
     kept = match_features(a, b, MatchOptions(top_k=10, max_pairs=4000), client=client)
@@ -282,13 +283,13 @@ def test_connected_groups():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"threshold": 1.5}, r"--thresh 1.5 is outside \[-1, 1\]"),
+    ({"threshold": 1.5}, r"threshold 1.5 is outside \[-1, 1\]"),
     ({"threshold": -1.01}, "outside"),
-    ({"top_k": 0}, "--top-k must be an integer of at least 1"),
-    ({"top_k": 2.5}, "--top-k"),
+    ({"top_k": 0}, "top_k must be an integer of at least 1"),
+    ({"top_k": 2.5}, "top_k"),
     ({"threshold": 0.5, "block_rows": 0}, "block_rows"),
     ({"threshold": 0.5, "slice_rows": -3}, "slice_rows"),
-    ({"threshold": 0.5, "max_pairs": -1}, "--max-pairs"),
+    ({"threshold": 0.5, "max_pairs": -1}, "max_pairs"),
     ({"threshold": 0.5, "scorer": "cupy"}, "unknown scorer 'cupy'; choose one of: auto, numpy"),
 ])
 def test_bad_options(kwargs, message):

@@ -62,7 +62,7 @@ def test_keras_cache_is_used_and_loaded(tmp_path, monkeypatch, mobilenet_h5):
     (tmp_path / "models" / WEIGHTS_FILE).write_bytes(mobilenet_h5.read_bytes())
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     weights = resolve_weights("mobilenet", None)
-    assert weights.source.startswith("keras cache") and weights.data == mobilenet_h5.read_bytes()
+    assert weights.description.startswith("keras cache") and weights.data == mobilenet_h5.read_bytes()
 
     from_cache = build_model(weights, str(tmp_path))
     explicit = build_model(resolve_weights("mobilenet", str(mobilenet_h5)), str(tmp_path))
@@ -174,12 +174,13 @@ def test_package_weights_are_hashed_and_checked_without_tensorflow(tmp_path):
     assert resolve_weights("efficientnet-lite0", "random").sha256 == ""
     # resume compares plans: package weights stay planned by name, as before they had a hash,
     # so a source started before can still be resumed
-    from imgsim_dask.driver import ExtractOptions, _plan
+    from imgsim_dask.driver import source_plan
     from imgsim_dask.ingest import inspect_csv
+    from imgsim_dask.options import ExtractOptions
 
     (tmp_path / "in.csv").write_text("id,url\n1,a.jpg\n")
     source = inspect_csv(str(tmp_path / "in.csv"))
-    assert _plan(source, ExtractOptions(), weights, 1, 1280)["weights"] == weights.source
+    assert source_plan(source, ExtractOptions(), weights, 1, 1280).weights == weights.description
     (tmp_path / "some.jpg").write_bytes(b"\xff\xd8\xff\xe0 not weights")
     check = (
         "import sys\n"

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from imgsim_dask.driver import ExtractOptions
+from imgsim_dask.options import ExtractOptions
 from imgsim_dask.demo import serve_directory, write_csvs
 from imgsim_dask.errors import InputError, StoreError
 from imgsim_dask.pairs import match_sources
@@ -39,7 +39,7 @@ def sources(tmp_path):
 def test_threshold_table_has_fields_of_both_rows(client, sources, tmp_path):
     store, a, b = sources
     out = tmp_path / "pairs.csv"
-    result = match_sources("a", "b", str(store), out=out, client=client)
+    result = match_sources("a", "b", str(store), out=out, cluster=client)
     table = result.pairs
     assert list(table.columns) == ["row_a", "row_b", "a_id", "a_url", "b_id", "b_url",
                                    "similarity"]
@@ -53,7 +53,7 @@ def test_threshold_table_has_fields_of_both_rows(client, sources, tmp_path):
 
 def test_top1_reproduces_the_originals_iteration(client, sources):
     store, a, b = sources
-    result = match_sources("a", "b", str(store), top_k=1, threshold=0.845, client=client)
+    result = match_sources("a", "b", str(store), top_k=1, threshold=0.845, cluster=client)
     dense = np.nan_to_num(a, nan=0) @ b.T
     best = dense.argmax(axis=1)
     expected = [(i, int(best[i])) for i in range(len(a))
@@ -68,7 +68,7 @@ def test_self_match_groups(client, tmp_path):
     x[7] = x[1]
     x[8] = x[2]
     make_source(tmp_path, "s", x)
-    result = match_sources("s", "s", str(tmp_path), threshold=0.99, client=client)
+    result = match_sources("s", "s", str(tmp_path), threshold=0.99, cluster=client)
     pairs = set(zip(result.pairs["row_a"], result.pairs["row_b"]))
     assert pairs == {(1, 4), (1, 7), (4, 7), (2, 8)}
     groups = dict(zip(result.pairs["row_a"], result.pairs["group"]))
@@ -77,10 +77,10 @@ def test_self_match_groups(client, tmp_path):
     assert result.rows1_matched == 5  # rows 1, 2, 4, 7, 8, whichever side they are on
     # within one source a pair claims a near-duplicate: --top-k alone keeps the model's
     # threshold (0.845), so rows with no copy are not grouped with their nearest neighbour
-    nearest = match_sources("s", "s", str(tmp_path), top_k=1, client=client)
+    nearest = match_sources("s", "s", str(tmp_path), top_k=1, cluster=client)
     assert set(zip(nearest.pairs["row_a"], nearest.pairs["row_b"])) <= pairs
     assert set(nearest.pairs["row_a"]) | set(nearest.pairs["row_b"]) == {1, 2, 4, 7, 8}
-    anything = match_sources("s", "s", str(tmp_path), top_k=1, threshold=-1, client=client)
+    anything = match_sources("s", "s", str(tmp_path), top_k=1, threshold=-1, cluster=client)
     assert set(anything.pairs["row_a"]) | set(anything.pairs["row_b"]) == set(range(9))
     assert result.summary().startswith("4 pairs; 5 rows of s matched; 2 groups, 3 rows are "
                                        "extra copies;")
@@ -90,32 +90,32 @@ def test_bad_match_requests(client, sources, tmp_path):
     store, a, b = sources
     make_source(store, "wide", unit(np.ones((2, 128))), model="efficientnet-lite0")
     with pytest.raises(InputError, match="extract both with one model"):
-        match_sources("a", "wide", str(store), client=client)
+        match_sources("a", "wide", str(store), cluster=client)
     make_source(store, "tuned", a, weights=("file test", "y"))
     make_source(store, "random", a, weights=("random (seed 1234)", ""))
     for other in ("tuned", "random"):
         with pytest.raises(InputError, match="different weights are not comparable"):
-            match_sources("a", other, str(store), client=client)
+            match_sources("a", other, str(store), cluster=client)
     make_source(store, "random2", b, weights=("random (seed 1234)", ""))
-    assert len(match_sources("random", "random2", str(store), top_k=1, client=client).pairs) == 6
+    assert len(match_sources("random", "random2", str(store), top_k=1, cluster=client).pairs) == 6
     make_source(store, "old", a, weights=("package p (w.pth)", ""))  # before it had a hash
     make_source(store, "new", b, weights=("package p (w.pth)", "5793"))
-    assert len(match_sources("old", "new", str(store), top_k=1, client=client).pairs) == 6
+    assert len(match_sources("old", "new", str(store), top_k=1, cluster=client).pairs) == 6
     with pytest.raises(InputError, match=r"outside \[-1, 1\]"):
-        match_sources("a", "b", str(store), threshold=1.5, client=client)
+        match_sources("a", "b", str(store), threshold=1.5, cluster=client)
     with pytest.raises(StoreError, match="no source named 'zz'"):
-        match_sources("a", "zz", str(store), client=client)
+        match_sources("a", "zz", str(store), cluster=client)
     with pytest.raises(InputError, match="does not exist"):
-        match_sources("a", "b", str(store), out=tmp_path / "no" / "dir.csv", client=client)
+        match_sources("a", "b", str(store), out=tmp_path / "no" / "dir.csv", cluster=client)
     (tmp_path / "afile").write_text("")
     with pytest.raises(InputError, match="afile is not a directory"):
-        match_sources("a", "b", str(store), out=tmp_path / "afile" / "x.csv", client=client)
+        match_sources("a", "b", str(store), out=tmp_path / "afile" / "x.csv", cluster=client)
     csv = tmp_path / "b.csv"  # as if b had been extracted from it
     csv.write_text("id,url\n")
     meta = json.loads((store / "b" / "meta.json").read_text())
     (store / "b" / "meta.json").write_text(json.dumps({**meta, "csv": str(csv)}))
     with pytest.raises(InputError, match="is the CSV a source was extracted from"):
-        match_sources("a", "b", str(store), out=str(csv), client=client)
+        match_sources("a", "b", str(store), out=str(csv), cluster=client)
     assert csv.read_text() == "id,url\n"
 
 
@@ -129,10 +129,10 @@ def test_colliding_column_names_are_refused_before_scoring(client, sources, monk
         patched.setattr("imgsim_dask.pairs.match_features", pytest.fail)  # refused before scoring
         for name1, name2, fragment in cases:
             with pytest.raises(InputError, match=f"two columns named {re.escape(fragment)}") as error:
-                match_sources(name1, name2, str(store), top_k=1, client=client)
+                match_sources(name1, name2, str(store), top_k=1, cluster=client)
             assert "\n" not in str(error.value) and "rename" in str(error.value)
     (store / "shop_new").rename(store / "shop_new1")  # the remedy the error names
-    table = match_sources("shop", "shop_new1", str(store), top_k=1, client=client).pairs
+    table = match_sources("shop", "shop_new1", str(store), top_k=1, cluster=client).pairs
     assert {"shop_new_id", "shop_new1_id"} <= set(table.columns) and len(table) == 10
 
 
@@ -161,10 +161,10 @@ def test_run_checks_both_csvs_before_extracting_either(client, tmp_path):
     good.write_text("id,url\n1,a.jpg\n")
     with pytest.raises(InputError, match="missing.csv.*no such file"):
         run(str(good), str(tmp_path / "missing.csv"), store=str(tmp_path / "store"),
-            client=client, options=ExtractOptions(weights="random"))
+            cluster=client, options=ExtractOptions(weights="random"))
     with pytest.raises(StoreError, match="invalid source name"):
         run(str(good), str(good), names=["ok", "../escape"], store=str(tmp_path / "store"),
-            client=client, options=ExtractOptions(weights="random"))
+            cluster=client, options=ExtractOptions(weights="random"))
     assert not (tmp_path / "store").exists()  # nothing was extracted
 
 
@@ -176,7 +176,7 @@ def test_run_end_to_end_over_http(client, tmp_path):
     with serve_directory(root / "images") as base_url:
         catalogue, uploads = write_csvs(root, base_url)
         result = run(str(uploads), str(catalogue), ["uploads", "catalogue"], str(root / "store"),
-                     out=root / "matches.parquet", top_k=1, threshold=0.70, client=client,
+                     out=root / "matches.parquet", top_k=1, threshold=0.70, cluster=client,
                      options=ExtractOptions(model="efficientnet-lite0", partition_rows=8))
     table = pd.read_parquet(root / "matches.parquet")
     assert {"uploads_id", "uploads_title", "uploads_url", "catalogue_id", "similarity"} <= \

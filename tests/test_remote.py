@@ -36,11 +36,12 @@ def test_weights_travel_to_workers_with_empty_caches(process_cluster, tmp_path, 
         .to_csv(csv, index=False)
     with Client(address) as client:
         client.wait_for_workers(2, timeout=60)
-        source = extract(str(csv), "remote", str(tmp_path / "store"), client=client)
-        assert source.meta["weights"].startswith("keras cache")
+        source = extract(str(csv), "remote", str(tmp_path / "store"), cluster=client)
+        assert source.meta.weights.startswith("keras cache")
 
     from imgsim_dask.embed import embed_pixels
-    from imgsim_dask.fetch import FetchOptions, fetch_partition
+    from imgsim_dask.fetch import fetch_partition
+    from imgsim_dask.options import FetchOptions
     from imgsim_dask.runtime import KerasPredictor
 
     model = build_model(resolve_weights("mobilenet", str(mobilenet_h5)), str(tmp_path))
@@ -58,5 +59,5 @@ def test_cluster_without_gpu_worker_fails_fast(process_cluster, tmp_path, image_
         client.wait_for_workers(1, timeout=60)
         started = time.monotonic()
         with pytest.raises(ImgsimError, match="no worker has the GPU resource"):
-            extract(str(csv), "x", str(tmp_path / "store"), client=client, weights="random")
+            extract(str(csv), "x", str(tmp_path / "store"), cluster=client, weights="random")
         assert time.monotonic() - started < 10

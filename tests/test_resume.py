@@ -20,10 +20,10 @@ import pandas as pd
 import pytest
 import zarr
 
-from imgsim_dask import ExtractOptions, extract, open_store
+from imgsim_dask import ExtractOptions, extract, open_source
 from imgsim_dask import store as store_module
 from imgsim_dask.errors import StoreError
-from imgsim_dask.fetch import FetchOptions
+from imgsim_dask.options import FetchOptions
 
 PARTITION_ROWS = 8
 ROWS = 160
@@ -55,14 +55,14 @@ def written_parts(store: Path) -> int:
 def assert_same_store(a, b):
     assert np.array_equal(a.features[:], b.features[:], equal_nan=True)
     pd.testing.assert_frame_equal(a.rows(), b.rows())
-    assert a.meta["status_counts"] == b.meta["status_counts"]
+    assert a.meta.status_counts == b.meta.status_counts
 
 
 @pytest.fixture(scope="module")
 def clean(client, many_rows_csv, tmp_path_factory):
     """The store of an undisturbed run."""
     return extract(str(many_rows_csv), "books", str(tmp_path_factory.mktemp("clean")),
-                   client=client, weights="random", partition_rows=PARTITION_ROWS, batch_size=4)
+                   cluster=client, weights="random", partition_rows=PARTITION_ROWS, batch_size=4)
 
 
 @pytest.mark.slow
@@ -80,14 +80,14 @@ def test_driver_killed_then_resumed_equals_clean_run(client, many_rows_csv, clea
     written = written_parts(store)
     assert 3 <= written < total, f"the kill should land mid-run, {written} of {total} written"
     with pytest.raises(StoreError, match="--resume"):
-        open_store(store, "books")
+        open_source(store, "books")
 
     resumed = subprocess.run(extract_command(many_rows_csv, store, client.scheduler.address,
                                              "--resume"), capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming, {written} of {total} partitions already written" in resumed.stderr
-    assert_same_store(open_store(store, "books"), clean)
+    assert_same_store(open_source(store, "books"), clean)
 
 
 @pytest.mark.slow
@@ -117,13 +117,13 @@ def test_ctrl_c_in_a_terminal_stops_in_one_line_then_resumes(many_rows_csv, clea
 
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert_same_store(open_store(store, "books"), clean)
+    assert_same_store(open_source(store, "books"), clean)
 
 
 def test_partial_partition_is_redone(client, many_rows_csv, clean, tmp_path):
     """A Zarr chunk written without its part file (killed in between) is written again."""
     store = tmp_path / "store"
-    options = dict(client=client, weights="random", partition_rows=PARTITION_ROWS, batch_size=4)
+    options = dict(cluster=client, weights="random", partition_rows=PARTITION_ROWS, batch_size=4)
     source = extract(str(many_rows_csv), "books", str(store), **options)
     (source.path / "meta.json").unlink()
     (source.path / "rows.parquet" / "part-00002.parquet").unlink()
@@ -137,7 +137,7 @@ def test_partial_partition_is_redone(client, many_rows_csv, clean, tmp_path):
 
 
 def test_resume_of_complete_store_changes_nothing(client, many_rows_csv, tmp_path):
-    options = dict(client=client, weights="random", partition_rows=PARTITION_ROWS, batch_size=4)
+    options = dict(cluster=client, weights="random", partition_rows=PARTITION_ROWS, batch_size=4)
     first = extract(str(many_rows_csv), "books", str(tmp_path), **options)
     meta = (first.path / "meta.json").read_text()
     again = extract(str(many_rows_csv), "books", str(tmp_path), resume=True, **options)
@@ -147,7 +147,7 @@ def test_resume_of_complete_store_changes_nothing(client, many_rows_csv, tmp_pat
 def test_resume_refuses_a_different_plan(client, many_rows_csv, tmp_path):
     csv = tmp_path / "in.csv"
     csv.write_text(Path(many_rows_csv).read_text())
-    options = dict(client=client, weights="random", batch_size=4)
+    options = dict(cluster=client, weights="random", batch_size=4)
     source = extract(str(csv), "books", str(tmp_path), partition_rows=PARTITION_ROWS, **options)
     (source.path / "meta.json").unlink()
     with pytest.raises(StoreError, match="'books' in .* was started with partition_rows 8, now 16"):
@@ -165,15 +165,15 @@ def test_resume_never_deletes_a_store_it_did_not_plan(client, many_rows_csv, tmp
     (tmp_path / "books" / "keep.txt").write_text("mine")
     with pytest.raises(StoreError, match="books is not an imgsim source .*, so neither --resume "
                                          "nor --overwrite touches it: move it away"):
-        extract(str(many_rows_csv), "books", str(tmp_path), client=client, weights="random",
+        extract(str(many_rows_csv), "books", str(tmp_path), cluster=client, weights="random",
                 resume=True)
     with pytest.raises(StoreError, match="books is not an imgsim source"):
-        open_store(tmp_path, "books")
+        open_source(tmp_path, "books")
     assert (tmp_path / "books" / "keep.txt").read_text() == "mine"
     (tmp_path / "books" / "keep.txt").unlink()  # an empty folder may become a source
     (tmp_path / "books" / "meta.json").write_text("{}")  # a source before plan.json existed
     with pytest.raises(StoreError, match="has no plan.json .*; pass --overwrite"):
-        extract(str(many_rows_csv), "books", str(tmp_path), client=client, weights="random",
+        extract(str(many_rows_csv), "books", str(tmp_path), cluster=client, weights="random",
                 resume=True)
 
 
@@ -184,7 +184,7 @@ def test_overwrite_never_deletes_a_directory_that_is_not_a_source(client, many_r
     (tmp_path / "notes").write_text("a file where the source would go")
     for name in ("photos", "notes"):
         with pytest.raises(StoreError, match=f"{name} is not an imgsim source") as error:
-            extract(str(many_rows_csv), name, str(tmp_path), client=client, weights="random",
+            extract(str(many_rows_csv), name, str(tmp_path), cluster=client, weights="random",
                     overwrite=True)
         assert "\n" not in str(error.value)
     assert (tmp_path / "photos" / "holiday.jpg").read_text() == "mine"
@@ -196,9 +196,9 @@ def test_a_new_model_is_named_as_the_reason_a_source_cannot_be_reused(client, ma
     from imgsim_dask import run
 
     options = ExtractOptions(weights="random", partition_rows=PARTITION_ROWS)
-    run(str(many_rows_csv), client=client, store=str(tmp_path), top_k=1, options=options)
+    run(str(many_rows_csv), cluster=client, store=str(tmp_path), top_k=1, options=options)
     with pytest.raises(StoreError, match="started with model 'mobilenet', now 'efficientnet-lite0'"):
-        run(str(many_rows_csv), client=client, store=str(tmp_path), top_k=1,
+        run(str(many_rows_csv), cluster=client, store=str(tmp_path), top_k=1,
             options=replace(options, model="efficientnet-lite0"))
 
 
@@ -208,16 +208,16 @@ def test_run_reuses_a_source_only_for_the_same_csv(client, many_rows_csv, tmp_pa
     csv = tmp_path / "books.csv"
     csv.write_text(Path(many_rows_csv).read_text())
     options = ExtractOptions(weights="random", partition_rows=PARTITION_ROWS)
-    first = run(str(csv), client=client, store=str(tmp_path / "store"), top_k=1,
+    first = run(str(csv), cluster=client, store=str(tmp_path / "store"), top_k=1,
                 options=options)
     meta = (tmp_path / "store" / "books" / "meta.json").read_text()
-    again = run(str(csv), client=client, store=str(tmp_path / "store"), top_k=1, options=options)
+    again = run(str(csv), cluster=client, store=str(tmp_path / "store"), top_k=1, options=options)
     assert (tmp_path / "store" / "books" / "meta.json").read_text() == meta  # reused as it is
     pd.testing.assert_frame_equal(again.pairs, first.pairs)
     with csv.open("a") as f:
         f.write(f"late,{csv}\n")
     with pytest.raises(StoreError, match="'books' in .* was started with csv_bytes "):
-        run(str(csv), client=client, store=str(tmp_path / "store"), top_k=1, options=options)
+        run(str(csv), cluster=client, store=str(tmp_path / "store"), top_k=1, options=options)
 
 
 def test_retry_failed_refetches_only_transient_failures(client, image_server, tmp_path,
@@ -232,7 +232,7 @@ def test_retry_failed_refetches_only_transient_failures(client, image_server, tm
             f"{base}/rocket.jpg", f"{base}/flaky/astronaut.jpg", f"{base}/camera.jpg"]
     csv = tmp_path / "in.csv"
     pd.DataFrame({"id": range(len(urls)), "url": urls}).to_csv(csv, index=False)
-    options = dict(client=client, weights="random", partition_rows=2, batch_size=2,
+    options = dict(cluster=client, weights="random", partition_rows=2, batch_size=2,
                    fetch=FetchOptions(retries=0))
     store = tmp_path / "store"
     first = extract(str(csv), "web", str(store), **options)
@@ -277,9 +277,9 @@ def test_retry_failed_refetches_only_transient_failures(client, image_server, tm
     assert not np.isnan(halfway[1]).any()  # coffee's features are in, its status is not
     finished = extract(str(csv), "halfway", str(store), resume=True, **options)
     assert not (finished.path / "retrying").exists()
-    for source in (again, finished, open_store(store, "broken")):
+    for source in (again, finished, open_source(store, "broken")):
         assert source.rows()["status"].tolist() == ["ok", "ok", "http_404", "ok", "ok", "ok"]
-        assert source.meta["status_counts"] == {"http_404": 1, "ok": 5}
+        assert source.meta.status_counts == {"http_404": 1, "ok": 5}
         pd.testing.assert_frame_equal(source.rows(), clean.rows())
         assert np.array_equal(source.features[:], clean.features[:], equal_nan=True)
     np.testing.assert_array_equal(again.features[:][[0, 5]], stored_ok)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgsim_dask import extract
+from imgsim_dask import ExtractOptions, extract
 from imgsim_dask.embed import embed_pixels
 from imgsim_dask.errors import ImgsimError
 from imgsim_dask.models import build_model, resolve_weights
@@ -56,7 +56,7 @@ def test_auto_is_openvino_on_a_cpu_and_keras_without_it(monkeypatch):
     with pytest.raises(ImgsimError, match="pip install openvino.*--runtime keras"):
         resolve_runtime("openvino")
     with pytest.raises(ImgsimError, match="choose one of: auto, openvino, keras"):
-        resolve_runtime("onnx")
+        ExtractOptions(runtime="onnx")  # checked where options are made, not on a worker
 
 
 def test_unknown_runtime_is_refused_before_any_work(tmp_path):
@@ -70,10 +70,10 @@ def test_unknown_runtime_is_refused_before_any_work(tmp_path):
 def test_extract_records_the_runtime_and_both_agree(client, image_dir, tmp_path):
     csv = tmp_path / "in.csv"
     csv.write_text("url\n" + "".join(f"{image_dir / name}.jpg\n" for name in sample_images()))
-    sources = {runtime: extract(str(csv), runtime, str(tmp_path), client=client,
+    sources = {runtime: extract(str(csv), runtime, str(tmp_path), cluster=client,
                                 weights="random", runtime=runtime)
                for runtime in ("auto", "keras")}
-    assert sources["auto"].meta["runtime"] == ["openvino"]
-    assert sources["keras"].meta["runtime"] == ["keras"]
+    assert sources["auto"].meta.runtime == ["openvino"]
+    assert sources["keras"].meta.runtime == ["keras"]
     auto, keras_ = (sources[r].features[:] for r in ("auto", "keras"))
     assert np.einsum("ij,ij->i", auto, keras_).min() > 1 - 1e-5

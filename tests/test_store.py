@@ -13,14 +13,14 @@ import pytest
 
 from imgsim_dask import store as store_module
 from imgsim_dask.errors import StoreError
-from imgsim_dask.store import StoreWriter, open_store
+from imgsim_dask.store import SourceWriter, open_source
 
-from support.store import make_source
+from support.store import make_source, plan_for
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", ".hidden", "a/b", "n" * 256, "a\0b"])
 def test_bad_source_names_are_one_line_errors(tmp_path, name):
-    for call in (lambda: open_store(tmp_path, name),
+    for call in (lambda: open_source(tmp_path, name),
                  lambda: make_source(tmp_path, name, np.ones((2, 4), np.float32))):
         with pytest.raises(StoreError, match="invalid source name") as error:
             call()
@@ -56,7 +56,7 @@ def test_export_without_room_is_a_one_line_error(tmp_path, monkeypatch):
 def test_a_source_that_cannot_be_created_leaves_nothing_behind(tmp_path, monkeypatch):
     """A disk that fills up while plan.json is written (simulated: this test cannot fill a
     disk) must not leave a folder that neither --resume nor --overwrite would take."""
-    plan = {"rows": 6, "dim": 4, "partition_rows": 4}
+    plan = plan_for(6, 4)
 
     def disk_full(path, write):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -64,9 +64,9 @@ def test_a_source_that_cannot_be_created_leaves_nothing_behind(tmp_path, monkeyp
     with monkeypatch.context() as patch:
         patch.setattr(store_module, "atomic_write", disk_full)
         with pytest.raises(StoreError, match="cannot create .*books: No space left on device$"):
-            StoreWriter(tmp_path, "books", plan)
+            SourceWriter(tmp_path, "books", plan)
     assert list(tmp_path.iterdir()) == []
-    assert StoreWriter(tmp_path, "books", plan).done == set()  # a plain retry works
+    assert SourceWriter(tmp_path, "books", plan).done == set()  # a plain retry works
 
 
 def test_written_files_follow_the_umask(tmp_path):

@@ -19,7 +19,7 @@ import pytest
 from distributed import Client
 from distributed.security import Security
 
-from imgsim_dask import ClusterOptions, ImgsimError, extract, open_store
+from imgsim_dask import ClusterOptions, ImgsimError, extract, open_source
 from imgsim_dask.cluster import _check_versions, connect
 
 from support.certs import CertificateAuthority
@@ -64,7 +64,7 @@ def tls_cluster(tmp_path_factory, certs):
         cluster.start_scheduler()
         cluster.add_worker("--nthreads", "1", "--resources", "GPU=1")
         cluster.add_worker("--nthreads", "2", "--resources", "NET=2")
-        with connect(options=client_options(certs, cluster.scheduler_file)) as client:
+        with connect(client_options(certs, cluster.scheduler_file)) as client:
             client.wait_for_workers(2, timeout=120)
         yield cluster
     finally:
@@ -93,9 +93,9 @@ def test_whole_run_over_tls(tls_cluster, certs, http_server, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "dashboard: http://127.0.0.1:" in result.stderr
 
-    uploads, catalogue = open_store(store, "uploads"), open_store(store, "catalogue")
-    assert uploads.meta["status_counts"] == {"http_404": 1, "ok": 1}
-    assert catalogue.meta["status_counts"] == {"ok": 3}
+    uploads, catalogue = open_source(store, "uploads"), open_source(store, "catalogue")
+    assert uploads.meta.status_counts == {"http_404": 1, "ok": 1}
+    assert catalogue.meta.status_counts == {"ok": 3}
     matches = pd.read_csv(tmp_path / "matches.csv")
     assert matches["uploads_id"].tolist() == ["x"]
     assert matches["catalogue_id"].iloc[0] in {"a", "b", "c"}
@@ -104,11 +104,11 @@ def test_whole_run_over_tls(tls_cluster, certs, http_server, tmp_path):
 @pytest.mark.cluster
 def test_clients_without_the_cluster_certificate_are_refused(tls_cluster, certs):
     address = tls_cluster.address
-    with pytest.raises(ImgsimError, match="uses TLS: pass --tls-ca-file"):
-        with connect(options=ClusterOptions(scheduler=address)):
+    with pytest.raises(ImgsimError, match="uses TLS: pass tls_ca_file"):
+        with connect(ClusterOptions(scheduler=address)):
             pass
     with pytest.raises(ImgsimError, match="is not tls://"):
-        with connect(options=client_options(certs, None,
+        with connect(client_options(certs, None,
                                             scheduler=address.replace("tls://", "tcp://"))):
             pass
     impostor = Security(tls_ca_file=str(certs["ca"]), tls_client_cert=str(certs["impostor"]),
@@ -125,7 +125,7 @@ def test_clients_without_the_cluster_certificate_are_refused(tls_cluster, certs)
     with pytest.raises(OSError, match="Connection reset"):
         Client(address.replace("tls://", "tcp://"), timeout="2s").close()
 
-    with connect(options=client_options(certs, tls_cluster.scheduler_file)) as client:
+    with connect(client_options(certs, tls_cluster.scheduler_file)) as client:
         clients = client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.clients))
         assert [c for c in clients if c != "fire-and-forget"] == [client.id]
 
@@ -143,7 +143,7 @@ def test_preflight_names_what_the_cluster_lacks(tmp_path, certs, image_dir):
                                               "can fetch images; start one with: dask worker "
                                               "tls://127.0.0.1"):
             extract(str(csv), "x", str(tmp_path / "store"), weights="random",
-                    cluster_options=client_options(certs, cluster.scheduler_file,
+                    cluster=client_options(certs, cluster.scheduler_file,
                                                    wait_workers=1))
         assert time.monotonic() - started < 10
     finally:

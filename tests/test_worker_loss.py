@@ -19,7 +19,7 @@ from distributed import Client
 
 from imgsim_dask import extract
 from imgsim_dask.cluster import cluster_workers
-from imgsim_dask.store import StoreWriter
+from imgsim_dask.store import SourceWriter
 
 PARTITION_ROWS = 6
 ROWS = 120
@@ -38,17 +38,17 @@ def test_worker_killed_mid_run_job_completes_with_same_output(process_cluster, t
     options = dict(weights="random", partition_rows=PARTITION_ROWS, batch_size=6)
 
     writes: list[int] = []
-    real_write = StoreWriter.write_partition
+    real_write = SourceWriter.write_partition
 
     def counting_write(self, index, features, rows):
         writes.append(index)
         real_write(self, index, features, rows)
 
-    monkeypatch.setattr(StoreWriter, "write_partition", counting_write)
+    monkeypatch.setattr(SourceWriter, "write_partition", counting_write)
 
     with Client(process_cluster.address) as client:
         client.wait_for_workers(2, timeout=60)
-        clean = extract(str(csv), "clean", str(tmp_path / "store"), client=client, **options)
+        clean = extract(str(csv), "clean", str(tmp_path / "store"), cluster=client, **options)
         writes.clear()
 
         killed: dict = {}
@@ -64,7 +64,7 @@ def test_worker_killed_mid_run_job_completes_with_same_output(process_cluster, t
 
         thread = threading.Thread(target=kill_a_busy_worker_after_three_partitions, daemon=True)
         thread.start()
-        disturbed = extract(str(csv), "disturbed", str(tmp_path / "store"), client=client,
+        disturbed = extract(str(csv), "disturbed", str(tmp_path / "store"), cluster=client,
                             **options)
         thread.join(10)
         assert killed["tasks"], "the killed worker was running tasks"
@@ -74,4 +74,4 @@ def test_worker_killed_mid_run_job_completes_with_same_output(process_cluster, t
     assert sorted(writes) == list(range(ROWS // PARTITION_ROWS))  # each partition once
     assert np.array_equal(disturbed.features[:], clean.features[:], equal_nan=True)
     pd.testing.assert_frame_equal(disturbed.rows(), clean.rows())
-    assert disturbed.meta["status_counts"] == {"ok": ROWS}
+    assert disturbed.meta.status_counts == {"ok": ROWS}

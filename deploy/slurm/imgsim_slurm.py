@@ -103,7 +103,7 @@ def main() -> None:
         client.wait_for_workers(args.gpu_jobs + args.fetch_jobs, timeout=3600)
         with performance_report(filename=args.report):
             result = imgsim_dask.run(
-                args.csv1, args.csv2, store=args.store, out=args.out, client=client,
+                args.csv1, args.csv2, store=args.store, out=args.out, cluster=client,
                 options=imgsim_dask.ExtractOptions(weights=args.weights, progress=True))
     print(result.summary())
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..quiet import quiet_native_logs
 from .weights import RANDOM_SEED, Weights
 
 if TYPE_CHECKING:
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
 
 def build(spec: ModelSpec, weights: Weights, workdir: str) -> keras.Model:
     """Build `spec`'s Keras model with `weights`; file weights are written to `workdir`."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+    quiet_native_logs()  # before TensorFlow loads: its C++ start-up chatter
     model = spec.build()
     if weights.is_random:
         set_seeded_weights(model)

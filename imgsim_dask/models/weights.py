@@ -40,14 +40,14 @@ class Weights:
     """
 
     model: str
-    source: str
+    description: str  # for humans: "file PATH", "keras cache PATH", "random (seed N)", ...
     data: bytes | None = None
     suffix: str = ""
     digest: str = ""
 
     @property
     def is_random(self) -> bool:
-        return self.source.startswith(RANDOM)
+        return self.description.startswith(RANDOM)
 
     @property
     def sha256(self) -> str:
@@ -56,7 +56,7 @@ class Weights:
     @property
     def token(self) -> str:
         """A short id of these exact weights (names the worker plugin)."""
-        basis = self.sha256 or self.source
+        basis = self.sha256 or self.description
         return hashlib.sha256(f"{self.model}:{basis}".encode()).hexdigest()[:12]
 
 
@@ -66,7 +66,7 @@ def keras_cache_dir() -> Path:
 
 
 def resolve(spec: ModelSpec, weights: str | None) -> Weights:
-    """Find the weights for `spec`: an explicit path, `random`, or the model's default source."""
+    """Find the weights for `spec`: an explicit path, `random`, or the model's default weights."""
     if weights == RANDOM:
         logger.warning("RANDOM WEIGHTS (seed %d): features are NOT meaningful; "
                        "use them for tests and benchmarks only", RANDOM_SEED)
@@ -76,13 +76,13 @@ def resolve(spec: ModelSpec, weights: str | None) -> Weights:
     return spec.default_weights(spec)
 
 
-def read_weights_file(spec: ModelSpec, path: Path, source: str) -> Weights:
-    """The weights file at `path` (described as `source`), once checked to fit `spec`."""
+def read_weights_file(spec: ModelSpec, path: Path, description: str) -> Weights:
+    """The weights file at `path` (described as `description`), once checked to fit `spec`."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise WeightsError(f"cannot read weights file {path}: {exc.strerror or exc}") from None
-    return Weights(spec.name, source, data, check_weights_file(spec, path, data))
+    return Weights(spec.name, description, data, check_weights_file(spec, path, data))
 
 
 def check_weights_file(spec: ModelSpec, path: Path, data: bytes) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from imgsim_dask import match
+from imgsim_dask.match import engine, kernel
 from imgsim_dask.match import score_block, valid_rows
 
 
@@ -35,7 +35,7 @@ def reference(a: np.ndarray, b: np.ndarray, threshold: float | None, top_k: int 
             pair = (min(i, j), max(i, j)) if self_match else (i, j)
             found[pair] = max(found.get(pair, -np.inf), sims[i, j])
     rows = np.array(list(found), dtype=np.int64).reshape(-1, 2)
-    return match.pairs_frame(rows[:, 0], rows[:, 1], np.array(list(found.values()), np.float32))
+    return engine.pairs_frame(rows[:, 0], rows[:, 1], np.array(list(found.values()), np.float32))
 
 
 def assert_same(got: pd.DataFrame, expected: pd.DataFrame, exact: bool = True) -> None:
@@ -67,7 +67,7 @@ def score_blocks(a, b, options, self_match, scorer="numpy"):
     parts = [score_block(a[s:s + options.block_rows], s, slices, starts, options.threshold,
                          options.top_k, self_match, threads=options.threads, scorer=scorer)
              for s in range(0, len(a), options.block_rows)]
-    pairs = match._concat(parts)
+    pairs = kernel.concat_pairs(parts)
     if self_match and options.top_k is not None:
-        pairs = match._dedupe(*pairs)
-    return match.pairs_frame(*pairs)
+        pairs = kernel.dedupe(*pairs)
+    return engine.pairs_frame(*pairs)

@@ -3,7 +3,7 @@ Keras ops on the worker's Keras backend (TensorFlow, JAX or torch) and its defau
 
 Only the sgemm and the per-row selection run on the device; what comes back to the host is
 the pairs at or above the threshold (threshold mode) or each row's k best of a slice (top-k
-mode), which `match` then filters and merges exactly as on the CPU. B's slices are copied to
+mode), which `kernel` then filters and merges exactly as on the CPU. B's slices are copied to
 the device once per run and stay there (`DeviceSlices`), so a run moves B over PCIe once per
 worker, not once per block. Matmuls run in full float32 (TF32 off): the pairs are the
 CPU kernel's, up to float32 rounding. Ties at a row's k-th place go to the lower B row, as
@@ -28,22 +28,14 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from .errors import ImgsimError, InputError
+from ..errors import ImgsimError
 
-SCORERS = ("auto", "numpy", "keras")
 BACKENDS = ("tensorflow", "jax")  # whose top_k breaks ties by the lower index
 _NVIDIA_DRIVER = "/proc/driver/nvidia/version"
 
 
-def check_scorer(scorer: str) -> None:
-    """Refuse a scorer name that does not exist (on the driver, before any work)."""
-    if scorer not in SCORERS:
-        raise InputError(f"unknown scorer {scorer!r}; choose one of: {', '.join(SCORERS)}")
-
-
 def resolve_scorer(scorer: str) -> str:
-    """The scorer `auto` means in this process."""
-    check_scorer(scorer)
+    """The scorer `auto` means in this process (`scorer` is checked by MatchOptions)."""
     if scorer == "numpy":
         return scorer
     if scorer == "auto" and not os.path.exists(_NVIDIA_DRIVER):  # never pay for Keras here
@@ -124,36 +116,36 @@ def _matmul_t(a, b):
 
 
 class DeviceSlices:
-    """Device copies of B's slices, by slice key, kept for the run that made them.
+    """Device copies of B's slices, by (run, slice number), kept for the run that made them.
 
     One per process (`DEVICE_SLICES`): score tasks of one run share it; the driver frees a
-    run's copies when the run ends (`release(token)`; keys end in `-<token>`). A score task
-    of a run already released (one still running when its run failed) gets a copy for its
-    own call only, so nothing is left behind that no release would ever free.
+    run's copies when the run ends (`release(run)`). A score task of a run already released
+    (one still running when its run failed) gets a copy for its own call only, so nothing is
+    left behind that no release would ever free.
     """
 
     _REMEMBERED_RUNS = 256
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._tensors: dict[str, object] = {}
+        self._tensors: dict[tuple[str, int], object] = {}
         self._released: deque[str] = deque(maxlen=self._REMEMBERED_RUNS)
 
-    def get(self, key: str, host: np.ndarray):
+    def get(self, run: str, number: int, host: np.ndarray) -> object:
         with self._lock:
-            tensor = self._tensors.get(key)
+            tensor = self._tensors.get((run, number))
             if tensor is None:
                 tensor = _to_device(host)
-                if key.rsplit("-", 1)[-1] not in self._released:
-                    self._tensors[key] = tensor
+                if run not in self._released:
+                    self._tensors[(run, number)] = tensor
             return tensor
 
-    def release(self, token: str) -> int:
-        """Drop every copy of run `token` and keep none it asks for later; return how many
-        there were."""
+    def release(self, run: str) -> int:
+        """Drop every copy of `run` and keep none it asks for later; return how many there
+        were."""
         with self._lock:
-            self._released.append(token)
-            keys = [k for k in self._tensors if k.endswith(f"-{token}")]
+            self._released.append(run)
+            keys = [key for key in self._tensors if key[0] == run]
             for key in keys:
                 del self._tensors[key]
             return len(keys)
@@ -177,16 +169,18 @@ def _to_device(host: np.ndarray):
     return tensor
 
 
-def device_copies(slices: Sequence[np.ndarray], keys: Sequence[str] | None) -> list:
-    """Device tensors of host slices: kept by key for the run, or (no keys) for this call."""
-    if keys is None:
+def device_copies(slices: Sequence[np.ndarray], run: str | None,
+                  numbers: Sequence[int]) -> list:
+    """Device tensors of host slices (`numbers`: their slice numbers in B): kept for `run`,
+    or (no run) for this call."""
+    if run is None:
         return [_to_device(s) for s in slices]
-    return [DEVICE_SLICES.get(key, s) for key, s in zip(keys, slices)]
+    return [DEVICE_SLICES.get(run, number, s) for number, s in zip(numbers, slices)]
 
 
-def release_device_slices(token: str) -> int:
-    """Free run `token`'s device copies in this process (run on every worker at the end)."""
-    return DEVICE_SLICES.release(token)
+def release_device_slices(run: str) -> int:
+    """Free `run`'s device copies in this process (run on every worker at the end)."""
+    return DEVICE_SLICES.release(run)
 
 
 def threshold_candidates(a: np.ndarray, slices: Sequence, limit: float, skips: Sequence[int]

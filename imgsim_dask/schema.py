@@ -1,0 +1,125 @@
+"""Schema: the contracts between stages, the row table's columns and statuses, and what a
+stored source records about itself (`SourcePlan` in plan.json, `SourceMeta` in meta.json).
+
+Every stage reads these from here; nothing else spells a status or a column name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import StoreError
+
+FORMAT_VERSION = 2  # of a stored source; 1: the stores written before it was recorded
+
+ROW = "row"  # the fixed row id, 0..n-1 in CSV order
+INGEST_ERROR = "_ingest_error"  # travels from ingest to fetch, never to the outputs
+STATUS_COLUMNS = ("status", "error", "http_status", "bytes", "sha256", "width", "height")
+RESERVED_COLUMNS = (ROW, *STATUS_COLUMNS, INGEST_ERROR)
+
+OK = "ok"
+# Failures worth fetching again later (the server or network may do better next time).
+TRANSIENT_STATUSES = frozenset({
+    "timeout", "connection_error", "dns_error", "truncated", "http_5xx", "http_429", "io_error",
+})
+
+
+@dataclass(frozen=True)
+class SourcePlan:
+    """What fixes an extraction's output (plan.json): a resumed run must agree on all of it.
+
+    `csv_bytes`/`csv_mtime_ns` identify a local CSV (0 for a URL); `weights` is a weights
+    file's sha256, or the description of random or package weights.
+    """
+
+    csv: str
+    rows: int
+    dim: int
+    partition_rows: int
+    model: str
+    weights: str
+    fetch: dict[str, Any]
+    fields: list[str]
+    url_col: str
+    id_col: str
+    delimiter: str
+    header: bool
+    csv_bytes: int | None = None
+    csv_mtime_ns: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The plan as stored: local-file fields only where the CSV is a local file."""
+        document = dataclasses.asdict(self)
+        for key in ("csv_bytes", "csv_mtime_ns"):
+            if document[key] is None:
+                del document[key]
+        return document
+
+    def differences(self, stored: dict[str, Any]) -> list[str]:
+        """The plan keys where `stored` (a plan.json document) differs from this plan."""
+        mine = self.to_json()
+        return [key for key in sorted(set(mine) | set(stored)) if stored.get(key) != mine.get(key)]
+
+
+@dataclass(frozen=True)
+class SourceMeta:
+    """What a complete source says about itself (meta.json, written last: the commit point)."""
+
+    name: str
+    model: str
+    dim: int
+    threshold: float  # the model's recommended threshold when the source was made
+    weights: str  # a description: "file PATH", "keras cache PATH", "random (seed N)", ...
+    weights_sha256: str
+    csv: str
+    fields: list[str]
+    url_col: str
+    id_col: str
+    rows: int
+    status_counts: dict[str, int]
+    partition_rows: int
+    batch_size: int
+    runtime: list[str]
+    seconds: float
+    images_per_second: float | None
+    created: str
+    versions: dict[str, str]
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, default=str)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> SourceMeta:
+        """Read meta.json; a store of a newer format, or a damaged file, is one StoreError."""
+        try:
+            document = json.loads(text)
+            version = int(document.get("format_version", 1))
+        except (ValueError, TypeError, AttributeError):
+            raise StoreError(f"{where}: meta.json is not readable JSON; extract the source "
+                             "again with --overwrite") from None
+        if version > FORMAT_VERSION:
+            raise StoreError(f"{where} was written in store format {version} by a newer "
+                             f"imgsim-dask (this one reads up to {FORMAT_VERSION}); upgrade "
+                             "imgsim-dask to read it")
+        known = {f.name for f in dataclasses.fields(cls)}
+        document = {k: v for k, v in document.items() if k in known}
+        document["format_version"] = version
+        try:
+            return cls(**document)
+        except TypeError as exc:
+            raise StoreError(f"{where}: meta.json lacks a field ({exc}); extract the source "
+                             "again with --overwrite") from None
+
+
+class RowFailure(Exception):
+    """One row could not be turned into an image; `status` is its code in the row table."""
+
+    def __init__(self, status: str, message: str, http_status: int | None = None):
+        super().__init__(message)
+        self.status = status
+        self.http_status = http_status
