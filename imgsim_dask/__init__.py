@@ -10,8 +10,18 @@ from .store import Source, open_source
 from .workflow import run
 
 __all__ = [
-    "ClusterOptions", "CsvOptions", "ExtractOptions", "FetchOptions", "ImgsimError",
-    "MatchOptions", "MatchResult", "Source", "extract", "match_features", "match_sources",
-    "open_source", "run",
+    "ClusterOptions",
+    "CsvOptions",
+    "ExtractOptions",
+    "FetchOptions",
+    "ImgsimError",
+    "MatchOptions",
+    "MatchResult",
+    "Source",
+    "extract",
+    "match_features",
+    "match_sources",
+    "open_source",
+    "run",
 ]
 __version__ = VERSION

@@ -62,8 +62,11 @@ class OptionGroup:
         self.cls = cls
         self.hints = typing.get_type_hints(cls)
         self.fields = list(dataclasses.fields(cls))
-        self.nested = {f.name: OptionGroup(self.hints[f.name]) for f in self.fields
-                       if dataclasses.is_dataclass(self.hints[f.name])}
+        self.nested = {
+            f.name: OptionGroup(self.hints[f.name])
+            for f in self.fields
+            if dataclasses.is_dataclass(self.hints[f.name])
+        }
 
     def param(self, spec: dataclasses.Field) -> str:
         """The click parameter name of a field: its flag's, so names never collide."""
@@ -84,16 +87,19 @@ class OptionGroup:
                 if "/" in flag:
                     kwargs.update(default=spec.default, show_default=True)
                 else:  # --flag sets the opposite of the default
-                    kwargs.update(is_flag=True, flag_value=not spec.default,
-                                  default=spec.default)
+                    kwargs.update(is_flag=True, flag_value=not spec.default, default=spec.default)
             elif meta.get("list_of"):
                 listed = spec.default if isinstance(spec.default, tuple) else ()
-                kwargs.update(default=",".join(listed) if listed else None,
-                              show_default=bool(listed))
+                kwargs.update(
+                    default=",".join(listed) if listed else None, show_default=bool(listed)
+                )
             else:
                 default = None if spec.default is dataclasses.MISSING else spec.default
-                kwargs.update(type=_click_type(spec, self.hints[spec.name]), default=default,
-                              show_default=default is not None)
+                kwargs.update(
+                    type=_click_type(spec, self.hints[spec.name]),
+                    default=default,
+                    show_default=default is not None,
+                )
             found.append(click.option(flag, self.param(spec), **kwargs))
         return found
 
@@ -129,10 +135,16 @@ CSV = OptionGroup(CsvOptions)
 EXTRACT = OptionGroup(ExtractOptions)
 MATCH = OptionGroup(MatchOptions)
 CLUSTER = OptionGroup(ClusterOptions)
-store_option = click.option("--store", default=DEFAULT_STORE, show_default=True,
-                            type=click.Path(file_okay=False), help="Feature store directory.")
-out_option = click.option("--out", type=click.Path(),
-                          help="Result table: .parquet, .csv or a directory.")
+store_option = click.option(
+    "--store",
+    default=DEFAULT_STORE,
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Feature store directory.",
+)
+out_option = click.option(
+    "--out", type=click.Path(), help="Result table: .parquet, .csv or a directory."
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -157,25 +169,33 @@ def extract(csv: str, name: str, store: str, **kw: Any) -> None:
     from .driver import extract as run_extract
 
     csv_options, options = CSV.pop(kw), EXTRACT.pop(kw)
-    source = run_extract(csv, name, store, cluster=CLUSTER.pop(kw), csv_options=csv_options,
-                         options=options)
+    source = run_extract(
+        csv, name, store, cluster=CLUSTER.pop(kw), csv_options=csv_options, options=options
+    )
     _print_summary(source.meta, source.path)
 
 
 def _print_summary(meta: SourceMeta, path: Path) -> None:
     counts = ", ".join(f"{k} {v}" for k, v in meta.status_counts.items())
-    click.echo(f"{meta.name}: {meta.rows} rows ({counts}) in {meta.seconds:.1f} s, "
-               f"{meta.images_per_second} images/s -> {path}")
+    click.echo(
+        f"{meta.name}: {meta.rows} rows ({counts}) in {meta.seconds:.1f} s, "
+        f"{meta.images_per_second} images/s -> {path}"
+    )
     if meta.rows and not meta.status_counts.get("ok"):
         status, count = max(meta.status_counts.items(), key=lambda item: item[1])
-        hint = f"; is {meta.url_col!r} the column of URLs? (--url-col)" \
-            if status in ("not_found", "bad_url") else ""
+        hint = (
+            f"; is {meta.url_col!r} the column of URLs? (--url-col)"
+            if status in ("not_found", "bad_url")
+            else ""
+        )
         click.echo(f"imgsim: warning: no row gave an image ({count} {status}){hint}", err=True)
     if meta.stages:
         fetch, embed = meta.stages["fetch"], meta.stages["embed"]
-        click.echo(f"  fetch {fetch['task_seconds']:.1f} task-s ({fetch['rows_per_task_second']} "
-                   f"rows/s per task), embed {embed['task_seconds']:.1f} task-s "
-                   f"({embed['images_per_task_second']} images/s per task)")
+        click.echo(
+            f"  fetch {fetch['task_seconds']:.1f} task-s ({fetch['rows_per_task_second']} "
+            f"rows/s per task), embed {embed['task_seconds']:.1f} task-s "
+            f"({embed['images_per_task_second']} images/s per task)"
+        )
 
 
 @cli.command()
@@ -187,20 +207,29 @@ def info(name: str, store: str) -> None:
 
     source = open_source(store, name)
     meta = source.meta
-    click.echo(f"name      {meta.name}\npath      {source.path}\nmodel     {meta.model} "
-               f"({meta.dim}-d, weights: {meta.weights})\nrows      {meta.rows}")
+    click.echo(
+        f"name      {meta.name}\npath      {source.path}\nmodel     {meta.model} "
+        f"({meta.dim}-d, weights: {meta.weights})\nrows      {meta.rows}"
+    )
     for status, count in source.status_counts().items():
         click.echo(f"  {status:<20} {count}")
-    click.echo(f"csv       {meta.csv} (url column {meta.url_col!r})\n"
-               f"extracted {meta.created} in {meta.seconds:.1f} s")
+    click.echo(
+        f"csv       {meta.csv} (url column {meta.url_col!r})\n"
+        f"extracted {meta.created} in {meta.seconds:.1f} s"
+    )
 
 
 @cli.command()
 @click.argument("name")
 @store_option
-@click.option("--h5", "h5_path", required=True, type=click.Path(dir_okay=False),
-              help="HDF5 file to write (.h5, dataset 'data'); the fields go beside it in "
-                   "STEM_fields.csv, tab-separated as the original's.")
+@click.option(
+    "--h5",
+    "h5_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="HDF5 file to write (.h5, dataset 'data'); the fields go beside it in "
+    "STEM_fields.csv, tab-separated as the original's.",
+)
 def export(name: str, store: str, h5_path: str) -> None:
     """Export a source in the original's layout: HDF5 features of the ok rows + their fields."""
     from .store import open_source
@@ -221,8 +250,9 @@ def match(name1: str, name2: str, store: str, out: str | None, **kw: Any) -> Non
     from .pairs import match_sources
 
     options = MATCH.pop(kw)
-    _print_match(match_sources(name1, name2, store, out=out, cluster=CLUSTER.pop(kw),
-                               options=options))
+    _print_match(
+        match_sources(name1, name2, store, out=out, cluster=CLUSTER.pop(kw), options=options)
+    )
 
 
 @cli.command()
@@ -236,45 +266,65 @@ def dedupe(name: str, store: str, out: str | None, **kw: Any) -> None:
     from .pairs import match_sources
 
     options = MATCH.pop(kw)
-    _print_match(match_sources(name, name, store, out=out, cluster=CLUSTER.pop(kw),
-                               options=options))
+    _print_match(
+        match_sources(name, name, store, out=out, cluster=CLUSTER.pop(kw), options=options)
+    )
 
 
 @cli.command()
 @click.argument("csv1")
 @click.argument("csv2", required=False)
-@click.option("--names", metavar="NAME1[,NAME2]",
-              help="Names of the sources, one per CSV [default: the CSV file stems].")
+@click.option(
+    "--names",
+    metavar="NAME1[,NAME2]",
+    help="Names of the sources, one per CSV [default: the CSV file stems].",
+)
 @store_option
 @CSV
 @EXTRACT
 @MATCH
 @out_option
 @CLUSTER
-def run(csv1: str, csv2: str | None, names: str | None, store: str, out: str | None,
-        **kw: Any) -> None:
+def run(
+    csv1: str, csv2: str | None, names: str | None, store: str, out: str | None, **kw: Any
+) -> None:
     """Extract CSV1 and CSV2 (reusing complete sources) and match them; one CSV: dedupe it."""
     from .workflow import run as run_job
 
     csv_options, options, match_options = CSV.pop(kw), EXTRACT.pop(kw), MATCH.pop(kw)
     split = _split(names)
-    result = run_job(csv1, csv2, list(split) if split else None, store, out=out,
-                     cluster=CLUSTER.pop(kw), csv_options=csv_options, options=options,
-                     match_options=match_options)
+    result = run_job(
+        csv1,
+        csv2,
+        list(split) if split else None,
+        store,
+        out=out,
+        cluster=CLUSTER.pop(kw),
+        csv_options=csv_options,
+        options=options,
+        match_options=match_options,
+    )
     _print_match(result)
 
 
 @cli.command()
-@click.option("--dir", "workdir", default="imgsim-demo", show_default=True,
-              type=click.Path(file_okay=False), help="Where the demo writes images and results.")
+@click.option(
+    "--dir",
+    "workdir",
+    default="imgsim-demo",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where the demo writes images and results.",
+)
 @click.option("--workers", type=click.IntRange(1), help="Fetch workers of the local cluster.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def demo(workdir: str, workers: int | None, progress: bool) -> None:
     """Offline demo: serve sample photos and edited copies on 127.0.0.1, extract, match."""
     from .demo import run_demo
 
-    result = run_demo(Path(workdir), ClusterOptions(workers=workers), progress,
-                      on_serving=click.echo)
+    result = run_demo(
+        Path(workdir), ClusterOptions(workers=workers), progress, on_serving=click.echo
+    )
     _print_match(result, show=len(result.pairs))
 
 
@@ -313,4 +363,3 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("imgsim: interrupted", err=True)
         sys.exit(130)
-

@@ -41,41 +41,61 @@ Cluster = Client | ClusterOptions | str | None  # where a job runs: see `connect
 
 def client_security(options: ClusterOptions) -> Security | None:
     """Dask `Security` for the client from the TLS files, or None (Dask's config applies)."""
-    files = {"tls_ca_file": options.tls_ca_file, "tls_cert": options.tls_cert,
-             "tls_key": options.tls_key}
+    files = {
+        "tls_ca_file": options.tls_ca_file,
+        "tls_cert": options.tls_cert,
+        "tls_key": options.tls_key,
+    }
     if not any(files.values()):
         return None
     for name in ("tls_ca_file", "tls_cert"):
         if not files[name]:
-            raise OptionError(f"TLS needs {opt('tls_ca_file')} and {opt('tls_cert')} (and "
-                              f"{opt('tls_key')} unless the key is in the certificate file); "
-                              f"{opt(name)} is missing")
+            raise OptionError(
+                f"TLS needs {opt('tls_ca_file')} and {opt('tls_cert')} (and "
+                f"{opt('tls_key')} unless the key is in the certificate file); "
+                f"{opt(name)} is missing"
+            )
     for name, path in files.items():
         if path and not Path(path).is_file():
             raise OptionError(f"{opt(name)} {path}: no such file")
-    return Security(tls_ca_file=options.tls_ca_file, tls_client_cert=options.tls_cert,
-                    tls_client_key=options.tls_key, require_encryption=True)
+    return Security(
+        tls_ca_file=options.tls_ca_file,
+        tls_client_cert=options.tls_cert,
+        tls_client_key=options.tls_key,
+        require_encryption=True,
+    )
 
 
-def local_cluster(fetch_workers: int | None = None,
-                  dashboard_address: str = "127.0.0.1:8787") -> SpecCluster:
+def local_cluster(
+    fetch_workers: int | None = None, dashboard_address: str = "127.0.0.1:8787"
+) -> SpecCluster:
     """A local cluster on 127.0.0.1: one `GPU` model worker plus `fetch_workers` `NET` workers."""
     count = fetch_workers if fetch_workers is not None else max(1, (os.cpu_count() or 2) // 2)
-    common = {"host": "127.0.0.1", "dashboard": False, "silence_logs": logging.ERROR,
-              "preload": [*dask.config.get("distributed.worker.preload", []),
-                          "imgsim_dask.workerinit"]}  # the workers leave Ctrl-C to the driver
-    workers = {"model": {"cls": Nanny, "options": {**common, "nthreads": 1,
-                                                   "resources": {GPU: 1}}}}
+    common = {
+        "host": "127.0.0.1",
+        "dashboard": False,
+        "silence_logs": logging.ERROR,
+        "preload": [*dask.config.get("distributed.worker.preload", []), "imgsim_dask.workerinit"],
+    }  # the workers leave Ctrl-C to the driver
+    workers = {"model": {"cls": Nanny, "options": {**common, "nthreads": 1, "resources": {GPU: 1}}}}
     for i in range(count):
-        workers[f"fetch-{i}"] = {"cls": Nanny, "options": {
-            **common, "nthreads": FETCH_THREADS_PER_WORKER,
-            "resources": {NET: FETCH_THREADS_PER_WORKER}}}
-    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1",
-                                              "dashboard_address": dashboard_address}}
+        workers[f"fetch-{i}"] = {
+            "cls": Nanny,
+            "options": {
+                **common,
+                "nthreads": FETCH_THREADS_PER_WORKER,
+                "resources": {NET: FETCH_THREADS_PER_WORKER},
+            },
+        }
+    scheduler = {
+        "cls": Scheduler,
+        "options": {"host": "127.0.0.1", "dashboard_address": dashboard_address},
+    }
     with warnings.catch_warnings():  # a busy 8787 moves the dashboard; its link is logged
         warnings.filterwarnings("ignore", message="Port .* is already in use")
-        return SpecCluster(workers=workers, scheduler=scheduler, name="imgsim",
-                           silence_logs=logging.ERROR)
+        return SpecCluster(
+            workers=workers, scheduler=scheduler, name="imgsim", silence_logs=logging.ERROR
+        )
 
 
 @contextmanager
@@ -94,30 +114,39 @@ def connect(cluster: Cluster = None) -> Iterator[Client]:
     if isinstance(cluster, Client):
         yield cluster
         return
-    options = ClusterOptions(scheduler=cluster) if isinstance(cluster, str) else \
-        cluster or ClusterOptions()
+    options = (
+        ClusterOptions(scheduler=cluster)
+        if isinstance(cluster, str)
+        else cluster or ClusterOptions()
+    )
     report = _report_path(options.report) if options.report else None
     with ExitStack() as stack:
         address = _remote_address(options)
         if address and options.workers:
-            raise OptionError(f"{opt('workers')} sizes the local cluster, but the run goes to "
-                              f"the scheduler at {address}, whose workers are its own; drop "
-                              f"{opt('workers')}")
+            raise OptionError(
+                f"{opt('workers')} sizes the local cluster, but the run goes to "
+                f"the scheduler at {address}, whose workers are its own; drop "
+                f"{opt('workers')}"
+            )
         if address:
             active = stack.enter_context(_remote_client(address, options))
         else:
             if client_security(options):
-                raise OptionError(f"{opt('tls_ca_file')}/{opt('tls_cert')}/{opt('tls_key')} are "
-                                  f"for a remote scheduler: pass {opt('scheduler')} "
-                                  f"tls://HOST:PORT or {opt('scheduler_file')} too")
+                raise OptionError(
+                    f"{opt('tls_ca_file')}/{opt('tls_cert')}/{opt('tls_key')} are "
+                    f"for a remote scheduler: pass {opt('scheduler')} "
+                    f"tls://HOST:PORT or {opt('scheduler_file')} too"
+                )
             with _hold_sigint():  # Ctrl-C here would leave a half-started cluster behind
                 local = stack.enter_context(local_cluster(options.workers))
             active = stack.enter_context(Client(local))
             try:
                 active.wait_for_workers(len(local.worker_spec), timeout="120s")
             except TimeoutError:
-                raise ImgsimError("the local cluster's workers did not start within 120 s; "
-                                  "see the log above (-v for more)") from None
+                raise ImgsimError(
+                    "the local cluster's workers did not start within 120 s; "
+                    "see the log above (-v for more)"
+                ) from None
         logger.info("dashboard: %s", active.dashboard_link)
         if report:
             stack.enter_context(performance_report(filename=str(report)))
@@ -134,8 +163,10 @@ def _hold_sigint() -> Iterator[None]:
     worker processes went on starting, and its atexit hook failed to close them (an
     `AssertionError: Status.init` traceback after the "interrupted" line).
     """
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
         yield  # not ours to change: a thread, an ignored SIGINT, a caller's own handler
         return
     held: list[int] = []
@@ -169,8 +200,10 @@ def _remote_address(options: ClusterOptions) -> str | None:
         try:
             return json.loads(Path(options.scheduler_file).read_text())["address"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise OptionError(f"{opt('scheduler_file')} {options.scheduler_file}: no scheduler "
-                              f"address in it ({exc})") from None
+            raise OptionError(
+                f"{opt('scheduler_file')} {options.scheduler_file}: no scheduler "
+                f"address in it ({exc})"
+            ) from None
     return dask.config.get("scheduler-address", None)
 
 
@@ -182,11 +215,16 @@ def _remote_client(address: str, options: ClusterOptions) -> Iterator[Client]:
     scheme = address.split("://", 1)[0] if "://" in address else "tcp"
     if security is not None and scheme != "tls":
         raise ImgsimError(f"TLS files given, but the scheduler address {address} is not tls://")
-    if security is None and scheme == "tls" and not dask.config.get(
-            "distributed.comm.tls.client.cert", None):
-        raise OptionError(f"the scheduler at {address} uses TLS: pass {opt('tls_ca_file')}, "
-                          f"{opt('tls_cert')} and {opt('tls_key')} (or set distributed.comm.tls "
-                          "in the Dask config)")
+    if (
+        security is None
+        and scheme == "tls"
+        and not dask.config.get("distributed.comm.tls.client.cert", None)
+    ):
+        raise OptionError(
+            f"the scheduler at {address} uses TLS: pass {opt('tls_ca_file')}, "
+            f"{opt('tls_cert')} and {opt('tls_key')} (or set distributed.comm.tls "
+            "in the Dask config)"
+        )
     timeout = max(CONNECT_TIMEOUT_S, options.wait_workers)
     try:
         remote = Client(address, security=security, timeout=f"{timeout}s")
@@ -235,14 +273,18 @@ def require_workers(client: Client, *, fetch: bool, stage: str) -> list[str]:
     assert client.scheduler is not None
     start = f"start one with: dask worker {client.scheduler.address} --nthreads 1 --resources GPU=1"
     if not workers and fetch:
-        raise ImgsimError(f"the cluster has no workers: none has the GPU resource that the "
-                          f"{stage} tasks need and none can fetch images; {start}, and fetch "
-                          f"workers with --nthreads 8 --resources NET=8")
+        raise ImgsimError(
+            f"the cluster has no workers: none has the GPU resource that the "
+            f"{stage} tasks need and none can fetch images; {start}, and fetch "
+            f"workers with --nthreads 8 --resources NET=8"
+        )
     if not gpu:
         raise ImgsimError(f"no worker has the GPU resource, which the {stage} tasks need; {start}")
     if fetch and not workers_with(client, NET):
-        logger.warning("no worker has the NET resource: fetch tasks run on any worker, the GPU "
-                       "workers included")
+        logger.warning(
+            "no worker has the NET resource: fetch tasks run on any worker, the GPU "
+            "workers included"
+        )
     _check_versions(client)
     return gpu
 
@@ -253,9 +295,13 @@ def _check_versions(client: Client) -> None:
     found = client.run(version, PACKAGE, on_error="return")
     missing = sorted(addr for addr, v in found.items() if isinstance(v, PackageNotFoundError))
     if missing:
-        raise ImgsimError(f"{PACKAGE} is not installed on worker(s) {', '.join(missing)}; "
-                          f"install {PACKAGE}=={mine} there")
+        raise ImgsimError(
+            f"{PACKAGE} is not installed on worker(s) {', '.join(missing)}; "
+            f"install {PACKAGE}=={mine} there"
+        )
     other = sorted(f"{addr} ({v})" for addr, v in found.items() if v != mine)
     if other:
-        raise ImgsimError(f"worker(s) {', '.join(other)} run another {PACKAGE} than this "
-                          f"client's {mine}; install the same version everywhere")
+        raise ImgsimError(
+            f"worker(s) {', '.join(other)} run another {PACKAGE} than this "
+            f"client's {mine}; install the same version everywhere"
+        )

@@ -19,7 +19,6 @@ SNIFF_BYTES = 12  # enough for every signature in `sniff_format`
 NOT_IMAGE = "not a JPEG, PNG, GIF, WebP, BMP, TIFF or AVIF image (by its first bytes)"
 
 
-
 def sniff_format(data: bytes | bytearray) -> str | None:
     """The Pillow format named by the magic bytes at the start of `data`, or None."""
     head = bytes(data[:SNIFF_BYTES])
@@ -40,8 +39,9 @@ def sniff_format(data: bytes | bytearray) -> str | None:
     return None
 
 
-def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS
-                 ) -> tuple[np.ndarray, int, int]:
+def decode_image(
+    data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, int, int]:
     """Decode image bytes to uint8 RGB `size` x `size`; return it with the original width, height.
 
     Only the format its magic bytes name is tried (no other Pillow decoder sees the bytes),
@@ -54,12 +54,14 @@ def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS
         with Image.open(io.BytesIO(data), formats=[image_format]) as image:
             width, height = image.size
             if width * height > max_pixels:
-                raise RowFailure("bomb", f"{width}x{height} pixels exceed the limit of "
-                                 f"{max_pixels}")
+                raise RowFailure(
+                    "bomb", f"{width}x{height} pixels exceed the limit of {max_pixels}"
+                )
             image.draft("RGB", (size, size))  # JPEG: decode at a reduced DCT scale
             ImageOps.exif_transpose(image, in_place=True)
-            resized = _to_rgb(image).resize((size, size), Image.Resampling.BILINEAR,
-                                            reducing_gap=3.0)
+            resized = _to_rgb(image).resize(
+                (size, size), Image.Resampling.BILINEAR, reducing_gap=3.0
+            )
             return np.asarray(resized, dtype=np.uint8), width, height
     except RowFailure:
         raise
@@ -77,5 +79,3 @@ def _to_rgb(image: Image.Image) -> Image.Image:
             pixels = pixels // 257
         image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "L")
     return image if image.mode == "RGB" else image.convert("RGB")
-
-

@@ -23,15 +23,27 @@ from .options import ClusterOptions, ExtractOptions, MatchOptions
 from .pairs import MatchResult
 from .workflow import run
 
-CATALOGUE = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "camera.png",
-             "coins.png", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png",
-             "retina.jpg", "brick.png", "page.png")
+CATALOGUE = (
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "camera.png",
+    "coins.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "motorcycle_left.png",
+    "retina.jpg",
+    "brick.png",
+    "page.png",
+)
 DEMO_MODEL = "efficientnet-lite0"  # its weights install offline
 UNRELATED = ("moon.png", "grass.png", "gravel.png", "clock_motion.png")
 
 
 def _edits() -> dict[str, Callable[[Image.Image], Image.Image]]:
     """Named edits that keep an image 'the same picture' for a person."""
+
     def watermark(image: Image.Image) -> Image.Image:
         image = image.copy()
         draw = ImageDraw.Draw(image)
@@ -62,7 +74,8 @@ def sample_path(filename: str) -> Path:
 
 
 def build_images(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Write the demo images under `root`; return the catalogue and uploads tables (id, title, file)."""
+    """Write the demo images under `root`; return the catalogue and uploads tables (id,
+    title, file)."""
     root.mkdir(parents=True, exist_ok=True)
     catalogue, uploads = [], []
     for filename in CATALOGUE:
@@ -71,13 +84,14 @@ def build_images(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         image.save(root / f"{stem}.jpg", quality=92)
         catalogue.append({"id": f"cat-{stem}", "title": stem, "file": f"{stem}.jpg"})
     edits = list(_edits().items())
-    for i, filename in enumerate(CATALOGUE[:len(edits) + 2]):
+    for i, filename in enumerate(CATALOGUE[: len(edits) + 2]):
         stem = filename.rsplit(".", 1)[0]
         edit, apply = edits[i % len(edits)]
         image = apply(Image.open(sample_path(filename)).convert("RGB"))
         image.save(root / f"{stem}-{edit}.jpg", quality=15 if edit == "recompressed" else 90)
-        uploads.append({"id": f"up-{stem}-{edit}", "title": f"{stem} ({edit})",
-                        "file": f"{stem}-{edit}.jpg"})
+        uploads.append(
+            {"id": f"up-{stem}-{edit}", "title": f"{stem} ({edit})", "file": f"{stem}-{edit}.jpg"}
+        )
     for filename in UNRELATED:
         stem = filename.rsplit(".", 1)[0]
         Image.open(sample_path(filename)).convert("RGB").save(root / f"{stem}.jpg", quality=90)
@@ -92,7 +106,8 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 
 @contextmanager
 def serve_directory(root: Path) -> Iterator[str]:
-    """Serve `root` over HTTP on 127.0.0.1 (a free port) while the block runs; yield the base URL."""
+    """Serve `root` over HTTP on 127.0.0.1 (a free port) while the block runs; yield the
+    base URL."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(root)))
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, name="imgsim-demo-http", daemon=True)
@@ -105,7 +120,8 @@ def serve_directory(root: Path) -> Iterator[str]:
 
 
 def write_csvs(workdir: Path, base_url: str) -> tuple[Path, Path]:
-    """Build the images and write `catalogue.csv` and `uploads.csv` whose URLs point at `base_url`."""
+    """Build the images and write `catalogue.csv` and `uploads.csv` whose URLs point at
+    `base_url`."""
     catalogue, uploads = build_images(workdir / "images")
     paths = []
     for name, table in (("catalogue", catalogue), ("uploads", uploads)):
@@ -116,17 +132,25 @@ def write_csvs(workdir: Path, base_url: str) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-def run_demo(root: Path, cluster: ClusterOptions, progress: bool,
-             on_serving: Callable[[str], object] = print) -> MatchResult:
+def run_demo(
+    root: Path, cluster: ClusterOptions, progress: bool, on_serving: Callable[[str], object] = print
+) -> MatchResult:
     """The whole demo: serve the images, extract both collections, match uploads to the
     catalogue (each upload's best match at the model's threshold), write `matches.csv`."""
     (root / "images").mkdir(parents=True, exist_ok=True)
     with serve_directory(root / "images") as base_url:
         catalogue, uploads = write_csvs(root, base_url)
         on_serving(f"serving {len(list((root / 'images').iterdir()))} demo images at {base_url}")
-        options = ExtractOptions(model=DEMO_MODEL, partition_rows=8, batch_size=8,
-                                 overwrite=True, progress=progress)
-        return run(str(uploads), str(catalogue), ["uploads", "catalogue"], str(root / "store"),
-                   out=root / "matches.csv", cluster=cluster, options=options,
-                   match_options=MatchOptions(top_k=1,
-                                              threshold=get_spec(DEMO_MODEL).threshold))
+        options = ExtractOptions(
+            model=DEMO_MODEL, partition_rows=8, batch_size=8, overwrite=True, progress=progress
+        )
+        return run(
+            str(uploads),
+            str(catalogue),
+            ["uploads", "catalogue"],
+            str(root / "store"),
+            out=root / "matches.csv",
+            cluster=cluster,
+            options=options,
+            match_options=MatchOptions(top_k=1, threshold=get_spec(DEMO_MODEL).threshold),
+        )

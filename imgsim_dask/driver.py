@@ -65,32 +65,47 @@ def extract(
     cluster. Keyword arguments named like `ExtractOptions` or `CsvOptions` fields
     (`model=`, `batch_size=`, `url_col=`, ...) override `options` and `csv_options`.
     """
-    options, csv_options = with_overrides(fields, options or ExtractOptions(),
-                                          csv_options or CsvOptions())
+    options, csv_options = with_overrides(
+        fields, options or ExtractOptions(), csv_options or CsvOptions()
+    )
     check_name(name)
     csv_file = inspect_csv(csv, csv_options)
-    if (Path(store) / name).exists() and not (options.overwrite or options.resume
-                                              or options.retry_failed):
-        raise StoreError(f"source {name!r} already exists in {store}; pass --overwrite to "
-                         "replace it (or --resume to continue an interrupted extraction)")
+    if (Path(store) / name).exists() and not (
+        options.overwrite or options.resume or options.retry_failed
+    ):
+        raise StoreError(
+            f"source {name!r} already exists in {store}; pass --overwrite to "
+            "replace it (or --resume to continue an interrupted extraction)"
+        )
     weights = resolve_weights(options.model, options.weights)
     with connect(cluster) as client:
         return extract_on(client, csv_file, name, store, options, weights)
 
 
-def extract_on(client: Client, csv_file: CsvFile, name: str, store: str,
-               options: ExtractOptions, weights: Weights) -> Source:
+def extract_on(
+    client: Client,
+    csv_file: CsvFile,
+    name: str,
+    store: str,
+    options: ExtractOptions,
+    weights: Weights,
+) -> Source:
     """The extraction on a connected client: plan, submit every partition, seal."""
     started = time.perf_counter()
     gpu_workers = require_workers(client, fetch=True, stage="embed")
-    job = plan_extraction(csv_file, name, store, options, weights,
-                          compute=lambda tasks: compute_all(client, tasks))
+    job = plan_extraction(
+        csv_file, name, store, options, weights, compute=lambda tasks: compute_all(client, tasks)
+    )
     if job.writer.complete:
         logger.info("%s: already complete in %s, nothing to do", name, store)
         return Source(job.writer.path)
     if job.writer.done and len(job.writer.done) < len(job.partitions):
-        logger.info("%s: resuming, %d of %d partitions already written", name,
-                    len(job.writer.done), len(job.partitions))
+        logger.info(
+            "%s: resuming, %d of %d partitions already written",
+            name,
+            len(job.writer.done),
+            len(job.partitions),
+        )
     plugin = ModelPlugin(weights, options.runtime)
     client.register_plugin(plugin)
     fetch_resources = {NET: 1} if workers_with(client, NET) else None
@@ -110,8 +125,11 @@ def extract_on(client: Client, csv_file: CsvFile, name: str, store: str,
         # `assert ts.who_wants` (Scheduler.stimulus_cancel), so the blocks are only released.
         submit.release_blocks()
         if isinstance(exc, KeyboardInterrupt):
-            done = "while retrying failed rows" if job.retry else \
-                f"with {len(job.writer.done)} of {len(job.partitions)} partitions written"
+            done = (
+                "while retrying failed rows"
+                if job.retry
+                else f"with {len(job.writer.done)} of {len(job.partitions)} partitions written"
+            )
             logger.warning("%s: interrupted %s; continue with --resume", name, done)
         raise
     finally:
@@ -142,8 +160,9 @@ class ExtractionJob:
     @property
     def todo(self) -> list[int]:
         """The partitions to submit: those not written yet, then those with rows to retry."""
-        return [k for k in range(len(self.partitions)) if k not in self.writer.done] \
-            + sorted(self.retry)
+        return [k for k in range(len(self.partitions)) if k not in self.writer.done] + sorted(
+            self.retry
+        )
 
     @property
     def failed(self) -> int:
@@ -167,8 +186,14 @@ class ExtractionJob:
             self.stage_seconds[stage] += seconds
 
 
-def plan_extraction(csv_file: CsvFile, name: str, store: str, options: ExtractOptions,
-                    weights: Weights, compute: Callable | None = None) -> ExtractionJob:
+def plan_extraction(
+    csv_file: CsvFile,
+    name: str,
+    store: str,
+    options: ExtractOptions,
+    weights: Weights,
+    compute: Callable | None = None,
+) -> ExtractionJob:
     """Count the CSV's rows (the scan tasks run by `compute`, default `dask.compute`), cut
     the partitions, and open (or resume) the source."""
     spec = get_spec(options.model)
@@ -191,8 +216,19 @@ def plan_extraction(csv_file: CsvFile, name: str, store: str, options: ExtractOp
             writer.reopen()
         done_rows = done_rows[~done_rows["row"].isin(failed)]
     fetch = replace(options.fetch, image_size=spec.image_size, base_dir=csv_file.base_dir)
-    job = ExtractionJob(csv_file, name, options, weights, fetch, plan, blocks, partitions,
-                        writer, retry, len(done_rows))
+    job = ExtractionJob(
+        csv_file,
+        name,
+        options,
+        weights,
+        fetch,
+        plan,
+        blocks,
+        partitions,
+        writer,
+        retry,
+        len(done_rows),
+    )
     _count(job.counts, done_rows)
     job.ok_before = job.counts.get(OK, 0)
     return job
@@ -202,8 +238,14 @@ class _Submitter:
     """Submits a partition's rows -> fetch -> embed tasks; each CSV block is computed once
     and released after the last partition that reads it."""
 
-    def __init__(self, client: Client, job: ExtractionJob, plugin_name: str,
-                 fetch_resources: dict[str, int] | None, on_fetched: Callable[[int], object]):
+    def __init__(
+        self,
+        client: Client,
+        job: ExtractionJob,
+        plugin_name: str,
+        fetch_resources: dict[str, int] | None,
+        on_fetched: Callable[[int], object],
+    ):
         self.client, self.job, self.plugin_name = client, job, plugin_name
         self.fetch_resources = fetch_resources
         self.on_fetched = on_fetched  # called with the rows of each finished fetch task
@@ -222,20 +264,39 @@ class _Submitter:
                 self.block_futures.pop(block)  # the rows task keeps it alive as long as needed
         first_row = k * job.options.partition_rows
         with span("extract", job.name, "rows"):  # spans group the stages on the dashboard
-            rows = client.submit(assemble_partition, first_row, slices, list(job.csv_file.keep),
-                                 job.retry.get(k), key=f"rows-{k:05d}-{self.token}",
-                                 retries=TASK_RETRIES)
+            rows = client.submit(
+                assemble_partition,
+                first_row,
+                slices,
+                list(job.csv_file.keep),
+                job.retry.get(k),
+                key=f"rows-{k:05d}-{self.token}",
+                retries=TASK_RETRIES,
+            )
         with span("extract", job.name, "fetch"):
-            fetched = client.submit(fetch_partition, rows, job.csv_file.url_col, job.fetch,
-                                    key=f"fetch-{k:05d}-{self.token}",
-                                    resources=self.fetch_resources, retries=TASK_RETRIES)
+            fetched = client.submit(
+                fetch_partition,
+                rows,
+                job.csv_file.url_col,
+                job.fetch,
+                key=f"fetch-{k:05d}-{self.token}",
+                resources=self.fetch_resources,
+                retries=TASK_RETRIES,
+            )
         size = job.rows_of(k)
         fetched.add_done_callback(
-            lambda f: self.on_fetched(size) if f.status == "finished" else None)
+            lambda f: self.on_fetched(size) if f.status == "finished" else None
+        )
         with span("extract", job.name, "embed"):
-            return client.submit(embed_partition, fetched, self.plugin_name,
-                                 job.options.batch_size, key=f"embed-{k:05d}-{self.token}",
-                                 resources={GPU: 1}, retries=TASK_RETRIES)
+            return client.submit(
+                embed_partition,
+                fetched,
+                self.plugin_name,
+                job.options.batch_size,
+                key=f"embed-{k:05d}-{self.token}",
+                resources={GPU: 1},
+                retries=TASK_RETRIES,
+            )
 
     def release_blocks(self) -> None:
         for block_future in self.block_futures.values():
@@ -260,9 +321,16 @@ class _Progress:
 
 
 def _bar(enabled: bool, total: int, desc: str, initial: int, position: int) -> tqdm:
-    return tqdm(total=total, initial=initial, unit="row", desc=desc, position=position,
-                disable=None if enabled else True,  # None: off where stderr is no terminal
-                dynamic_ncols=True, smoothing=0.05)
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="row",
+        desc=desc,
+        position=position,
+        disable=None if enabled else True,  # None: off where stderr is no terminal
+        dynamic_ncols=True,
+        smoothing=0.05,
+    )
 
 
 def seal(job: ExtractionJob, seconds: float) -> Source:
@@ -270,13 +338,22 @@ def seal(job: ExtractionJob, seconds: float) -> Source:
     spec = get_spec(job.options.model)
     ok_new = job.counts.get(OK, 0) - job.ok_before
     meta = SourceMeta(
-        name=job.name, model=job.options.model, dim=spec.dim, threshold=spec.threshold,
-        weights=job.weights.description, weights_sha256=job.weights.sha256, csv=job.plan.csv,
-        fields=list(job.csv_file.keep), url_col=job.csv_file.url_col,
-        id_col=job.csv_file.id_col, rows=job.plan.rows,
+        name=job.name,
+        model=job.options.model,
+        dim=spec.dim,
+        threshold=spec.threshold,
+        weights=job.weights.description,
+        weights_sha256=job.weights.sha256,
+        csv=job.plan.csv,
+        fields=list(job.csv_file.keep),
+        url_col=job.csv_file.url_col,
+        id_col=job.csv_file.id_col,
+        rows=job.plan.rows,
         status_counts=dict(sorted(job.counts.items())),
-        partition_rows=job.options.partition_rows, batch_size=job.options.batch_size,
-        runtime=sorted(job.runtimes), seconds=round(seconds, 3),
+        partition_rows=job.options.partition_rows,
+        batch_size=job.options.batch_size,
+        runtime=sorted(job.runtimes),
+        seconds=round(seconds, 3),
         images_per_second=round(ok_new / seconds, 2) if seconds else None,
         stages=_stage_summary(job.stage_seconds, ok_new, job.plan.rows - job.done_rows),
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -285,8 +362,9 @@ def seal(job: ExtractionJob, seconds: float) -> Source:
     return job.writer.finish(meta)
 
 
-def reuse_complete(csv_file: CsvFile, name: str, store: str,
-                   options: ExtractOptions) -> Source | None:
+def reuse_complete(
+    csv_file: CsvFile, name: str, store: str, options: ExtractOptions
+) -> Source | None:
     """The sealed source `store/name` when it was made from this CSV with these options, so
     that nothing needs doing; None when there is none (or `overwrite`); a one-line
     StoreError when it was made otherwise. Its weights count as given unless `options`
@@ -303,35 +381,56 @@ def reuse_complete(csv_file: CsvFile, name: str, store: str,
     return Source(path)
 
 
-def source_plan(csv_file: CsvFile, options: ExtractOptions, weights: Weights | None,
-                n_rows: int, dim: int) -> SourcePlan:
+def source_plan(
+    csv_file: CsvFile, options: ExtractOptions, weights: Weights | None, n_rows: int, dim: int
+) -> SourcePlan:
     """What fixes the extraction's output: a resumed run must agree on all of it."""
     csv, size, mtime = csv_file.path, None, None
     if "://" not in csv_file.path:
         stat = Path(csv_file.path).stat()
         csv, size, mtime = str(Path(csv_file.path).resolve()), stat.st_size, stat.st_mtime_ns
-    fetch = {key: getattr(options.fetch, key) for key in (
-        "schemes", "public_only", "allow_link_local", "root", "max_bytes", "max_pixels")}
+    fetch = {
+        key: getattr(options.fetch, key)
+        for key in ("schemes", "public_only", "allow_link_local", "root", "max_bytes", "max_pixels")
+    }
     return SourcePlan(
-        csv=csv, rows=n_rows, dim=dim, partition_rows=options.partition_rows,
+        csv=csv,
+        rows=n_rows,
+        dim=dim,
+        partition_rows=options.partition_rows,
         model=options.model,  # a file's hash; random or package weights by name
-        weights="" if weights is None else
-        weights.sha256 if weights.data is not None else weights.description,
+        weights=""
+        if weights is None
+        else weights.sha256
+        if weights.data is not None
+        else weights.description,
         fetch={k: list(v) if isinstance(v, tuple) else v for k, v in fetch.items()},
-        fields=list(csv_file.keep), url_col=csv_file.url_col, id_col=csv_file.id_col,
-        delimiter=csv_file.delimiter, header=csv_file.header, csv_bytes=size,
-        csv_mtime_ns=mtime)
+        fields=list(csv_file.keep),
+        url_col=csv_file.url_col,
+        id_col=csv_file.id_col,
+        delimiter=csv_file.delimiter,
+        header=csv_file.header,
+        csv_bytes=size,
+        csv_mtime_ns=mtime,
+    )
 
 
 def _stage_summary(stage_seconds: dict[str, float], images: int, rows: int) -> dict:
     """Task seconds per stage (summed over tasks) and the rate one task slot achieved."""
+
     def rate(count: int, seconds: float) -> float | None:
         return round(count / seconds, 2) if seconds else None
 
-    return {"fetch": {"task_seconds": round(stage_seconds["fetch"], 3),
-                      "rows_per_task_second": rate(rows, stage_seconds["fetch"])},
-            "embed": {"task_seconds": round(stage_seconds["embed"], 3),
-                      "images_per_task_second": rate(images, stage_seconds["embed"])}}
+    return {
+        "fetch": {
+            "task_seconds": round(stage_seconds["fetch"], 3),
+            "rows_per_task_second": rate(rows, stage_seconds["fetch"]),
+        },
+        "embed": {
+            "task_seconds": round(stage_seconds["embed"], 3),
+            "images_per_task_second": rate(images, stage_seconds["embed"]),
+        },
+    }
 
 
 def _count(counts: dict[str, int], rows: pd.DataFrame) -> None:
@@ -350,8 +449,18 @@ def _fetch_slots(client: Client, fetch_resources: dict | None) -> int:
 
 def _versions() -> dict[str, str]:
     found = {}
-    for package in (PACKAGE, "dask", "distributed", "keras", "tensorflow", "tensorflow-cpu",
-                    "zarr", "numpy", "pandas", "pillow"):
+    for package in (
+        PACKAGE,
+        "dask",
+        "distributed",
+        "keras",
+        "tensorflow",
+        "tensorflow-cpu",
+        "zarr",
+        "numpy",
+        "pandas",
+        "pillow",
+    ):
         try:
             found[package] = version(package)
         except PackageNotFoundError:

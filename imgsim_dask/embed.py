@@ -71,11 +71,11 @@ def embed_pixels(predictor, pixels: np.ndarray, batch_size: int) -> np.ndarray:
     out = np.empty((len(pixels), predictor.dim), np.float32)
     buffer = np.zeros((batch_size, *pixels.shape[1:]), predictor.input_dtype)
     for start in range(0, len(pixels), batch_size):
-        chunk = pixels[start:start + batch_size]
-        batch = buffer[:batch_rows(len(chunk), batch_size)]
+        chunk = pixels[start : start + batch_size]
+        batch = buffer[: batch_rows(len(chunk), batch_size)]
         batch[: len(chunk)] = chunk
-        batch[len(chunk):] = 0
-        out[start:start + len(chunk)] = predictor(batch)[: len(chunk)]
+        batch[len(chunk) :] = 0
+        out[start : start + len(chunk)] = predictor(batch)[: len(chunk)]
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     np.divide(out, norms, out=out, where=norms > 0)
     return out
@@ -92,8 +92,9 @@ class EmbeddedPartition:
     runtime: str
 
 
-def embed_partition(fetched: FetchedPartition, plugin_name: str, batch_size: int
-                    ) -> EmbeddedPartition:
+def embed_partition(
+    fetched: FetchedPartition, plugin_name: str, batch_size: int
+) -> EmbeddedPartition:
     """Run the model over a fetched partition's `ok` images."""
     started = time.perf_counter()
     plugin = get_worker().plugins[plugin_name]
@@ -103,6 +104,9 @@ def embed_partition(fetched: FetchedPartition, plugin_name: str, batch_size: int
     ok = (fetched.rows["status"] == OK).to_numpy()
     if ok.any():
         features[ok] = embed_pixels(predictor, fetched.pixels, batch_size)
-    return EmbeddedPartition(features, fetched.rows, {"fetch": fetched.seconds,
-                                                      "embed": time.perf_counter() - started},
-                             predictor.name)
+    return EmbeddedPartition(
+        features,
+        fetched.rows,
+        {"fetch": fetched.seconds, "embed": time.perf_counter() - started},
+        predictor.name,
+    )

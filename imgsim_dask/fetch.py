@@ -1,10 +1,11 @@
 """Fetch: turn one partition of rows into uint8 model inputs plus a status per row.
 
-Runs on CPU workers; the bytes are decoded by `decode`. Downloads overlap in a per-process thread pool; each thread keeps its
-own urllib3 pools (HTTP keep-alive) whose connections obey an address policy (see
-`safehttp`). Every fetch is bounded: connect and read timeouts, a total deadline, a byte
-cap, a redirect cap, bounded retries. Content is identified by its magic bytes, never by
-Content-Type. Every row gets a status (`ok` or a failure code) and never stops the run.
+Runs on CPU workers; the bytes are decoded by `decode`. Downloads overlap in a
+per-process thread pool; each thread keeps its own urllib3 pools (HTTP keep-alive) whose
+connections obey an address policy (see `safehttp`). Every fetch is bounded: connect and
+read timeouts, a total deadline, a byte cap, a redirect cap, bounded retries. Content is
+identified by its magic bytes, never by Content-Type. Every row gets a status (`ok` or a
+failure code) and never stops the run.
 """
 
 from __future__ import annotations
@@ -115,8 +116,9 @@ def _require_scheme(scheme: str, options: FetchOptions) -> None:
     if scheme not in options.schemes:
         what = "local files are" if scheme == "file" else f"{scheme} URLs are"
         why = " with public_only" if scheme == "file" and options.public_only else ""
-        raise RowFailure("blocked", f"{what} not fetched{why} (allowed: "
-                         f"{', '.join(options.schemes) or 'none'})")
+        raise RowFailure(
+            "blocked", f"{what} not fetched{why} (allowed: {', '.join(options.schemes) or 'none'})"
+        )
 
 
 def _read_http(url: str, options: FetchOptions) -> tuple[bytes, int]:
@@ -133,8 +135,9 @@ def _read_http(url: str, options: FetchOptions) -> tuple[bytes, int]:
                 _discard(response)
 
 
-def _final_response(manager: GuardedPoolManager, url: str, options: FetchOptions,
-                    deadline: Deadline) -> BaseHTTPResponse:
+def _final_response(
+    manager: GuardedPoolManager, url: str, options: FetchOptions, deadline: Deadline
+) -> BaseHTTPResponse:
     """The successful response for `url` after redirects (every hop checked) and retries."""
     redirect: tuple[str, int] | None = None  # the Location and status of the last redirect
     for _ in range(options.max_redirects + 1):
@@ -159,24 +162,33 @@ def _final_response(manager: GuardedPoolManager, url: str, options: FetchOptions
             raise _bad_location(*redirect, exc) from None
         if scheme not in ("http", "https") or scheme not in options.schemes:
             raise RowFailure("blocked", f"redirect to {url[:200]!r} refused", response.status)
-    raise RowFailure("http_redirects", f"more than {options.max_redirects} redirects",
-                     response.status)
+    raise RowFailure(
+        "http_redirects", f"more than {options.max_redirects} redirects", response.status
+    )
 
 
 def _bad_location(location: str, status: int, exc: Exception) -> RowFailure:
     """The `bad_url` failure for a redirect whose Location is malformed."""
-    return RowFailure("bad_url", f"malformed redirect Location {location[:200]!r}: {exc}"[:300],
-                      status)
+    return RowFailure(
+        "bad_url", f"malformed redirect Location {location[:200]!r}: {exc}"[:300], status
+    )
 
 
-def _get_with_retries(manager: GuardedPoolManager, url: str, options: FetchOptions,
-                      deadline: Deadline) -> BaseHTTPResponse:
+def _get_with_retries(
+    manager: GuardedPoolManager, url: str, options: FetchOptions, deadline: Deadline
+) -> BaseHTTPResponse:
     """One GET (redirects not followed), retried with backoff on 429/5xx and connection resets."""
     attempt = 0
     while True:
         try:
-            response = manager.urlopen("GET", url, redirect=False, retries=False,
-                                       preload_content=False, timeout=_timeout(options, deadline))
+            response = manager.urlopen(
+                "GET",
+                url,
+                redirect=False,
+                retries=False,
+                preload_content=False,
+                timeout=_timeout(options, deadline),
+            )
         except ProtocolError as exc:  # reset or closed before any response
             delay = _backoff(attempt, options)
             if not _is_reset(exc) or attempt >= options.retries or delay >= deadline.remaining():
@@ -202,8 +214,9 @@ def _timeout(options: FetchOptions, deadline: Deadline) -> Timeout:
     remaining = deadline.remaining()
     if remaining <= 0:
         raise RowFailure("timeout", f"deadline of {options.deadline:g} s passed")
-    return Timeout(connect=min(options.connect_timeout, remaining),
-                   read=min(options.read_timeout, remaining))
+    return Timeout(
+        connect=min(options.connect_timeout, remaining), read=min(options.read_timeout, remaining)
+    )
 
 
 def _backoff(attempt: int, options: FetchOptions) -> float:
@@ -211,8 +224,9 @@ def _backoff(attempt: int, options: FetchOptions) -> float:
     return options.backoff * 2**attempt * _jitter.uniform(0.5, 1.0)
 
 
-def _retry_delay(response: BaseHTTPResponse, attempt: int, options: FetchOptions,
-                 deadline: Deadline) -> tuple[float, str]:
+def _retry_delay(
+    response: BaseHTTPResponse, attempt: int, options: FetchOptions, deadline: Deadline
+) -> tuple[float, str]:
     """Seconds to wait before retrying `response`, and why not to retry at all ('' to retry)."""
     delay = _backoff(attempt, options)
     header = response.headers.get("Retry-After")
@@ -223,8 +237,10 @@ def _retry_delay(response: BaseHTTPResponse, attempt: int, options: FetchOptions
             pass  # unparseable, or a date past year 9999: keep the backoff
         else:
             if delay > options.max_retry_after:
-                return delay, (f" (Retry-After {header.strip()[:40]} is beyond the "
-                               f"{options.max_retry_after:g} s cap)")
+                return delay, (
+                    f" (Retry-After {header.strip()[:40]} is beyond the "
+                    f"{options.max_retry_after:g} s cap)"
+                )
     if delay >= deadline.remaining():
         return delay, f" (no time left to retry within the {options.deadline:g} s deadline)"
     return delay, ""
@@ -234,15 +250,19 @@ def _read_body(response: BaseHTTPResponse, options: FetchOptions, deadline: Dead
     """The body, streamed: refused past `max_bytes` (never read further) or if not an image."""
     declared = response.headers.get("Content-Length", "")
     if declared.isdecimal() and int(declared) > options.max_bytes:  # isdigit() takes '²'
-        raise RowFailure("too_large", f"Content-Length {declared} exceeds {options.max_bytes} "
-                         "bytes", response.status)
+        raise RowFailure(
+            "too_large",
+            f"Content-Length {declared} exceeds {options.max_bytes} bytes",
+            response.status,
+        )
     body = bytearray()
     sniffed = False
     while chunk := response.read1(min(_CHUNK_BYTES, options.max_bytes + 1 - len(body))):
         body += chunk
         if len(body) > options.max_bytes:
-            raise RowFailure("too_large", f"body exceeds {options.max_bytes} bytes",
-                             response.status)
+            raise RowFailure(
+                "too_large", f"body exceeds {options.max_bytes} bytes", response.status
+            )
         if not sniffed and len(body) >= SNIFF_BYTES:
             sniffed = True
             if sniff_format(body) is None:
@@ -264,8 +284,7 @@ def _http_failure(response: BaseHTTPResponse, detail: str = "") -> RowFailure:
     return RowFailure(status, f"HTTP {code} {response.reason or ''}".strip() + detail, code)
 
 
-def _failure(exc: Exception, deadline: Deadline,
-             response: BaseHTTPResponse | None) -> RowFailure:
+def _failure(exc: Exception, deadline: Deadline, response: BaseHTTPResponse | None) -> RowFailure:
     """The row status for an exception raised while connecting or reading."""
     code = response.status if response is not None else None
     # urllib3 puts the readable message last (or first), after the pool or connection
@@ -291,8 +310,12 @@ def _failure(exc: Exception, deadline: Deadline,
 
 
 # Opening a FIFO for reading waits for a writer, and a terminal could become ours: neither.
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) \
+_OPEN_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NONBLOCK", 0)
+    | getattr(os, "O_NOCTTY", 0)
     | getattr(os, "O_BINARY", 0)
+)
 
 
 def _read_file(path: str, options: FetchOptions) -> bytes:
@@ -323,25 +346,36 @@ def _read_file(path: str, options: FetchOptions) -> bytes:
         raise RowFailure("bad_url", f"malformed path {path[:200]!r}: {exc}"[:300]) from None
 
 
-_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
-               (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
-               (stat.S_ISSOCK, "a socket"))
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 def _check_regular(info: os.stat_result, path: str, options: FetchOptions) -> None:
     """`not_a_file` unless `info` is a regular file; `too_large` when it is over the cap."""
     if not stat.S_ISREG(info.st_mode):
-        kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)),
-                    "a special file")
+        kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "a special file")
         raise RowFailure("not_a_file", f"{path} is {kind}, not a regular file")
     if info.st_size > options.max_bytes:
         raise RowFailure("too_large", f"file is {info.st_size} bytes, over {options.max_bytes}")
 
 
-def _fetch_one(url: str, options: FetchOptions,
-               ingest_error: str = "") -> tuple[np.ndarray | None, dict]:
-    record: dict = {"status": OK, "error": "", "http_status": None, "bytes": None,
-                    "sha256": "", "width": None, "height": None}
+def _fetch_one(
+    url: str, options: FetchOptions, ingest_error: str = ""
+) -> tuple[np.ndarray | None, dict]:
+    record: dict = {
+        "status": OK,
+        "error": "",
+        "http_status": None,
+        "bytes": None,
+        "sha256": "",
+        "width": None,
+        "height": None,
+    }
     try:
         if ingest_error:  # a ragged CSV row: its fields cannot be trusted, so no fetch
             raise RowFailure("bad_row", ingest_error)
@@ -354,7 +388,8 @@ def _fetch_one(url: str, options: FetchOptions,
         record["bytes"] = len(data)
         record["sha256"] = hashlib.sha256(data).hexdigest()
         pixels, record["width"], record["height"] = decode_image(
-            data, options.image_size, options.max_pixels)
+            data, options.image_size, options.max_pixels
+        )
         return pixels, record
     except RowFailure as failure:
         record["status"] = failure.status

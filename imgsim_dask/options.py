@@ -30,18 +30,33 @@ DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb limit (MAX_IMAGE_
 TASK_RETRIES = 2  # a task lost with its worker is recomputed elsewhere, this many times
 
 
-def option(default: Any = None, help: str = "", *, flag: str | None = None, cli: bool = True,
-           minimum: float | None = None, choices: tuple[str, ...] | None = None,
-           list_of: bool = False, metavar: str | None = None,
-           default_factory: Any = None) -> Any:
+def option(
+    default: Any = None,
+    help: str = "",
+    *,
+    flag: str | None = None,
+    cli: bool = True,
+    minimum: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    list_of: bool = False,
+    metavar: str | None = None,
+    default_factory: Any = None,
+) -> Any:
     """A dataclass field with what the checks and the CLI need to know about it.
 
     `flag`: the CLI flag when not `--field-name`; `cli=False`: API only; `minimum`: the
     smallest value allowed; `choices`: the values allowed; `list_of`: a tuple the CLI takes
     comma-separated.
     """
-    metadata = {"help": help, "flag": flag, "cli": cli, "minimum": minimum,
-                "choices": choices, "list_of": list_of, "metavar": metavar}
+    metadata = {
+        "help": help,
+        "flag": flag,
+        "cli": cli,
+        "minimum": minimum,
+        "choices": choices,
+        "list_of": list_of,
+        "metavar": metavar,
+    }
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -80,20 +95,26 @@ def _check_fields(options: Any) -> None:
         if value is None or not meta:
             continue
         if meta.get("choices") is not None and value not in meta["choices"]:
-            raise OptionError(f"unknown {opt(spec.name)} {value!r}; choose one of: "
-                              f"{', '.join(meta['choices'])}")
+            raise OptionError(
+                f"unknown {opt(spec.name)} {value!r}; choose one of: {', '.join(meta['choices'])}"
+            )
         minimum = meta.get("minimum")
         if minimum is None:
             continue
         integer = str(spec.type).startswith("int")
         if integer and not _is_int(value):
-            raise OptionError(f"{opt(spec.name)} must be an integer of at least {minimum:g}, "
-                              f"got {value!r}")
-        if not isinstance(value, (int, float, np.number)) or isinstance(value, bool) \
-                or not value >= minimum:
+            raise OptionError(
+                f"{opt(spec.name)} must be an integer of at least {minimum:g}, got {value!r}"
+            )
+        if (
+            not isinstance(value, (int, float, np.number))
+            or isinstance(value, bool)
+            or not value >= minimum
+        ):
             kind = "an integer" if integer else "a number"
-            raise OptionError(f"{opt(spec.name)} must be {kind} of at least {minimum:g}, "
-                              f"got {value!r}")
+            raise OptionError(
+                f"{opt(spec.name)} must be {kind} of at least {minimum:g}, got {value!r}"
+            )
 
 
 def _is_int(value: Any) -> bool:
@@ -111,19 +132,18 @@ class CsvOptions:
     delimiter: str = option(",", "CSV field delimiter ('\\t': a tab).")
     header: bool = option(True, "The CSV has no header row.", flag="--no-header")
     cols: tuple[str, ...] | None = option(
-        None, "Columns to keep, comma-separated (with --no-header: names for all).",
-        list_of=True)
+        None, "Columns to keep, comma-separated (with --no-header: names for all).", list_of=True
+    )
     url_col: str | None = option(
-        None, "Column holding the image URL or path [default: last kept column].")
-    id_col: str | None = option(
-        None, "Column identifying a row [default: first kept column].")
+        None, "Column holding the image URL or path [default: last kept column]."
+    )
+    id_col: str | None = option(None, "Column identifying a row [default: first kept column].")
 
     def __post_init__(self) -> None:
         if self.delimiter == "\\t":
             _freeze(self, "delimiter", "\t")
         if len(self.delimiter) != 1:
-            raise OptionError(f"{opt('delimiter')} must be one character, got "
-                              f"{self.delimiter!r}")
+            raise OptionError(f"{opt('delimiter')} must be one character, got {self.delimiter!r}")
         if self.cols is not None:
             _freeze(self, "cols", tuple(self.cols) or None)
 
@@ -132,36 +152,48 @@ class CsvOptions:
 class FetchOptions:
     """How images are fetched and decoded (times in seconds)."""
 
-    threads: int = option(64, "Concurrent downloads per fetch worker process.",
-                          flag="--fetch-threads", minimum=1)
-    connect_timeout: float = option(5.0, "Connect timeout per request.", cli=False,
-                                    minimum=0.001)
-    read_timeout: float = option(20.0, "Read timeout per request, seconds.", flag="--timeout",
-                                 minimum=0.1)
-    deadline: float = option(60.0, "Total time per image (connects, retries, redirects, "
-                                   "body), seconds.", minimum=0.1)
-    retries: int = option(2, "Retries for 429, 500/502/503/504 and connection resets.",
-                          cli=False, minimum=0)
-    backoff: float = option(0.5, "First retry delay, doubled for each further retry.",
-                            cli=False, minimum=0)
-    max_retry_after: float = option(10.0, "A longer Retry-After is not waited for: the row "
-                                          "fails.", cli=False, minimum=0)
+    threads: int = option(
+        64, "Concurrent downloads per fetch worker process.", flag="--fetch-threads", minimum=1
+    )
+    connect_timeout: float = option(5.0, "Connect timeout per request.", cli=False, minimum=0.001)
+    read_timeout: float = option(
+        20.0, "Read timeout per request, seconds.", flag="--timeout", minimum=0.1
+    )
+    deadline: float = option(
+        60.0, "Total time per image (connects, retries, redirects, body), seconds.", minimum=0.1
+    )
+    retries: int = option(
+        2, "Retries for 429, 500/502/503/504 and connection resets.", cli=False, minimum=0
+    )
+    backoff: float = option(
+        0.5, "First retry delay, doubled for each further retry.", cli=False, minimum=0
+    )
+    max_retry_after: float = option(
+        10.0, "A longer Retry-After is not waited for: the row fails.", cli=False, minimum=0
+    )
     max_redirects: int = option(5, "Redirects followed per image.", cli=False, minimum=0)
     max_bytes: int = option(32 * 2**20, "Largest image body read.", cli=False, minimum=1)
-    max_pixels: int = option(DEFAULT_MAX_PIXELS, "Larger images are refused as `bomb`.",
-                             cli=False, minimum=1)
+    max_pixels: int = option(
+        DEFAULT_MAX_PIXELS, "Larger images are refused as `bomb`.", cli=False, minimum=1
+    )
     schemes: tuple[str, ...] = option(
-        SCHEMES, "URL schemes to fetch (local paths count as file); others are blocked.",
-        list_of=True)
+        SCHEMES,
+        "URL schemes to fetch (local paths count as file); others are blocked.",
+        list_of=True,
+    )
     public_only: bool = option(
-        False, "Also refuse loopback and private addresses (for URLs from the open web).")
+        False, "Also refuse loopback and private addresses (for URLs from the open web)."
+    )
     allow_link_local: bool = option(
-        False, "Allow link-local and cloud metadata addresses (refused by default).")
-    root: str = option("", "When set, local paths must resolve to a file under this "
-                           "directory.", cli=False)
+        False, "Allow link-local and cloud metadata addresses (refused by default)."
+    )
+    root: str = option(
+        "", "When set, local paths must resolve to a file under this directory.", cli=False
+    )
     # set by the extraction from the model and the CSV
-    image_size: int = option(get_spec(DEFAULT_MODEL).image_size, "Model input size.",
-                             cli=False, minimum=1)
+    image_size: int = option(
+        get_spec(DEFAULT_MODEL).image_size, "Model input size.", cli=False, minimum=1
+    )
     base_dir: str = option("", "Relative local paths are resolved against this.", cli=False)
 
     def __post_init__(self) -> None:
@@ -171,14 +203,17 @@ class FetchOptions:
             raise OptionError(f"{opt('schemes')}: name at least one scheme (http, https, file)")
         unknown = set(schemes) - set(SCHEMES)
         if unknown:
-            raise OptionError(f"{opt('schemes')}: unsupported scheme(s) {sorted(unknown)}; "
-                              f"choose from {SCHEMES}")
+            raise OptionError(
+                f"{opt('schemes')}: unsupported scheme(s) {sorted(unknown)}; choose from {SCHEMES}"
+            )
         if self.public_only:  # like allow_link_local, an allowance never lifts public_only
             schemes = tuple(scheme for scheme in schemes if scheme != "file")
             if not schemes:
-                raise OptionError(f"{opt('public_only')} refuses local files, so "
-                                  f"{opt('schemes')} file leaves nothing to fetch; allow "
-                                  f"http/https, or drop {opt('public_only')}")
+                raise OptionError(
+                    f"{opt('public_only')} refuses local files, so "
+                    f"{opt('schemes')} file leaves nothing to fetch; allow "
+                    f"http/https, or drop {opt('public_only')}"
+                )
         _freeze(self, "schemes", schemes)
 
 
@@ -186,32 +221,41 @@ class FetchOptions:
 class ExtractOptions:
     """Everything that shapes an extraction besides its input and output."""
 
-    model: str = option(DEFAULT_MODEL, "Model that turns images into features.",
-                        choices=tuple(MODELS))
+    model: str = option(
+        DEFAULT_MODEL, "Model that turns images into features.", choices=tuple(MODELS)
+    )
     weights: str | None = option(None, "Weights file, or 'random' (tests/benchmarks only).")
     batch_size: int = option(64, "Images per model call.", minimum=1)
     runtime: str = option(
-        "auto", "What runs the model: auto is keras where TensorFlow sees a GPU, else "
-                "openvino (about 2x keras on CPU, same float32 features).", choices=RUNTIMES)
+        "auto",
+        "What runs the model: auto is keras where TensorFlow sees a GPU, else "
+        "openvino (about 2x keras on CPU, same float32 features).",
+        choices=RUNTIMES,
+    )
     partition_rows: int = option(256, "Rows per partition (and per Zarr chunk).", minimum=1)
     fetch: FetchOptions = option(default_factory=FetchOptions)
     overwrite: bool = option(False, "Replace an existing source of this name.")
-    resume: bool = option(False, "Continue an interrupted extraction of this name: written "
-                                 "partitions are kept.")
+    resume: bool = option(
+        False, "Continue an interrupted extraction of this name: written partitions are kept."
+    )
     retry_failed: bool = option(
-        False, "Fetch again the rows of a source whose failure was transient (timeout, 5xx, "
-               "429, connection errors), and only those; the other rows stay as they are, and "
-               "an interrupted source is finished too.")
-    progress: bool = option(True, "Show progress bars (in a terminal only).",
-                            flag="--progress/--no-progress")
+        False,
+        "Fetch again the rows of a source whose failure was transient (timeout, 5xx, "
+        "429, connection errors), and only those; the other rows stay as they are, and "
+        "an interrupted source is finished too.",
+    )
+    progress: bool = option(
+        True, "Show progress bars (in a terminal only).", flag="--progress/--no-progress"
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.fetch, dict):
             _freeze(self, "fetch", FetchOptions(**self.fetch))
         _check_fields(self)
         if self.overwrite and (self.resume or self.retry_failed):
-            raise OptionError(f"{opt('overwrite')} excludes {opt('resume')} and "
-                              f"{opt('retry_failed')}")
+            raise OptionError(
+                f"{opt('overwrite')} excludes {opt('resume')} and {opt('retry_failed')}"
+            )
 
 
 @dataclass(frozen=True)
@@ -228,23 +272,31 @@ class MatchOptions:
     """
 
     threshold: float | None = option(
-        None, "Keep pairs with similarity >= THRESH [default: the model's, 0.845 for "
-              "mobilenet; none with --top-k between two sources].", flag="--thresh")
+        None,
+        "Keep pairs with similarity >= THRESH [default: the model's, 0.845 for "
+        "mobilenet; none with --top-k between two sources].",
+        flag="--thresh",
+    )
     top_k: int | None = option(None, "Keep the K best matches per row.", minimum=1)
     block_rows: int = option(2048, "Rows of A per score task.", cli=False, minimum=1)
     slice_rows: int = option(4096, "Rows of B per slice.", cli=False, minimum=1)
     max_pairs: int | None = option(
-        None, "Stop early if the estimated pair count exceeds this.", minimum=0)
+        None, "Stop early if the estimated pair count exceeds this.", minimum=0
+    )
     threads: int | None = option(None, "Threads per score task.", cli=False, minimum=1)
     scorer: str = option(
-        "auto", "What scores on the GPU workers: auto is keras (Keras ops on the GPU) where "
-                "the worker sees a GPU, else numpy.", choices=SCORERS)
+        "auto",
+        "What scores on the GPU workers: auto is keras (Keras ops on the GPU) where "
+        "the worker sees a GPU, else numpy.",
+        choices=SCORERS,
+    )
 
     def __post_init__(self) -> None:
         _check_fields(self)
         if self.threshold is not None and not (-1.0 <= float(self.threshold) <= 1.0):
-            raise OptionError(f"{opt('threshold')} {self.threshold} is outside [-1, 1] "
-                              "(cosine similarity)")
+            raise OptionError(
+                f"{opt('threshold')} {self.threshold} is outside [-1, 1] (cosine similarity)"
+            )
 
 
 @dataclass(frozen=True)
@@ -257,29 +309,40 @@ class ClusterOptions:
     """
 
     scheduler: str | None = option(
-        None, "Dask scheduler address [default: $DASK_SCHEDULER_ADDRESS, else a local "
-              "cluster].")
+        None, "Dask scheduler address [default: $DASK_SCHEDULER_ADDRESS, else a local cluster]."
+    )
     scheduler_file: str | None = option(
-        None, "Scheduler file written by `dask scheduler --scheduler-file`.")
+        None, "Scheduler file written by `dask scheduler --scheduler-file`."
+    )
     workers: int | None = option(None, "Fetch workers of the local cluster.", minimum=1)
-    tls_ca_file: str | None = option(None, "CA certificate (PEM) of a tls:// cluster.",
-                                     metavar="PATH")
-    tls_cert: str | None = option(None, "Client certificate (PEM) signed by that CA.",
-                                  metavar="PATH")
-    tls_key: str | None = option(None, "Client private key (PEM) [default: inside --tls-cert].",
-                                 metavar="PATH")
-    wait_workers: float = option(0.0, "Wait this long for a GPU worker to join a remote "
-                                      "cluster.", minimum=0, metavar="SECONDS")
+    tls_ca_file: str | None = option(
+        None, "CA certificate (PEM) of a tls:// cluster.", metavar="PATH"
+    )
+    tls_cert: str | None = option(
+        None, "Client certificate (PEM) signed by that CA.", metavar="PATH"
+    )
+    tls_key: str | None = option(
+        None, "Client private key (PEM) [default: inside --tls-cert].", metavar="PATH"
+    )
+    wait_workers: float = option(
+        0.0,
+        "Wait this long for a GPU worker to join a remote cluster.",
+        minimum=0,
+        metavar="SECONDS",
+    )
     report: str | None = option(None, "Write Dask's performance report (HTML) to this file.")
 
     def __post_init__(self) -> None:
         _check_fields(self)
         if self.scheduler and self.scheduler_file:
-            raise OptionError(f"{opt('scheduler')} and {opt('scheduler_file')} both name a "
-                              "scheduler; pass one")
+            raise OptionError(
+                f"{opt('scheduler')} and {opt('scheduler_file')} both name a scheduler; pass one"
+            )
         if self.workers and (self.scheduler or self.scheduler_file):
-            raise OptionError(f"{opt('workers')} sizes the local cluster; a remote "
-                              f"scheduler's cluster has its own workers: drop {opt('workers')}")
+            raise OptionError(
+                f"{opt('workers')} sizes the local cluster; a remote "
+                f"scheduler's cluster has its own workers: drop {opt('workers')}"
+            )
 
 
 OPTION_CLASSES = (CsvOptions, FetchOptions, ExtractOptions, MatchOptions, ClusterOptions)
@@ -292,6 +355,8 @@ def with_overrides(fields: dict[str, Any], *options: Any) -> tuple[Any, ...]:
     if unknown:
         raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
     return tuple(
-        dataclasses.replace(o, **{f.name: fields[f.name] for f in dataclasses.fields(o)
-                                  if f.name in fields})
-        for o in options)
+        dataclasses.replace(
+            o, **{f.name: fields[f.name] for f in dataclasses.fields(o) if f.name in fields}
+        )
+        for o in options
+    )

@@ -54,8 +54,9 @@ def check_output_path(out: str | os.PathLike, inputs: tuple[str, ...] = ()) -> P
     `inputs` (the sources' CSVs), else a one-line error."""
     path = Path(out)
     if path.suffix not in (".csv", ".parquet") and not path.is_dir():
-        raise OptionError(f"{opt('out')} {out}: use a .csv or .parquet file, or an existing "
-                          "directory")
+        raise OptionError(
+            f"{opt('out')} {out}: use a .csv or .parquet file, or an existing directory"
+        )
     parent = path if path.is_dir() else path.parent
     if not parent.is_dir():
         what = "is not a directory" if parent.exists() else "does not exist"
@@ -64,12 +65,15 @@ def check_output_path(out: str | os.PathLike, inputs: tuple[str, ...] = ()) -> P
         with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError as exc:
-        raise OptionError(f"{opt('out')} {out}: cannot write in {parent}: "
-                          f"{exc.strerror or exc}") from None
-    if path.is_file() and any(path.resolve() == Path(csv).resolve() for csv in inputs
-                              if csv and "://" not in csv):
-        raise OptionError(f"{opt('out')} {out} is the CSV a source was extracted from; pick "
-                          "another file")
+        raise OptionError(
+            f"{opt('out')} {out}: cannot write in {parent}: {exc.strerror or exc}"
+        ) from None
+    if path.is_file() and any(
+        path.resolve() == Path(csv).resolve() for csv in inputs if csv and "://" not in csv
+    ):
+        raise OptionError(
+            f"{opt('out')} {out} is the CSV a source was extracted from; pick another file"
+        )
     return path
 
 
@@ -98,22 +102,28 @@ def match_sources(
     if options.threshold is None and (options.top_k is None or self_match):
         # a pair within one source claims a near-duplicate
         options = replace(options, threshold=first.meta.threshold)
-    path = check_output_path(out, (first.meta.csv, second.meta.csv)) if out is not None \
-        else None
+    path = check_output_path(out, (first.meta.csv, second.meta.csv)) if out is not None else None
     prefixes = _prefixes(first, second, self_match)
 
     started = time.perf_counter()
     with connect(cluster) as active:
-        found = match_features(first.features, second.features, options, client=active,
-                               self_match=self_match)
+        found = match_features(
+            first.features, second.features, options, client=active, self_match=self_match
+        )
     table = _with_fields(found, first, second, prefixes)
     if self_match:  # a row of the one source matched whichever side of a pair it is on
         matched = pd.unique(found[["row_a", "row_b"]].to_numpy().ravel())
         counts = (len(matched), len(matched))
     else:
         counts = (found["row_a"].nunique(), found["row_b"].nunique())
-    result = MatchResult(table, first.name, second.name, int(counts[0]), int(counts[1]),
-                         time.perf_counter() - started)
+    result = MatchResult(
+        table,
+        first.name,
+        second.name,
+        int(counts[0]),
+        int(counts[1]),
+        time.perf_counter() - started,
+    )
     if path is not None:
         result.path = write_table(table, path, f"{first.name}-{second.name}")
     return result
@@ -122,52 +132,75 @@ def match_sources(
 def _check_compatible(first: Source, second: Source) -> None:
     a, b = first.meta, second.meta
     if (a.model, a.dim) != (b.model, b.dim):
-        raise InputError(f"cannot match {first.name} ({a.model}, {a.dim}-d) with "
-                         f"{second.name} ({b.model}, {b.dim}-d): extract both with one model")
+        raise InputError(
+            f"cannot match {first.name} ({a.model}, {a.dim}-d) with "
+            f"{second.name} ({b.model}, {b.dim}-d): extract both with one model"
+        )
     # where a side has no hash (random weights, or package weights stored before they had
     # one), the descriptions decide
     hashes = a.weights_sha256 or "", b.weights_sha256 or ""
     if not (hashes[0] == hashes[1] if all(hashes) else a.weights == b.weights):
+
         def described(meta: SourceMeta, sha256: str) -> str:
             return f"{meta.weights}, sha256 {sha256[:12]}" if sha256 else meta.weights
 
-        raise InputError(f"cannot match {first.name} (weights: {described(a, hashes[0])}) with "
-                         f"{second.name} (weights: {described(b, hashes[1])}): features of "
-                         "different weights are not comparable; extract both with the same --weights")
+        raise InputError(
+            f"cannot match {first.name} (weights: {described(a, hashes[0])}) with "
+            f"{second.name} (weights: {described(b, hashes[1])}): features of "
+            "different weights are not comparable; extract both with the same --weights"
+        )
 
 
 def _prefixes(first: Source, second: Source, self_match: bool) -> tuple[str, str]:
     """The column prefixes of both sides' fields, or a one-line error if two columns collide."""
-    prefix1, prefix2 = (f"{first.name}_a_", f"{first.name}_b_") if self_match else \
-        (f"{first.name}_", f"{second.name}_")
-    columns = ["row_a", "row_b", *(prefix1 + f for f in first.meta.fields),
-               *(prefix2 + f for f in second.meta.fields), "similarity"]
+    prefix1, prefix2 = (
+        (f"{first.name}_a_", f"{first.name}_b_")
+        if self_match
+        else (f"{first.name}_", f"{second.name}_")
+    )
+    columns = [
+        "row_a",
+        "row_b",
+        *(prefix1 + f for f in first.meta.fields),
+        *(prefix2 + f for f in second.meta.fields),
+        "similarity",
+    ]
     if self_match:
         columns.append("group")
     clashes = sorted({c for c in columns if columns.count(c) > 1})
     if clashes:
-        raise InputError(f"the result would have two columns named {', '.join(clashes)} "
-                         f"(source names {first.name!r} and {second.name!r} plus their fields); "
-                         f"rename a source's directory in the store (e.g. {first.name} -> "
-                         f"{first.name}1) and match again")
+        raise InputError(
+            f"the result would have two columns named {', '.join(clashes)} "
+            f"(source names {first.name!r} and {second.name!r} plus their fields); "
+            f"rename a source's directory in the store (e.g. {first.name} -> "
+            f"{first.name}1) and match again"
+        )
     return prefix1, prefix2
 
 
-def _with_fields(found: pd.DataFrame, first: Source, second: Source,
-                 prefixes: tuple[str, str]) -> pd.DataFrame:
+def _with_fields(
+    found: pd.DataFrame, first: Source, second: Source, prefixes: tuple[str, str]
+) -> pd.DataFrame:
     """The pairs with every kept field of both rows, `NAME1_<field>` and `NAME2_<field>`."""
     self_match = second is first
     prefix1, prefix2 = prefixes
     fields1 = first.rows(["row", *first.meta.fields]).set_index("row")
-    fields2 = fields1 if self_match else \
-        second.rows(["row", *second.meta.fields]).set_index("row")
+    fields2 = fields1 if self_match else second.rows(["row", *second.meta.fields]).set_index("row")
     left = fields1.loc[found["row_a"].to_numpy()].add_prefix(prefix1).reset_index(drop=True)
     right = fields2.loc[found["row_b"].to_numpy()].add_prefix(prefix2).reset_index(drop=True)
-    table = pd.concat([found[["row_a", "row_b"]].reset_index(drop=True), left, right,
-                       found[["similarity"]].reset_index(drop=True)], axis=1)
+    table = pd.concat(
+        [
+            found[["row_a", "row_b"]].reset_index(drop=True),
+            left,
+            right,
+            found[["similarity"]].reset_index(drop=True),
+        ],
+        axis=1,
+    )
     if self_match:
-        groups = connected_groups(found["row_a"].to_numpy(), found["row_b"].to_numpy(),
-                                  first.meta.rows)
+        groups = connected_groups(
+            found["row_a"].to_numpy(), found["row_b"].to_numpy(), first.meta.rows
+        )
         table["group"] = groups[found["row_a"].to_numpy()].astype(np.int64)
     return table
 

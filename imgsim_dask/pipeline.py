@@ -21,8 +21,9 @@ class bounded(Generic[Item]):  # noqa: N801  (used like a function: `with bounde
     interrupt) cancels the futures still in flight, so a shared cluster does not go on with
     work that nobody will take."""
 
-    def __init__(self, client: Client, items: Iterable[Item], submit: Callable[[Item], Future],
-                 window: int):
+    def __init__(
+        self, client: Client, items: Iterable[Item], submit: Callable[[Item], Future], window: int
+    ):
         self._client = client
         self._queue = iter(items)
         self._submit = submit

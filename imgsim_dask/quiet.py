@@ -60,7 +60,10 @@ def filtered_native_stderr() -> Iterator[None]:
             os.dup2(saved, 2)
             os.close(saved)
             held.seek(0)
-            kept = [line for line in held.read().splitlines(keepends=True)
-                    if not NATIVE_CHATTER.search(line.decode(errors="replace"))]
+            kept = [
+                line
+                for line in held.read().splitlines(keepends=True)
+                if not NATIVE_CHATTER.search(line.decode(errors="replace"))
+            ]
             if kept:
                 os.write(2, b"".join(kept))

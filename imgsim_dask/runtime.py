@@ -54,8 +54,10 @@ class OpenVINOPredictor:
             preprocess = ov.preprocess.PrePostProcessor(core.read_model(ir_path))
             preprocess.input().tensor().set_element_type(ov.Type.u8)
             self.compiled = core.compile_model(
-                preprocess.build(), "CPU",
-                {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"})
+                preprocess.build(),
+                "CPU",
+                {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"},
+            )
         self.dim = int(model.output_shape[-1])
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -74,8 +76,10 @@ def openvino_available() -> bool:
 def resolve_runtime(runtime: str) -> str:
     """The runtime `auto` means on this worker (`runtime` is checked by ExtractOptions)."""
     if runtime == "openvino" and not openvino_available():
-        raise ImgsimError("--runtime openvino: the openvino package is not installed on the "
-                          "model worker (pip install openvino), or use --runtime keras")
+        raise ImgsimError(
+            "--runtime openvino: the openvino package is not installed on the "
+            "model worker (pip install openvino), or use --runtime keras"
+        )
     if runtime != "auto":
         return runtime
     import keras

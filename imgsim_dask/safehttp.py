@@ -34,9 +34,16 @@ from urllib3.exceptions import (
 from urllib3.util.connection import allowed_gai_family
 
 # Cloud metadata services outside the link-local ranges: AWS IPv6, Alibaba Cloud.
-METADATA_ADDRESSES = frozenset(map(ipaddress.ip_address, (
-    "169.254.169.254", "fd00:ec2::254", "100.100.100.200",
-)))
+METADATA_ADDRESSES = frozenset(
+    map(
+        ipaddress.ip_address,
+        (
+            "169.254.169.254",
+            "fd00:ec2::254",
+            "100.100.100.200",
+        ),
+    )
+)
 
 
 class BlockedAddress(Exception):
@@ -124,7 +131,8 @@ class _GuardedConnectionMixin(_ConnectionBase):
             except TimeoutError:
                 sock.close()
                 error = ConnectTimeoutError(
-                    self, f"connection to {self.host} ({sockaddr[0]}) timed out")
+                    self, f"connection to {self.host} ({sockaddr[0]}) timed out"
+                )
             except OSError as exc:
                 sock.close()
                 error = NewConnectionError(self, f"cannot connect to {sockaddr[0]}: {exc}")
@@ -167,7 +175,8 @@ class GuardedPoolManager(PoolManager):
         super().__init__(**kwargs)
         self.policy = policy
         self.pool_classes_by_scheme = {
-            "http": _GuardedHTTPConnectionPool, "https": _GuardedHTTPSConnectionPool,
+            "http": _GuardedHTTPConnectionPool,
+            "https": _GuardedHTTPSConnectionPool,
         }
 
     def _new_pool(self, scheme, host, port, request_context=None):
@@ -228,8 +237,9 @@ class _Watchdog:
             earliest = min((d.expires_at for d in self._deadlines), default=math.inf)
             self._deadlines.add(deadline)
             if self._thread is None or not self._thread.is_alive():  # also after a fork
-                self._thread = threading.Thread(target=self._run, name="imgsim-deadlines",
-                                                daemon=True)
+                self._thread = threading.Thread(
+                    target=self._run, name="imgsim-deadlines", daemon=True
+                )
                 self._thread.start()
             elif deadline.expires_at < earliest:
                 self._wakeup.notify()

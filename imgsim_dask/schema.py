@@ -22,9 +22,17 @@ RESERVED_COLUMNS = (ROW, *STATUS_COLUMNS, INGEST_ERROR)
 
 OK = "ok"
 # Failures worth fetching again later (the server or network may do better next time).
-TRANSIENT_STATUSES = frozenset({
-    "timeout", "connection_error", "dns_error", "truncated", "http_5xx", "http_429", "io_error",
-})
+TRANSIENT_STATUSES = frozenset(
+    {
+        "timeout",
+        "connection_error",
+        "dns_error",
+        "truncated",
+        "http_5xx",
+        "http_429",
+        "io_error",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -100,20 +108,26 @@ class SourceMeta:
             document = json.loads(text)
             version = int(document.get("format_version", 1))
         except (ValueError, TypeError, AttributeError):
-            raise StoreError(f"{where}: meta.json is not readable JSON; extract the source "
-                             "again with --overwrite") from None
+            raise StoreError(
+                f"{where}: meta.json is not readable JSON; extract the source "
+                "again with --overwrite"
+            ) from None
         if version > FORMAT_VERSION:
-            raise StoreError(f"{where} was written in store format {version} by a newer "
-                             f"imgsim-dask (this one reads up to {FORMAT_VERSION}); upgrade "
-                             "imgsim-dask to read it")
+            raise StoreError(
+                f"{where} was written in store format {version} by a newer "
+                f"imgsim-dask (this one reads up to {FORMAT_VERSION}); upgrade "
+                "imgsim-dask to read it"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         document = {k: v for k, v in document.items() if k in known}
         document["format_version"] = version
         try:
             return cls(**document)
         except TypeError as exc:
-            raise StoreError(f"{where}: meta.json lacks a field ({exc}); extract the source "
-                             "again with --overwrite") from None
+            raise StoreError(
+                f"{where}: meta.json lacks a field ({exc}); extract the source "
+                "again with --overwrite"
+            ) from None
 
 
 class RowFailure(Exception):

@@ -114,19 +114,22 @@ class Source:
         need = int(ok.sum()) * features.shape[1] * 4 + int(ok.sum()) * 8
         free = shutil.disk_usage(target.parent).free
         if need > free:
-            raise StoreError(f"cannot write {target}: it needs about {need / 2**20:,.0f} MiB, "
-                             f"{target.parent} has {free / 2**20:,.0f} MiB free")
+            raise StoreError(
+                f"cannot write {target}: it needs about {need / 2**20:,.0f} MiB, "
+                f"{target.parent} has {free / 2**20:,.0f} MiB free"
+            )
 
         def write_h5(tmp: str) -> None:
             with h5py.File(tmp, "w") as h5:
-                data = h5.create_dataset("data", shape=(int(ok.sum()), features.shape[1]),
-                                         dtype="float32")
+                data = h5.create_dataset(
+                    "data", shape=(int(ok.sum()), features.shape[1]), dtype="float32"
+                )
                 h5.attrs["model"] = self.meta.model
                 h5.create_dataset("rows", data=rows.loc[ok, "row"].to_numpy(np.int64))
                 written, step = 0, features.chunks[0]
                 for start in range(0, features.shape[0], step):
-                    block = np.asarray(features[start:start + step])[ok[start:start + step]]
-                    data[written:written + len(block)] = block
+                    block = np.asarray(features[start : start + step])[ok[start : start + step]]
+                    data[written : written + len(block)] = block
                     written += len(block)
 
         try:
@@ -139,11 +142,18 @@ class Source:
 
 def check_name(name: str) -> str:
     """`name` if it can name a source (one plain directory name), else a one-line StoreError."""
-    if not name or name != Path(name).name or name.startswith(".") or "\0" in name \
-            or len(name.encode("utf-8", "surrogateescape")) > _MAX_NAME_BYTES:
-        raise StoreError(f"invalid source name {name[:40]!r}{'...' if len(name) > 40 else ''}: "
-                         f"use a plain name like 'books' (at most {_MAX_NAME_BYTES} bytes, "
-                         f"no '/', not starting with '.')")
+    if (
+        not name
+        or name != Path(name).name
+        or name.startswith(".")
+        or "\0" in name
+        or len(name.encode("utf-8", "surrogateescape")) > _MAX_NAME_BYTES
+    ):
+        raise StoreError(
+            f"invalid source name {name[:40]!r}{'...' if len(name) > 40 else ''}: "
+            f"use a plain name like 'books' (at most {_MAX_NAME_BYTES} bytes, "
+            f"no '/', not starting with '.')"
+        )
     return name
 
 
@@ -151,15 +161,20 @@ def open_source(store: str | os.PathLike, name: str) -> Source:
     """Open a complete source by name, or raise a one-line `StoreError`."""
     path = Path(store) / check_name(name)
     if not path.is_dir():
-        known = sorted(p.name for p in Path(store).iterdir() if (p / META).is_file()) \
-            if Path(store).is_dir() else []
+        known = (
+            sorted(p.name for p in Path(store).iterdir() if (p / META).is_file())
+            if Path(store).is_dir()
+            else []
+        )
         hint = f" (known: {', '.join(known)})" if known else ""
         raise StoreError(f"no source named {name!r} in store {store}{hint}")
     if not (path / META).is_file():
         if not _is_source(path):
             raise _not_a_source(path)
-        raise StoreError(f"source {name!r} in {store} is incomplete (the extraction did not "
-                         "finish); continue it with --resume, or start over with --overwrite")
+        raise StoreError(
+            f"source {name!r} in {store} is incomplete (the extraction did not "
+            "finish); continue it with --resume, or start over with --overwrite"
+        )
     source = Source(path)
     source.meta  # noqa: B018  (read now: a store of an unknown format fails here, in one line)
     return source
@@ -174,8 +189,14 @@ class SourceWriter:
     set when there is nothing left to do).
     """
 
-    def __init__(self, store: str | os.PathLike, name: str, plan: SourcePlan,
-                 overwrite: bool = False, resume: bool = False):
+    def __init__(
+        self,
+        store: str | os.PathLike,
+        name: str,
+        plan: SourcePlan,
+        overwrite: bool = False,
+        resume: bool = False,
+    ):
         self.path = Path(store) / check_name(name)
         self.chunk_rows = plan.partition_rows
         self.done: set[int] = set()
@@ -187,12 +208,15 @@ class SourceWriter:
         if resume and self.path.exists():
             if not _is_source(self.path):
                 raise _not_a_source(self.path)
-            raise StoreError(f"cannot resume {name!r} in {store}: it has no {PLAN} (not an "
-                             "extraction of this version); pass --overwrite to start over")
+            raise StoreError(
+                f"cannot resume {name!r} in {store}: it has no {PLAN} (not an "
+                "extraction of this version); pass --overwrite to start over"
+            )
         if self.path.exists() or self.path.is_symlink():
             if not (overwrite or resume):
-                raise StoreError(f"source {name!r} already exists in {store}; "
-                                 "pass --overwrite to replace it")
+                raise StoreError(
+                    f"source {name!r} already exists in {store}; pass --overwrite to replace it"
+                )
             _remove_source(self.path)
         try:
             self.path.mkdir(parents=True)
@@ -202,12 +226,13 @@ class SourceWriter:
             (self.path / ROWS).mkdir()
             n_rows, dim = plan.rows, plan.dim
             self.features = zarr.create_array(
-                self.path / FEATURES, shape=(n_rows, dim),
-                chunks=(max(1, min(self.chunk_rows, n_rows)), dim), dtype="float32",
+                self.path / FEATURES,
+                shape=(n_rows, dim),
+                chunks=(max(1, min(self.chunk_rows, n_rows)), dim),
+                dtype="float32",
                 fill_value=np.nan,
             )
-            atomic_write(self.path / PLAN,
-                         lambda tmp: Path(tmp).write_text(_dumps(plan.to_json())))
+            atomic_write(self.path / PLAN, lambda tmp: Path(tmp).write_text(_dumps(plan.to_json())))
         except BaseException as exc:  # leave nothing that neither --resume nor --overwrite take
             shutil.rmtree(self.path, ignore_errors=True)
             if isinstance(exc, OSError):
@@ -226,7 +251,9 @@ class SourceWriter:
             for stray in (self.path / ROWS).glob(".*"):  # temporary files of an interrupted write
                 stray.unlink()
         self.features = zarr.open_array(self.path / FEATURES, mode="r+")
-        self.done = {int(part.stem.split("-")[1]) for part in (self.path / ROWS).glob("part-*.parquet")}
+        self.done = {
+            int(part.stem.split("-")[1]) for part in (self.path / ROWS).glob("part-*.parquet")
+        }
 
     def reopen(self) -> None:
         """Unseal a source so that some of its rows can be written again. Until it is sealed,
@@ -240,12 +267,17 @@ class SourceWriter:
     def done_rows(self) -> pd.DataFrame:
         """`row` and `status` of the partitions already written (empty for a fresh source)."""
         parts = [self.path / ROWS / f"part-{index:05d}.parquet" for index in sorted(self.done)]
-        return pd.concat([pd.read_parquet(p, columns=["row", "status"]) for p in parts],
-                         ignore_index=True) if parts \
+        return (
+            pd.concat(
+                [pd.read_parquet(p, columns=["row", "status"]) for p in parts], ignore_index=True
+            )
+            if parts
             else pd.DataFrame({"row": pd.Series(dtype="int64"), "status": pd.Series(dtype=str)})
+        )
 
     def write_partition(self, index: int, features: np.ndarray, rows: pd.DataFrame) -> None:
-        """Write partition `index` (rows [index*chunk_rows, ...)): one Zarr chunk, then its part file."""
+        """Write partition `index` (rows [index*chunk_rows, ...)): one Zarr chunk, then its
+        part file."""
         self._write(index, features, rows)
         self.done.add(index)
 
@@ -256,22 +288,27 @@ class SourceWriter:
         (`retrying` is still set)."""
         stored = pd.read_parquet(self.path / ROWS / f"part-{index:05d}.parquet")
         start = index * self.chunk_rows
-        chunk = np.asarray(self.features[start:start + len(stored)])
+        chunk = np.asarray(self.features[start : start + len(stored)])
         chunk[rows["row"].to_numpy(np.int64) - start] = features
         kept = stored[~stored["row"].isin(rows["row"])]
         merged = pd.concat([kept, rows[stored.columns]], ignore_index=True)
-        self._write(index, chunk, merged.sort_values("row", ignore_index=True)
-                    .astype(stored.dtypes.to_dict()))
+        self._write(
+            index,
+            chunk,
+            merged.sort_values("row", ignore_index=True).astype(stored.dtypes.to_dict()),
+        )
 
     def _write(self, index: int, features: np.ndarray, rows: pd.DataFrame) -> None:
         start = index * self.chunk_rows
         try:
-            self.features[start:start + len(features)] = features
+            self.features[start : start + len(features)] = features
             part = self.path / ROWS / f"part-{index:05d}.parquet"
             atomic_write(part, lambda tmp: rows.to_parquet(tmp, index=False))
         except OSError as exc:
-            raise StoreError(f"cannot write partition {index} to {self.path}: "
-                             f"{exc.strerror or exc}; fix it, then continue with --resume") from None
+            raise StoreError(
+                f"cannot write partition {index} to {self.path}: "
+                f"{exc.strerror or exc}; fix it, then continue with --resume"
+            ) from None
 
     def finish(self, meta: SourceMeta) -> Source:
         """Seal the source: after this it opens as complete."""
@@ -279,8 +316,10 @@ class SourceWriter:
             atomic_write(self.path / META, lambda tmp: Path(tmp).write_text(meta.to_json()))
             (self.path / RETRYING).unlink(missing_ok=True)
         except OSError as exc:
-            raise StoreError(f"cannot write {self.path / META}: {exc.strerror or exc}; fix it, "
-                             "then continue with --resume") from None
+            raise StoreError(
+                f"cannot write {self.path / META}: {exc.strerror or exc}; fix it, "
+                "then continue with --resume"
+            ) from None
         return Source(self.path)
 
 
@@ -295,9 +334,11 @@ def check_plan(path: Path, plan: SourcePlan) -> None:
     changed = plan.differences(before)
     if changed:  # name the cause, not a consequence (a new model changes dim too)
         key = min(changed, key=lambda k: (k not in ("model", "weights", "csv"), k))
-        raise StoreError(f"source {path.name!r} in {path.parent} was started with "
-                         f"{key} {before.get(key)!r}, now {plan.to_json().get(key)!r}; pass "
-                         "--overwrite to start over, or use another --name")
+        raise StoreError(
+            f"source {path.name!r} in {path.parent} was started with "
+            f"{key} {before.get(key)!r}, now {plan.to_json().get(key)!r}; pass "
+            "--overwrite to start over, or use another --name"
+        )
 
 
 def is_complete(store: str | os.PathLike, name: str) -> bool:
@@ -314,13 +355,18 @@ def _remove_source(path: Path) -> None:
 
 def _is_source(path: Path) -> bool:
     """A folder that holds a source, complete or not, or nothing at all."""
-    return path.is_dir() and not path.is_symlink() and (
-        (path / PLAN).is_file() or (path / META).is_file() or not any(path.iterdir()))
+    return (
+        path.is_dir()
+        and not path.is_symlink()
+        and ((path / PLAN).is_file() or (path / META).is_file() or not any(path.iterdir()))
+    )
 
 
 def _not_a_source(path: Path) -> StoreError:
-    return StoreError(f"{path} is not an imgsim source (no {PLAN} or {META}), so neither "
-                      "--resume nor --overwrite touches it: move it away or pick another --name")
+    return StoreError(
+        f"{path} is not an imgsim source (no {PLAN} or {META}), so neither "
+        "--resume nor --overwrite touches it: move it away or pick another --name"
+    )
 
 
 def _dumps(document: dict) -> str:

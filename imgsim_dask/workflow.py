@@ -53,8 +53,11 @@ def run(
     three option classes override them.
     """
     options, csv_options, match_options = with_overrides(
-        fields, options or ExtractOptions(), csv_options or CsvOptions(),
-        match_options or MatchOptions())
+        fields,
+        options or ExtractOptions(),
+        csv_options or CsvOptions(),
+        match_options or MatchOptions(),
+    )
     if not options.overwrite:
         options = replace(options, resume=True)
     csvs = [csv1] + ([csv2] if csv2 else [])
@@ -70,12 +73,16 @@ def run(
         check_name(name)
         csv_files.append(inspect_csv(csv, csv_options))
     # a complete source made with these options is reused, without resolving its weights
-    todo = [(csv_file, name) for csv_file, name in zip(csv_files, names)
-            if reuse_complete(csv_file, name, store, options) is None]
+    todo = [
+        (csv_file, name)
+        for csv_file, name in zip(csv_files, names)
+        if reuse_complete(csv_file, name, store, options) is None
+    ]
     weights = resolve_weights(options.model, options.weights) if todo else None
     with connect(cluster) as active:
         for csv_file, name in todo:
             assert weights is not None
             extract_on(active, csv_file, name, store, options, weights)
-        return match_sources(names[0], names[-1], store, out=out, cluster=active,
-                             options=match_options)
+        return match_sources(
+            names[0], names[-1], store, out=out, cluster=active, options=match_options
+        )

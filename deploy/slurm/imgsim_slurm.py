@@ -1,4 +1,5 @@
-"""imgsim on SLURM with dask-jobqueue: GPU model workers and CPU fetch workers as batch jobs, over TLS.
+"""imgsim on SLURM with dask-jobqueue: GPU model workers and CPU fetch workers as batch jobs,
+over TLS.
 
 This script is the driver: run it where jobs can be submitted (a login node). It hosts the Dask
 scheduler, submits the worker jobs with `sbatch`, runs `imgsim run` on them and cancels the jobs
@@ -33,24 +34,43 @@ FETCH_THREADS = 16
 
 def gpu_job(queue: str | None) -> dict:
     """A model worker: one GPU (`--gres=gpu:1`), one thread, resource GPU=1, CPUs for TensorFlow."""
-    return {"queue": queue, "cores": 1, "processes": 1, "job_cpu": 8, "memory": "32GB",
-            "walltime": WALLTIME, "job_extra_directives": ["--gres=gpu:1"],
-            "worker_extra_args": ["--resources", "GPU=1"]}
+    return {
+        "queue": queue,
+        "cores": 1,
+        "processes": 1,
+        "job_cpu": 8,
+        "memory": "32GB",
+        "walltime": WALLTIME,
+        "job_extra_directives": ["--gres=gpu:1"],
+        "worker_extra_args": ["--resources", "GPU=1"],
+    }
 
 
 def fetch_job(queue: str | None) -> dict:
     """A fetch worker: CPU only, FETCH_THREADS threads, resource NET=FETCH_THREADS."""
-    return {"queue": queue, "cores": FETCH_THREADS, "processes": 1, "memory": "16GB",
-            "walltime": WALLTIME, "worker_extra_args": ["--resources", f"NET={FETCH_THREADS}"]}
+    return {
+        "queue": queue,
+        "cores": FETCH_THREADS,
+        "processes": 1,
+        "memory": "16GB",
+        "walltime": WALLTIME,
+        "worker_extra_args": ["--resources", f"NET={FETCH_THREADS}"],
+    }
 
 
 def cluster_security(tls_dir: Path) -> Security:
     """TLS for every role: the scheduler here, the workers in their jobs, the client here."""
     ca, cluster, client = (str(tls_dir / name) for name in ("ca.pem", "cluster", "client"))
-    return Security(tls_ca_file=ca, require_encryption=True,
-                    tls_scheduler_cert=f"{cluster}.pem", tls_scheduler_key=f"{cluster}-key.pem",
-                    tls_worker_cert=f"{cluster}.pem", tls_worker_key=f"{cluster}-key.pem",
-                    tls_client_cert=f"{client}.pem", tls_client_key=f"{client}-key.pem")
+    return Security(
+        tls_ca_file=ca,
+        require_encryption=True,
+        tls_scheduler_cert=f"{cluster}.pem",
+        tls_scheduler_key=f"{cluster}-key.pem",
+        tls_worker_cert=f"{cluster}.pem",
+        tls_worker_key=f"{cluster}-key.pem",
+        tls_client_cert=f"{client}.pem",
+        tls_client_key=f"{client}-key.pem",
+    )
 
 
 def start_cluster(args: argparse.Namespace, security: Security) -> SLURMCluster:
@@ -60,8 +80,11 @@ def start_cluster(args: argparse.Namespace, security: Security) -> SLURMCluster:
     specification, which Dask's SpecCluster allows to mix job kinds.
     """
     common = {"security": security, "protocol": "tls://", "interface": args.interface}
-    cluster = SLURMCluster(**gpu_job(args.gpu_queue), **common,
-                           scheduler_options={"dashboard_address": "127.0.0.1:8787"})
+    cluster = SLURMCluster(
+        **gpu_job(args.gpu_queue),
+        **common,
+        scheduler_options={"dashboard_address": "127.0.0.1:8787"},
+    )
     fetch = {"cls": SLURMJob, "options": {**fetch_job(args.fetch_queue), **common}}
     cluster.worker_spec.update({f"fetch-{i}": fetch for i in range(args.fetch_jobs)})
     cluster.scale(jobs=len(cluster.worker_spec) + args.gpu_jobs)  # adds the GPU jobs, submits all
@@ -71,8 +94,14 @@ def start_cluster(args: argparse.Namespace, security: Security) -> SLURMCluster:
 def print_job_scripts(args: argparse.Namespace, security: Security) -> None:
     """The two sbatch scripts, for a scheduler at a placeholder address; submits nothing."""
     for name, job in (("gpu", gpu_job(args.gpu_queue)), ("fetch", fetch_job(args.fetch_queue))):
-        script = SLURMJob(scheduler="tls://SCHEDULER:8786", name=f"{name}-0", security=security,
-                          protocol="tls://", interface=args.interface, **job).job_script()
+        script = SLURMJob(
+            scheduler="tls://SCHEDULER:8786",
+            name=f"{name}-0",
+            security=security,
+            protocol="tls://",
+            interface=args.interface,
+            **job,
+        ).job_script()
         print(f"# --- {name} job ---\n{script}")
 
 
@@ -80,8 +109,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("csv1", nargs="?")
     parser.add_argument("csv2", nargs="?")
-    parser.add_argument("--tls-dir", type=Path, required=True,
-                        help="ca.pem, cluster[-key].pem, client[-key].pem (deploy/make-certs.sh)")
+    parser.add_argument(
+        "--tls-dir",
+        type=Path,
+        required=True,
+        help="ca.pem, cluster[-key].pem, client[-key].pem (deploy/make-certs.sh)",
+    )
     parser.add_argument("--store", default="imgsim-store")
     parser.add_argument("--out", help="Result table: .parquet, .csv or a directory.")
     parser.add_argument("--weights", help="Weights file, or 'random' (tests only).")
@@ -103,8 +136,13 @@ def main() -> None:
         client.wait_for_workers(args.gpu_jobs + args.fetch_jobs, timeout=3600)
         with performance_report(filename=args.report):
             result = imgsim_dask.run(
-                args.csv1, args.csv2, store=args.store, out=args.out, cluster=client,
-                options=imgsim_dask.ExtractOptions(weights=args.weights, progress=True))
+                args.csv1,
+                args.csv2,
+                store=args.store,
+                out=args.out,
+                cluster=client,
+                options=imgsim_dask.ExtractOptions(weights=args.weights, progress=True),
+            )
     print(result.summary())
 
 

@@ -9,5 +9,4 @@ from .blocks import read_blocks
 from .csvfile import CsvFile, inspect_csv
 from .partitions import Piece, assemble_partition, cut_partitions
 
-__all__ = ["CsvFile", "Piece", "assemble_partition", "cut_partitions", "inspect_csv",
-           "read_blocks"]
+__all__ = ["CsvFile", "Piece", "assemble_partition", "cut_partitions", "inspect_csv", "read_blocks"]

@@ -65,9 +65,11 @@ def _scan(text: str, delimiter: str, in_quote: bool) -> BlockScan:
     return BlockScan(rows, lines.count, open_line)
 
 
-def read_blocks(csv_file: CsvFile, blocksize: int = 16 * 2**20,
-                compute: Callable[[list[Delayed]], Sequence[Any]] | None = None
-                ) -> tuple[list[Delayed], list[int]]:
+def read_blocks(
+    csv_file: CsvFile,
+    blocksize: int = 16 * 2**20,
+    compute: Callable[[list[Delayed]], Sequence[Any]] | None = None,
+) -> tuple[list[Delayed], list[int]]:
     """The lazy parse of each byte block (a frame of every column as strings, blanks kept as
     '', plus `INGEST_ERROR`) and the rows of each block.
 
@@ -79,25 +81,37 @@ def read_blocks(csv_file: CsvFile, blocksize: int = 16 * 2**20,
     """
     _, [raw] = read_bytes(csv_file.path, delimiter=b"\n", blocksize=blocksize, sample=False)
     token = tokenize(csv_file, raw)[:8]
-    scan_tasks = [delayed(scan_block)(block, csv_file.delimiter, first=i == 0,
-                                      dask_key_name=f"csv-scan-{i:05d}-{token}")
-                  for i, block in enumerate(raw)]
+    scan_tasks = [
+        delayed(scan_block)(
+            block, csv_file.delimiter, first=i == 0, dask_key_name=f"csv-scan-{i:05d}-{token}"
+        )
+        for i, block in enumerate(raw)
+    ]
     scans = compute(scan_tasks) if compute else dask.compute(*scan_tasks)
     starts, chosen = _chain(csv_file.path, scans)
     lengths = [scan.rows for scan in chosen]
     header_block = next((i for i, n in enumerate(lengths) if n), None) if csv_file.header else None
     if header_block is not None:
         lengths[header_block] -= 1
-    parts = [delayed(parse_block)(block, raw[i + 1:_last_block_of_record(chosen, i) + 1],
-                                  csv_file, lengths[i], first=i == 0, in_quote=starts[i],
-                                  skip_header=i == header_block,
-                                  dask_key_name=f"csv-block-{i:05d}-{token}")
-             for i, block in enumerate(raw)]
+    parts = [
+        delayed(parse_block)(
+            block,
+            raw[i + 1 : _last_block_of_record(chosen, i) + 1],
+            csv_file,
+            lengths[i],
+            first=i == 0,
+            in_quote=starts[i],
+            skip_header=i == header_block,
+            dask_key_name=f"csv-block-{i:05d}-{token}",
+        )
+        for i, block in enumerate(raw)
+    ]
     return parts, lengths
 
 
-def _chain(path: str, scans: Sequence[tuple[BlockScan, BlockScan]]
-           ) -> tuple[list[bool], list[BlockScan]]:
+def _chain(
+    path: str, scans: Sequence[tuple[BlockScan, BlockScan]]
+) -> tuple[list[bool], list[BlockScan]]:
     """Each block's start (inside a quoted field or not) and its scan from that start."""
     starts, chosen = [], []
     in_quote, line, opened = False, 0, 0
@@ -126,9 +140,15 @@ def _last_block_of_record(scans: list[BlockScan], i: int) -> int:
     return i
 
 
-def parse_block(block: bytes, more: list[bytes], csv_file: CsvFile, rows: int,
-                first: bool = False, in_quote: bool = False,
-                skip_header: bool = False) -> pd.DataFrame:
+def parse_block(
+    block: bytes,
+    more: list[bytes],
+    csv_file: CsvFile,
+    rows: int,
+    first: bool = False,
+    in_quote: bool = False,
+    skip_header: bool = False,
+) -> pd.DataFrame:
     """The `rows` records that start in one block of CSV bytes, `INGEST_ERROR` set for ragged ones.
 
     `more`: the next blocks, which a quoted field of the last record runs on into; `in_quote`:
@@ -155,5 +175,3 @@ def parse_block(block: bytes, more: list[bytes], csv_file: CsvFile, rows: int,
     frame = pd.DataFrame(fields_of_rows, columns=list(csv_file.names), dtype=object)
     frame[INGEST_ERROR] = errors
     return frame
-
-

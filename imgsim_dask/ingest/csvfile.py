@@ -16,8 +16,12 @@ from .text import Lines, bad_byte, csv_records, decode, never_closed, not_utf8, 
 _SNIFF_BYTES = 64 * 1024
 _MAX_HEAD = 16 * 2**20  # the driver reads at most this much to find the first record
 _OTHER_DELIMITERS = (";", "\t", "|", ",")
-_WIDE_BOMS = ((b"\xff\xfe\x00\x00", "utf-32le"), (b"\x00\x00\xfe\xff", "utf-32be"),
-              (b"\xff\xfe", "utf-16le"), (b"\xfe\xff", "utf-16be"))
+_WIDE_BOMS = (
+    (b"\xff\xfe\x00\x00", "utf-32le"),
+    (b"\x00\x00\xfe\xff", "utf-32be"),
+    (b"\xff\xfe", "utf-16le"),
+    (b"\xfe\xff", "utf-16be"),
+)
 
 
 @dataclass(frozen=True)
@@ -64,21 +68,27 @@ def inspect_csv(path: str, options: CsvOptions | None = None) -> CsvFile:
         names = tuple(parsed)
         blank = [i for i, n in enumerate(names) if not n.strip()]
         if blank:
-            raise OptionError(f"{path}: header has an empty column name at position "
-                              f"{blank[0] + 1}; name it, or pass {opt('header')}")
+            raise OptionError(
+                f"{path}: header has an empty column name at position "
+                f"{blank[0] + 1}; name it, or pass {opt('header')}"
+            )
         if len(set(names)) != len(names):
             raise InputError(f"{path}: header has duplicate column names: {', '.join(names)}")
         if cols:
             missing = [c for c in cols if c not in names]
             if missing:
-                raise OptionError(f"{path}: {opt('cols')} names {', '.join(missing)} not in "
-                                  f"the header ({', '.join(names)})")
+                raise OptionError(
+                    f"{path}: {opt('cols')} names {', '.join(missing)} not in "
+                    f"the header ({', '.join(names)})"
+                )
         keep = tuple(cols) if cols else names
     else:
         if cols:
             if len(cols) != len(parsed):
-                raise OptionError(f"{path}: {opt('cols')} gives {len(cols)} names but rows "
-                                  f"have {len(parsed)} fields")
+                raise OptionError(
+                    f"{path}: {opt('cols')} gives {len(cols)} names but rows "
+                    f"have {len(parsed)} fields"
+                )
             names = tuple(cols)
         else:
             names = tuple(f"col{i + 1}" for i in range(len(parsed)))
@@ -88,17 +98,22 @@ def inspect_csv(path: str, options: CsvOptions | None = None) -> CsvFile:
     ident = options.id_col or keep[0]
     for option, column in (("url_col", url), ("id_col", ident)):
         if column not in names:
-            raise OptionError(f"{path}: {opt(option)} {column!r} is not a column "
-                              f"(columns: {', '.join(names)})")
+            raise OptionError(
+                f"{path}: {opt(option)} {column!r} is not a column (columns: {', '.join(names)})"
+            )
     if cols and len(set(cols)) != len(cols):
         raise OptionError(f"{path}: {opt('cols')} names a column twice: {', '.join(cols)}")
     keep = tuple(dict.fromkeys(keep + (ident, url)))
     clash = [c for c in keep if c in RESERVED_COLUMNS]
     if clash:
-        remedy = (f"rename it, or leave it out with {opt('cols')}" if header
-                  else f"name it otherwise in {opt('cols')}")
-        raise OptionError(f"{path}: column name {clash[0]!r} is reserved for the row table; "
-                          + remedy)
+        remedy = (
+            f"rename it, or leave it out with {opt('cols')}"
+            if header
+            else f"name it otherwise in {opt('cols')}"
+        )
+        raise OptionError(
+            f"{path}: column name {clash[0]!r} is reserved for the row table; " + remedy
+        )
     return CsvFile(path, delimiter, header, names, keep, url, ident)
 
 
@@ -117,8 +132,10 @@ def _read_head(path: str, delimiter: str) -> tuple[str, bool]:
                 if first is not None and not first[2]:
                     break
                 if len(raw) >= _MAX_HEAD and not whole:
-                    raise InputError(f"{path}: the first record does not end within "
-                                     f"{_MAX_HEAD >> 20} MiB; is a quote not closed?")
+                    raise InputError(
+                        f"{path}: the first record does not end within "
+                        f"{_MAX_HEAD >> 20} MiB; is a quote not closed?"
+                    )
             return head, whole
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
@@ -135,17 +152,19 @@ def _decode_head(path: str, raw: bytes, whole: bool) -> str:
     order mark or NUL bytes) and other encodings are refused."""
     wide = next((name for bom, name in _WIDE_BOMS if raw.startswith(bom)), None)
     if wide is not None:
-        raise InputError(f"{path}: {wide.upper()} text (byte order mark), not UTF-8; "
-                         f"convert it, e.g. iconv -f {wide} -t utf-8")
+        raise InputError(
+            f"{path}: {wide.upper()} text (byte order mark), not UTF-8; "
+            f"convert it, e.g. iconv -f {wide} -t utf-8"
+        )
     if b"\0" in raw:
-        line = raw[:raw.index(b"\0")].count(b"\n") + 1
-        raise InputError(f"{path}: not UTF-8 (NUL bytes from line {line}: UTF-16 or UTF-32?); "
-                         "convert it, e.g. iconv -f utf-16 -t utf-8")
+        line = raw[: raw.index(b"\0")].count(b"\n") + 1
+        raise InputError(
+            f"{path}: not UTF-8 (NUL bytes from line {line}: UTF-16 or UTF-32?); "
+            "convert it, e.g. iconv -f utf-16 -t utf-8"
+        )
     if not whole:
-        raw = raw[:raw.rfind(b"\n") + 1]
+        raw = raw[: raw.rfind(b"\n") + 1]
     try:
         return decode(raw, first=True)
     except UnicodeDecodeError as exc:
         raise InputError(not_utf8(path, *bad_byte(raw, exc))) from None
-
-

@@ -33,13 +33,19 @@ def cut_partitions(block_lengths: list[int], partition_rows: int) -> list[list[P
     return partitions
 
 
-def assemble_partition(first_row: int, slices: list[tuple[pd.DataFrame, int, int]],
-                       columns: list[str], only_rows: list[int] | None = None) -> pd.DataFrame:
+def assemble_partition(
+    first_row: int,
+    slices: list[tuple[pd.DataFrame, int, int]],
+    columns: list[str],
+    only_rows: list[int] | None = None,
+) -> pd.DataFrame:
     """Concatenate block slices into one partition of `columns` (plus `INGEST_ERROR`, if the
     blocks have it), rows numbered from `first_row`; with `only_rows`, just those row ids."""
     columns = [*columns, INGEST_ERROR] if INGEST_ERROR in slices[0][0] else columns
     parts = [frame.iloc[start:stop][columns] for frame, start, stop in slices]
-    rows = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].reset_index(drop=True)
+    rows = (
+        pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].reset_index(drop=True)
+    )
     rows.insert(0, ROW, range(first_row, first_row + len(rows)))
     if only_rows is not None:
         rows = rows[rows[ROW].isin(only_rows)].reset_index(drop=True)

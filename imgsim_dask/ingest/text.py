@@ -19,12 +19,14 @@ def decode(block: bytes, first: bool) -> str:
 
 def bad_byte(block: bytes, exc: UnicodeDecodeError) -> tuple[int, int]:
     """(line in the block, byte value) where decoding failed."""
-    return len(LINE_BREAK.findall(block[:exc.start].decode())) + 1, block[exc.start]
+    return len(LINE_BREAK.findall(block[: exc.start].decode())) + 1, block[exc.start]
 
 
 def not_utf8(path: str, line: int, byte: int) -> str:
-    return (f"{path}: not UTF-8 (byte 0x{byte:02x} on line {line}); convert it, "
-            "e.g. iconv -f latin1 -t utf-8")
+    return (
+        f"{path}: not UTF-8 (byte 0x{byte:02x} on line {line}); convert it, "
+        "e.g. iconv -f latin1 -t utf-8"
+    )
 
 
 def never_closed(path: str, line: int) -> str:
@@ -68,5 +70,3 @@ def csv_records(lines: Lines, delimiter: str) -> Iterator[tuple[int, list[str], 
 def open_field_line(start: int, fields: list[str]) -> int:
     """Line on which the last field of a record that starts on line `start` opened."""
     return start + sum(len(LINE_BREAK.findall(field)) for field in fields[:-1])
-
-

@@ -9,5 +9,13 @@ from .engine import check_shapes, estimate_pairs, match_features, pairs_frame
 from .groups import connected_groups
 from .kernel import available_cpus, score_block, valid_rows
 
-__all__ = ["available_cpus", "check_shapes", "connected_groups", "estimate_pairs",
-           "match_features", "pairs_frame", "score_block", "valid_rows"]
+__all__ = [
+    "available_cpus",
+    "check_shapes",
+    "connected_groups",
+    "estimate_pairs",
+    "match_features",
+    "pairs_frame",
+    "score_block",
+    "valid_rows",
+]

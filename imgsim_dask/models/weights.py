@@ -68,8 +68,11 @@ def keras_cache_dir() -> Path:
 def resolve(spec: ModelSpec, weights: str | None) -> Weights:
     """Find the weights for `spec`: an explicit path, `random`, or the model's default weights."""
     if weights == RANDOM:
-        logger.warning("RANDOM WEIGHTS (seed %d): features are NOT meaningful; "
-                       "use them for tests and benchmarks only", RANDOM_SEED)
+        logger.warning(
+            "RANDOM WEIGHTS (seed %d): features are NOT meaningful; "
+            "use them for tests and benchmarks only",
+            RANDOM_SEED,
+        )
         return Weights(spec.name, f"{RANDOM} (seed {RANDOM_SEED})")
     if weights is not None:
         return read_weights_file(spec, Path(weights), f"file {weights}")
@@ -95,8 +98,10 @@ def check_weights_file(spec: ModelSpec, path: Path, data: bytes) -> str:
     model = spec.name
     if data[:1] == b"\x80" or data[:4] == b"PK\x03\x04":  # a pickle, or torch's zip format
         if spec.check_torch_checkpoint is None:
-            raise WeightsError(f"weights file {path} is a PyTorch checkpoint; {model} needs "
-                               "Keras HDF5 weights (.h5)")
+            raise WeightsError(
+                f"weights file {path} is a PyTorch checkpoint; {model} needs "
+                "Keras HDF5 weights (.h5)"
+            )
         try:
             spec.check_torch_checkpoint(path)
         except WeightsError as exc:
@@ -106,14 +111,16 @@ def check_weights_file(spec: ModelSpec, path: Path, data: bytes) -> str:
         shapes, legacy = _hdf5_layout(path)
     except Exception:  # h5py reports a foreign or damaged file in many ways
         torch = " or a PyTorch checkpoint (.pth)" if spec.check_torch_checkpoint else ""
-        raise WeightsError(f"weights file {path} is not Keras HDF5 weights (.h5, .weights.h5)"
-                           f"{torch}") from None
+        raise WeightsError(
+            f"weights file {path} is not Keras HDF5 weights (.h5, .weights.h5){torch}"
+        ) from None
     expected = spec.weight_shapes()
     if sorted(shapes) != sorted(expected):
         raise WeightsError(
             f"weights file {path} does not fit {model}: it holds {len(shapes)} arrays of "
             f"{sum(map(np.prod, shapes)):,.0f} values, {model} (no top) has {len(expected)} of "
-            f"{sum(map(np.prod, expected)):,.0f}; weights of another model?")
+            f"{sum(map(np.prod, expected)):,.0f}; weights of another model?"
+        )
     return HDF5 if legacy else KERAS3
 
 
@@ -127,5 +134,6 @@ def _hdf5_layout(path: Path) -> tuple[list[tuple[int, ...]], bool]:
         group = f["model_weights"] if whole else f
         shapes: list[tuple[int, ...]] = []
         group.visititems(
-            lambda _, obj: shapes.append(obj.shape) if isinstance(obj, h5py.Dataset) else None)
+            lambda _, obj: shapes.append(obj.shape) if isinstance(obj, h5py.Dataset) else None
+        )
         return shapes, "layer_names" in group.attrs
