@@ -38,8 +38,18 @@ from PIL import Image
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-SOURCES = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
-           "hubble_deep_field.jpg", "retina.jpg", "brick.png", "grass.png", "ihc.png")
+SOURCES = (
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "hubble_deep_field.jpg",
+    "retina.jpg",
+    "brick.png",
+    "grass.png",
+    "ihc.png",
+)
 
 
 def make_images(root: Path, count: int, seed: int = 0) -> list[Path]:
@@ -110,8 +120,11 @@ def run_original(model, urls: list[str], batch_size: int) -> float:
     ctx = multiprocessing.get_context("fork")
     for start in range(0, len(urls), batch_size):
         with ctx.Pool(4) as pool:
-            decoded = [x for x in pool.map(decode_original, urls[start:start + batch_size])
-                       if x is not None]
+            decoded = [
+                x
+                for x in pool.map(decode_original, urls[start : start + batch_size])
+                if x is not None
+            ]
         model.predict_on_batch(np.stack(decoded).astype(np.float32))
     return time.perf_counter() - started
 
@@ -129,8 +142,9 @@ def run_imgsim(client, csv: Path, store: Path, name: str, options: dict) -> floa
     from imgsim_dask import extract
 
     started = time.perf_counter()
-    source = extract(str(csv), name, str(store), cluster=client, weights="random",
-                     overwrite=True, **options)
+    source = extract(
+        str(csv), name, str(store), cluster=client, weights="random", overwrite=True, **options
+    )
     seconds = time.perf_counter() - started
     assert source.status_counts() == {"ok": source.meta.rows}, source.status_counts()
     return seconds
@@ -153,12 +167,21 @@ def main() -> None:
     parser.add_argument("--skip-original", action="store_true")
     parser.add_argument("--partition-rows", type=int, default=ExtractOptions.partition_rows)
     parser.add_argument("--fetch-threads", type=int, default=FetchOptions.threads)
-    parser.add_argument("--batch-size", type=int, default=ExtractOptions.batch_size,
-                        help="model batch for model-only and imgsim")
-    parser.add_argument("--runtime", default=ExtractOptions.runtime,
-                        choices=RUNTIMES, help="imgsim's model runtime")
-    parser.add_argument("--original-batch-size", type=int, default=16,
-                        help="the original's batch (its README's demo sets 16)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=ExtractOptions.batch_size,
+        help="model batch for model-only and imgsim",
+    )
+    parser.add_argument(
+        "--runtime", default=ExtractOptions.runtime, choices=RUNTIMES, help="imgsim's model runtime"
+    )
+    parser.add_argument(
+        "--original-batch-size",
+        type=int,
+        default=16,
+        help="the original's batch (its README's demo sets 16)",
+    )
     args = parser.parse_args()
 
     from distributed import Client
@@ -168,58 +191,107 @@ def main() -> None:
     from imgsim_dask.models import build_model, resolve_weights
     from imgsim_dask.runtime import KerasPredictor, make_predictor
 
-    options = {"partition_rows": args.partition_rows, "batch_size": args.batch_size,
-               "runtime": args.runtime, "fetch": FetchOptions(threads=args.fetch_threads)}
+    options = {
+        "partition_rows": args.partition_rows,
+        "batch_size": args.batch_size,
+        "runtime": args.runtime,
+        "fetch": FetchOptions(threads=args.fetch_threads),
+    }
     paths = make_images(args.cache / str(args.images), args.images)
     server = LatencyServer(paths[0].parent)
     work = Path(tempfile.mkdtemp(prefix="imgsim-bench-"))
     model = build_model(resolve_weights("mobilenet", "random"), str(work))
-    pixels = fetch_partition(pd.DataFrame({"url": [str(p) for p in paths]}), "url",
-                             FetchOptions()).pixels
+    pixels = fetch_partition(
+        pd.DataFrame({"url": [str(p) for p in paths]}), "url", FetchOptions()
+    ).pixels
     predictors = [make_predictor(model, args.runtime)]
     if predictors[0].name != "keras":
         predictors.append(KerasPredictor(model))
-    results = [{"config": f"model-only, {predictor.name} (pre-decoded)", "latency_ms": None,
-                "seconds": run_model_only(predictor, pixels, args.batch_size)}
-               for predictor in predictors]
+    results = [
+        {
+            "config": f"model-only, {predictor.name} (pre-decoded)",
+            "latency_ms": None,
+            "seconds": run_model_only(predictor, pixels, args.batch_size),
+        }
+        for predictor in predictors
+    ]
 
-    with local_cluster(fetch_workers=1, dashboard_address="127.0.0.1:0") as cluster, \
-            Client(cluster) as client:
+    with (
+        local_cluster(fetch_workers=1, dashboard_address="127.0.0.1:0") as cluster,
+        Client(cluster) as client,
+    ):
         client.wait_for_workers(2)
-        run_imgsim(client, write_csv(work / "warm.csv", [str(p) for p in paths[:args.batch_size]]),
-                   work / "store", "warm", options)
+        run_imgsim(
+            client,
+            write_csv(work / "warm.csv", [str(p) for p in paths[: args.batch_size]]),
+            work / "store",
+            "warm",
+            options,
+        )
         local_csv = write_csv(work / "local.csv", [str(p) for p in paths])
-        results.append({"config": "imgsim, local files", "latency_ms": None,
-                        "seconds": run_imgsim(client, local_csv, work / "store", "local", options)})
+        results.append(
+            {
+                "config": "imgsim, local files",
+                "latency_ms": None,
+                "seconds": run_imgsim(client, local_csv, work / "store", "local", options),
+            }
+        )
         for latency in args.latency_ms:
             server.latency = latency / 1000
-            csv = write_csv(work / f"http{int(latency)}.csv", [f"{server.url}/{p.name}" for p in paths])
-            results.append({"config": f"imgsim, HTTP +{latency:g} ms", "latency_ms": latency,
-                            "seconds": run_imgsim(client, csv, work / "store", f"http{int(latency)}",
-                                                       options)})
+            csv = write_csv(
+                work / f"http{int(latency)}.csv", [f"{server.url}/{p.name}" for p in paths]
+            )
+            results.append(
+                {
+                    "config": f"imgsim, HTTP +{latency:g} ms",
+                    "latency_ms": latency,
+                    "seconds": run_imgsim(
+                        client, csv, work / "store", f"http{int(latency)}", options
+                    ),
+                }
+            )
     if not args.skip_original:
         for latency in args.latency_ms:
             server.latency = latency / 1000
             urls = [f"{server.url}/{p.name}" for p in paths]
-            results.append({"config": f"original, HTTP +{latency:g} ms", "latency_ms": latency,
-                            "seconds": run_original(model, urls, args.original_batch_size)})
+            results.append(
+                {
+                    "config": f"original, HTTP +{latency:g} ms",
+                    "latency_ms": latency,
+                    "seconds": run_original(model, urls, args.original_batch_size),
+                }
+            )
 
     model_only = len(paths) / results[0]["seconds"]
     for row in results:
         row["images_per_s"] = round(len(paths) / row["seconds"], 2)
         row["vs_model_only"] = round(row["images_per_s"] / model_only, 3)
-        original = next((r for r in results if r["config"].startswith("original")
-                         and r["latency_ms"] == row["latency_ms"]), None)
+        original = next(
+            (
+                r
+                for r in results
+                if r["config"].startswith("original") and r["latency_ms"] == row["latency_ms"]
+            ),
+            None,
+        )
         if original and row["config"].startswith("imgsim"):
             row["vs_original"] = round(original["seconds"] / row["seconds"], 2)
-    report = {"images": len(paths), "batch_size": args.batch_size, "runtime": predictors[0].name,
-              "original_batch_size": args.original_batch_size, "machine": machine(),
-              "results": results}
+    report = {
+        "images": len(paths),
+        "batch_size": args.batch_size,
+        "runtime": predictors[0].name,
+        "original_batch_size": args.original_batch_size,
+        "machine": machine(),
+        "results": results,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(pd.DataFrame(results).to_string(index=False))
-    plot(results, args.out.with_suffix(".png"), f"{report['machine']}; batch {args.batch_size}, "
-         f"original batch {args.original_batch_size}")
+    plot(
+        results,
+        args.out.with_suffix(".png"),
+        f"{report['machine']}; batch {args.batch_size}, original batch {args.original_batch_size}",
+    )
     print(f"machine: {report['machine']}\nwritten: {args.out} and its .png plot")
 
 
@@ -232,8 +304,10 @@ def plot(results: list[dict], path: Path, machine_line: str) -> None:
 
     labels = [row["config"] for row in results]
     rates = [row["images_per_s"] for row in results]
-    colours = ["0.6" if label.startswith("model") else "C0" if label.startswith("imgsim")
-               else "C3" for label in labels]
+    colours = [
+        "0.6" if label.startswith("model") else "C0" if label.startswith("imgsim") else "C3"
+        for label in labels
+    ]
     figure, axes = plt.subplots(figsize=(8, 0.5 * len(labels) + 1.5))
     axes.barh(labels[::-1], rates[::-1], color=colours[::-1])
     for y, rate in enumerate(rates[::-1]):
@@ -245,8 +319,14 @@ def plot(results: list[dict], path: Path, machine_line: str) -> None:
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
-                .splitlines() if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     return f"{cpu}, {os.cpu_count()} cores, Python {sys.version.split()[0]}"
 
 

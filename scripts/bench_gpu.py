@@ -34,13 +34,13 @@ from pathlib import Path
 
 import keras
 import numpy as np
+from bench_match import make_data
 from keras import ops
 
-from bench_match import make_data
-from imgsim_dask.match.device import full_float32, keras_sees_gpu
 from imgsim_dask.match import match_features
-from imgsim_dask.options import MatchOptions
+from imgsim_dask.match.device import full_float32, keras_sees_gpu
 from imgsim_dask.models import build_model, resolve_weights
+from imgsim_dask.options import MatchOptions
 from imgsim_dask.runtime import KerasPredictor
 
 
@@ -88,10 +88,19 @@ def model_only(batches: list[int], policies: list[str], seconds: float) -> list[
                 unit = features / np.linalg.norm(features, axis=1, keepdims=True)
             reference.setdefault(batch, unit)
             cosine = float(np.einsum("ij,ij->i", unit, reference[batch]).min())
-            rows.append({"policy": policy, "batch": batch, "images_per_second": rate,
-                         "min_cosine_vs_float32": cosine})
-            print(f"model-only {policy:<15} batch {batch:>5}: {rate:10.1f} images/s  "
-                  f"(min cosine vs float32 {cosine:.6f})", flush=True)
+            rows.append(
+                {
+                    "policy": policy,
+                    "batch": batch,
+                    "images_per_second": rate,
+                    "min_cosine_vs_float32": cosine,
+                }
+            )
+            print(
+                f"model-only {policy:<15} batch {batch:>5}: {rate:10.1f} images/s  "
+                f"(min cosine vs float32 {cosine:.6f})",
+                flush=True,
+            )
     keras.mixed_precision.set_global_policy("float32")
     return rows
 
@@ -101,11 +110,14 @@ def matmul_peak(size: int, repeat: int) -> dict[str, float]:
     rng = np.random.default_rng(1)
     host = rng.standard_normal((size, size), dtype=np.float32)
     rates = {}
-    for name, dtype, exact in (("float32", "float32", True), ("default", "float32", False),
-                               ("bfloat16", "bfloat16", False)):
+    for name, dtype, exact in (
+        ("float32", "float32", True),
+        ("default", "float32", False),
+        ("bfloat16", "bfloat16", False),
+    ):
         x = ops.cast(ops.convert_to_tensor(host), dtype)
 
-        def product():
+        def product(x=x):
             return ops.matmul(x, x)
 
         def timed():
@@ -121,7 +133,7 @@ def matmul_peak(size: int, repeat: int) -> dict[str, float]:
                 seconds = timed()
         else:
             seconds = timed()
-        rates[name] = 2 * size ** 3 / seconds / 1e12
+        rates[name] = 2 * size**3 / seconds / 1e12
         print(f"matmul {size}^3 {name:<9}: {rates[name]:8.2f} TFLOP/s", flush=True)
     return rates
 
@@ -140,21 +152,33 @@ def score_stage(n: int, m: int, dim: int, options: dict, peak: float) -> list[di
         seconds = times[-1]
         tflops = 2 * n * m * dim / seconds / 1e12
         pairs = set(zip(found.row_a.tolist(), found.row_b.tolist()))
-        row = {"mode": mode, "seconds": seconds, "tflop_per_second": tflops,
-               "fraction_of_float32_peak": tflops / peak, "pairs": len(found),
-               "planted_found": len(planted & pairs)}
+        row = {
+            "mode": mode,
+            "seconds": seconds,
+            "tflop_per_second": tflops,
+            "fraction_of_float32_peak": tflops / peak,
+            "pairs": len(found),
+            "planted_found": len(planted & pairs),
+        }
         rows.append(row)
-        print(f"score {n} x {m} x {dim} {mode}: {seconds:.2f} s, {tflops:.2f} TFLOP/s "
-              f"({100 * tflops / peak:.0f}% of the float32 peak), {len(found)} pairs, "
-              f"{row['planted_found']}/{len(planted)} planted", flush=True)
+        print(
+            f"score {n} x {m} x {dim} {mode}: {seconds:.2f} s, {tflops:.2f} TFLOP/s "
+            f"({100 * tflops / peak:.0f}% of the float32 peak), {len(found)} pairs, "
+            f"{row['planted_found']}/{len(planted)} planted",
+            flush=True,
+        )
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
-    parser.add_argument("--mixed", nargs="*", default=["mixed_bfloat16", "mixed_float16"],
-                        help="Keras mixed precision policies compared with float32")
+    parser.add_argument(
+        "--mixed",
+        nargs="*",
+        default=["mixed_bfloat16", "mixed_float16"],
+        help="Keras mixed precision policies compared with float32",
+    )
     parser.add_argument("--seconds", type=float, default=5.0, help="timed per configuration")
     parser.add_argument("--peak-size", type=int, default=8192)
     parser.add_argument("--n", type=int, default=100_000, help="rows of A for the score stage")
@@ -162,24 +186,38 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--block-rows", type=int, default=MatchOptions.block_rows)
     parser.add_argument("--slice-rows", type=int, default=MatchOptions.slice_rows)
-    parser.add_argument("--quick", action="store_true",
-                        help="small sizes: check the script on any machine in about a minute")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes: check the script on any machine in about a minute",
+    )
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args()
     if args.quick:
         args.batches, args.seconds, args.peak_size = [8, 16], 1.0, 512
         args.n, args.m = 3000, 5000
 
-    print(f"Keras {keras.__version__}, backend {keras.backend.backend()}, device "
-          f"{device_name()} (GPU: {keras_sees_gpu()}), {platform.node()}", flush=True)
-    report = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "keras": keras.__version__, "backend": keras.backend.backend(),
-              "device": device_name(), "gpu": keras_sees_gpu(),
-              "model_only": model_only(args.batches, ["float32", *args.mixed], args.seconds)}
+    print(
+        f"Keras {keras.__version__}, backend {keras.backend.backend()}, device "
+        f"{device_name()} (GPU: {keras_sees_gpu()}), {platform.node()}",
+        flush=True,
+    )
+    report = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "keras": keras.__version__,
+        "backend": keras.backend.backend(),
+        "device": device_name(),
+        "gpu": keras_sees_gpu(),
+        "model_only": model_only(args.batches, ["float32", *args.mixed], args.seconds),
+    }
     report["matmul_peak_tflops"] = peak = matmul_peak(args.peak_size, repeat=10)
-    report["score"] = score_stage(args.n, args.m, args.dim,
-                                  {"block_rows": args.block_rows, "slice_rows": args.slice_rows},
-                                  peak["float32"])
+    report["score"] = score_stage(
+        args.n,
+        args.m,
+        args.dim,
+        {"block_rows": args.block_rows, "slice_rows": args.slice_rows},
+        peak["float32"],
+    )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))

@@ -22,10 +22,10 @@ import time
 import numpy as np
 import psutil
 
-from imgsim_dask.options import SCORERS, MatchOptions
 from imgsim_dask.match import available_cpus, match_features
+from imgsim_dask.options import SCORERS, MatchOptions
 
-MiB = 2 ** 20
+MiB = 2**20
 
 
 class RssSampler:
@@ -71,8 +71,9 @@ def _worker_sampler_stop(dask_worker=None) -> dict:
     return {"base": sampler.base, "peak": sampler.peak}
 
 
-def make_data(n: int, m: int, dim: int, planted: int, seed: int) -> tuple[np.ndarray, np.ndarray,
-                                                                            set]:
+def make_data(
+    n: int, m: int, dim: int, planted: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, set]:
     """Unit rows; `planted` rows of A are noisy copies of rows of B (similarity ~0.9-0.99)."""
     rng = np.random.default_rng(seed)
     a = rng.standard_normal((n, dim), dtype=np.float32)
@@ -85,7 +86,7 @@ def make_data(n: int, m: int, dim: int, planted: int, seed: int) -> tuple[np.nda
     target = rng.uniform(0.9, 0.99, size=(count, 1)).astype(np.float32)
     noise = rng.standard_normal((count, dim), dtype=np.float32)
     noise /= np.linalg.norm(noise, axis=1, keepdims=True)
-    copies = target * b[rows_b] + np.sqrt(1 - target ** 2) * noise
+    copies = target * b[rows_b] + np.sqrt(1 - target**2) * noise
     a[rows_a] = copies / np.linalg.norm(copies, axis=1, keepdims=True)
     return a, b, set(zip(rows_a.tolist(), rows_b.tolist()))
 
@@ -111,24 +112,39 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.845)
     parser.add_argument("--block-rows", type=int, default=MatchOptions.block_rows)
     parser.add_argument("--slice-rows", type=int, default=MatchOptions.slice_rows)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="kernel threads per task [default: all CPUs]")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="kernel threads per task [default: all CPUs]"
+    )
     parser.add_argument("--repeat", type=int, default=2, help="take the fastest of N runs")
-    parser.add_argument("--dense", choices=["auto", "yes", "no"], default="auto",
-                        help="run the dense reference (auto: when the matrix fits in 1/3 of RAM)")
+    parser.add_argument(
+        "--dense",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="run the dense reference (auto: when the matrix fits in 1/3 of RAM)",
+    )
     parser.add_argument("--skip-local", action="store_true", help="skip the in-process run")
     parser.add_argument("--skip-cluster", action="store_true", help="skip the cluster run")
-    parser.add_argument("--scorer", default="numpy", choices=SCORERS,
-                        help="kernel of our runs (keras: Keras ops on the backend's device)")
+    parser.add_argument(
+        "--scorer",
+        default="numpy",
+        choices=SCORERS,
+        help="kernel of our runs (keras: Keras ops on the backend's device)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the figures as JSON here")
     args = parser.parse_args()
 
-    options = MatchOptions(threshold=args.threshold, block_rows=args.block_rows,
-                           slice_rows=args.slice_rows, threads=args.threads, scorer=args.scorer)
+    options = MatchOptions(
+        threshold=args.threshold,
+        block_rows=args.block_rows,
+        slice_rows=args.slice_rows,
+        threads=args.threads,
+        scorer=args.scorer,
+    )
     dense_bytes = args.n * args.m * 4
     run_dense = args.dense == "yes" or (
-        args.dense == "auto" and dense_bytes < psutil.virtual_memory().total / 3)
+        args.dense == "auto" and dense_bytes < psutil.virtual_memory().total / 3
+    )
 
     a, b, planted = make_data(args.n, args.m, args.dim, args.planted, args.seed)
     limit = np.float32(args.threshold)
@@ -136,30 +152,41 @@ def main() -> None:
     pair_sets: dict[str, set] = {}
 
     if run_dense:
+
         def dense():
             sims = a @ b.T
             rows_a, rows_b = np.nonzero(sims >= limit)
             return rows_a, rows_b
+
         seconds, (rows_a, rows_b), increase = best_of(args.repeat, dense)
         pair_sets["dense"] = set(zip(rows_a.tolist(), rows_b.tolist()))
-        results["dense"] = {"seconds": seconds, "peak_rss_increase": increase,
-                            "pairs": len(pair_sets["dense"])}
+        results["dense"] = {
+            "seconds": seconds,
+            "peak_rss_increase": increase,
+            "pairs": len(pair_sets["dense"]),
+        }
 
     if not args.skip_local:
         match_features(a[:256], b[:1024], options, client=None)  # warm-up
         seconds, found, increase = best_of(
-            args.repeat, lambda: match_features(a, b, options, client=None))
+            args.repeat, lambda: match_features(a, b, options, client=None)
+        )
         pair_sets["ours, in-process"] = set(zip(found["row_a"].tolist(), found["row_b"].tolist()))
-        results["ours, in-process"] = {"seconds": seconds, "peak_rss_increase": increase,
-                                       "pairs": len(found)}
+        results["ours, in-process"] = {
+            "seconds": seconds,
+            "peak_rss_increase": increase,
+            "pairs": len(found),
+        }
 
     if not args.skip_cluster:
         from distributed import Client
 
         from imgsim_dask.cluster import GPU, local_cluster, workers_with
 
-        with local_cluster(fetch_workers=1, dashboard_address="127.0.0.1:0") as cluster, \
-                Client(cluster) as client:
+        with (
+            local_cluster(fetch_workers=1, dashboard_address="127.0.0.1:0") as cluster,
+            Client(cluster) as client,
+        ):
             client.wait_for_workers(2, timeout=120)
             model = workers_with(client, GPU)
             match_features(a[:256], b[:1024], options, client=client)  # warm-up
@@ -174,9 +201,12 @@ def main() -> None:
                 increases.append(worker["peak"] - worker["base"])
                 driver_increases.append(driver.increase)
         pair_sets["ours, cluster"] = set(zip(found["row_a"].tolist(), found["row_b"].tolist()))
-        results["ours, cluster"] = {"seconds": min(times), "peak_rss_increase": max(increases),
-                                    "driver_peak_rss_increase": max(driver_increases),
-                                    "pairs": len(found)}
+        results["ours, cluster"] = {
+            "seconds": min(times),
+            "peak_rss_increase": max(increases),
+            "driver_peak_rss_increase": max(driver_increases),
+            "pairs": len(found),
+        }
 
     reference = pair_sets.get("dense")
     first = next(iter(pair_sets.values()))
@@ -188,31 +218,48 @@ def main() -> None:
         if "dense" in results:
             row["time_vs_dense"] = row["seconds"] / results["dense"]["seconds"]
 
-    print(f"A {args.n} x {args.dim}, B {args.m} x {args.dim}, threshold {args.threshold}, "
-          f"{len(planted)} planted pairs; dense float32 matrix {dense_bytes / MiB:,.0f} MiB; "
-          f"block_rows {options.block_rows}, slice_rows {options.slice_rows}, "
-          f"threads {options.threads or available_cpus()}, scorer {args.scorer}; "
-          f"best of {args.repeat}")
-    print(f"{'run':<18}{'seconds':>9}{'x dense':>9}{'peak RSS +MiB':>15}{'% dense':>9}"
-          f"{'pairs':>9}{'planted':>9}{'= dense':>9}")
+    print(
+        f"A {args.n} x {args.dim}, B {args.m} x {args.dim}, threshold {args.threshold}, "
+        f"{len(planted)} planted pairs; dense float32 matrix {dense_bytes / MiB:,.0f} MiB; "
+        f"block_rows {options.block_rows}, slice_rows {options.slice_rows}, "
+        f"threads {options.threads or available_cpus()}, scorer {args.scorer}; "
+        f"best of {args.repeat}"
+    )
+    print(
+        f"{'run':<18}{'seconds':>9}{'x dense':>9}{'peak RSS +MiB':>15}{'% dense':>9}"
+        f"{'pairs':>9}{'planted':>9}{'= dense':>9}"
+    )
     for name, row in results.items():
         ratio = f"{row['time_vs_dense']:.3f}" if "time_vs_dense" in row else "-"
         same = {None: "-", True: "yes", False: "NO"}[row["same_pairs_as_dense"]]
-        print(f"{name:<18}{row['seconds']:>9.2f}{ratio:>9}"
-              f"{row['peak_rss_increase'] / MiB:>15.0f}"
-              f"{100 * row['peak_rss_increase_vs_dense_matrix']:>8.1f}%"
-              f"{row['pairs']:>9}{row['planted_found']:>9}{same:>9}")
+        print(
+            f"{name:<18}{row['seconds']:>9.2f}{ratio:>9}"
+            f"{row['peak_rss_increase'] / MiB:>15.0f}"
+            f"{100 * row['peak_rss_increase_vs_dense_matrix']:>8.1f}%"
+            f"{row['pairs']:>9}{row['planted_found']:>9}{same:>9}"
+        )
     if "ours, cluster" in results:
-        print(f"(cluster: driver process peak RSS +"
-              f"{results['ours, cluster']['driver_peak_rss_increase'] / MiB:.0f} MiB)")
+        print(
+            f"(cluster: driver process peak RSS +"
+            f"{results['ours, cluster']['driver_peak_rss_increase'] / MiB:.0f} MiB)"
+        )
 
     if args.out:
-        report = {"args": vars(args), "dense_matrix_bytes": dense_bytes,
-                  "options": {"block_rows": options.block_rows, "slice_rows": options.slice_rows,
-                              "threads": options.threads or available_cpus()},
-                  "machine": {"cpus": available_cpus(), "processor": platform.processor(),
-                              "ram_bytes": psutil.virtual_memory().total},
-                  "results": results}
+        report = {
+            "args": vars(args),
+            "dense_matrix_bytes": dense_bytes,
+            "options": {
+                "block_rows": options.block_rows,
+                "slice_rows": options.slice_rows,
+                "threads": options.threads or available_cpus(),
+            },
+            "machine": {
+                "cpus": available_cpus(),
+                "processor": platform.processor(),
+                "ram_bytes": psutil.virtual_memory().total,
+            },
+            "results": results,
+        }
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
 

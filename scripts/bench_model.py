@@ -24,9 +24,11 @@ args = parser.parse_args()
 model = build_model(resolve_weights("mobilenet", "random"), "/tmp")
 pixels = np.random.default_rng(0).integers(0, 256, (args.batch_size, 224, 224, 3), np.uint8)
 xla = tf.function(lambda t: model(t, training=False), jit_compile=True)
-runs = {"keras predict_on_batch": KerasPredictor(model),
-        "tf.function jit_compile=True": lambda batch: xla(batch).numpy(),
-        "openvino (float32, latency hint, uint8 in)": OpenVINOPredictor(model)}
+runs = {
+    "keras predict_on_batch": KerasPredictor(model),
+    "tf.function jit_compile=True": lambda batch: xla(batch).numpy(),
+    "openvino (float32, latency hint, uint8 in)": OpenVINOPredictor(model),
+}
 
 
 def unit(features):

@@ -19,8 +19,21 @@ from imgsim_dask.embed import embed_pixels
 from imgsim_dask.models import build_model, resolve_weights
 from imgsim_dask.runtime import KerasPredictor
 
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "moon", "grass", "gravel",
-          "coins", "page", "brick", "hubble_deep_field", "immunohistochemistry")
+PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "camera",
+    "moon",
+    "grass",
+    "gravel",
+    "coins",
+    "page",
+    "brick",
+    "hubble_deep_field",
+    "immunohistochemistry",
+)
 
 
 def photos() -> np.ndarray:
@@ -48,5 +61,7 @@ for name, weights in (("mobilenet", "random"), ("efficientnet-lite0", None)):
     half = embed_pixels(KerasPredictor(in_bfloat16(model)), pixels, 16)
     cosine = np.einsum("ij,ij->i", full, half).min()
     moved = np.abs(full @ full.T - half @ half.T).max()
-    print(f"{name} ({'random' if weights else 'ImageNet'} weights): min cosine bfloat16 vs "
-          f"float32 {cosine:.5f}, largest similarity change {moved:.4f}")
+    print(
+        f"{name} ({'random' if weights else 'ImageNet'} weights): min cosine bfloat16 vs "
+        f"float32 {cosine:.5f}, largest similarity change {moved:.4f}"
+    )

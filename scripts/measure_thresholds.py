@@ -31,8 +31,11 @@ def extract_paths(client, paths: list[Path], name: str, store: Path, model: str)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="efficientnet-lite0")
-    parser.add_argument("--seed-demo", type=Path,
-                        default=Path(__file__).resolve().parents[2] / "shared" / "seed" / "demo")
+    parser.add_argument(
+        "--seed-demo",
+        type=Path,
+        default=Path(__file__).resolve().parents[2] / "shared" / "seed" / "demo",
+    )
     args = parser.parse_args()
 
     from distributed import Client
@@ -41,8 +44,10 @@ def main() -> None:
     from imgsim_dask.demo import build_images
 
     work = Path(tempfile.mkdtemp(prefix="imgsim-thresholds-"))
-    with local_cluster(fetch_workers=1, dashboard_address="127.0.0.1:0") as cluster, \
-            Client(cluster) as client:
+    with (
+        local_cluster(fetch_workers=1, dashboard_address="127.0.0.1:0") as cluster,
+        Client(cluster) as client,
+    ):
         if (args.seed_demo / "truth.csv").is_file():
             truth = pd.read_csv(args.seed_demo / "truth.csv")
             same = {(a - 1, b - 1) for a, b in truth.loc[truth["same"] == "yes", ["a", "b"]].values}
@@ -50,16 +55,20 @@ def main() -> None:
             similarity = (lambda f: f @ f.T)(extract_paths(client, paths, "seed", work, args.model))
             pairs = [(i, j) for i in range(len(paths)) for j in range(i + 1, len(paths))]
             same_values = [similarity[p] for p in pairs if p in same]
-            print(f"seed covers: same-cover {min(same_values):.3f}-{max(same_values):.3f}, "
-                  f"different covers at most {max(similarity[p] for p in pairs if p not in same):.3f}")
+            print(
+                f"seed covers: same-cover {min(same_values):.3f}-{max(same_values):.3f}, "
+                f"different covers at most {max(similarity[p] for p in pairs if p not in same):.3f}"
+            )
         else:
             print(f"seed covers: skipped, no truth.csv in {args.seed_demo}")
 
         catalogue, uploads = build_images(work / "images")
-        cat = extract_paths(client, [work / "images" / f for f in catalogue["file"]], "catalogue",
-                            work, args.model)
-        up = extract_paths(client, [work / "images" / f for f in uploads["file"]], "uploads",
-                           work, args.model)
+        cat = extract_paths(
+            client, [work / "images" / f for f in catalogue["file"]], "catalogue", work, args.model
+        )
+        up = extract_paths(
+            client, [work / "images" / f for f in uploads["file"]], "uploads", work, args.model
+        )
         similarity = up @ cat.T
         titles = catalogue["title"].tolist()
         copy_of = [titles.index(t.split(" (")[0]) if " (" in t else None for t in uploads["title"]]
@@ -68,8 +77,10 @@ def main() -> None:
         for i, j in enumerate(copy_of):
             if j is not None:
                 mask[i, j] = False
-        print(f"demo: {len(copies)} edited copies at >= {min(copies):.3f}; "
-              f"best pair that is not a copy {similarity[mask].max():.3f}")
+        print(
+            f"demo: {len(copies)} edited copies at >= {min(copies):.3f}; "
+            f"best pair that is not a copy {similarity[mask].max():.3f}"
+        )
 
 
 if __name__ == "__main__":

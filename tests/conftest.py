@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-
 from support.cluster import ProcessCluster
 from support.http import LoopbackServer
 from support.images import sample_images
@@ -39,8 +38,11 @@ def loopback_only(monkeypatch):
     real_getaddrinfo = socket.getaddrinfo
 
     def guarded_getaddrinfo(host, *args, **kwargs):
-        if host is not None and str(host).lower() not in LOOPBACK_NAMES \
-                and not str(host).startswith("127."):
+        if (
+            host is not None
+            and str(host).lower() not in LOOPBACK_NAMES
+            and not str(host).startswith("127.")
+        ):
             raise AssertionError(f"test tried to resolve {host!r}")
         return real_getaddrinfo(host, *args, **kwargs)
 
@@ -96,8 +98,10 @@ def client():
 
     from imgsim_dask.cluster import local_cluster
 
-    with local_cluster(fetch_workers=1, dashboard_address="127.0.0.1:0") as cluster, \
-            Client(cluster) as dask_client:
+    with (
+        local_cluster(fetch_workers=1, dashboard_address="127.0.0.1:0") as cluster,
+        Client(cluster) as dask_client,
+    ):
         dask_client.wait_for_workers(2, timeout=120)
         yield dask_client
 

@@ -26,7 +26,9 @@ from imgsim_dask.options import MatchOptions
 def test_device_copies_are_made_once_per_run_and_freed_at_its_end(monkeypatch):
     made = []
     to_device = device._to_device
-    monkeypatch.setattr(device, "_to_device", lambda host: made.append(len(host)) or to_device(host))
+    monkeypatch.setattr(
+        device, "_to_device", lambda host: made.append(len(host)) or to_device(host)
+    )
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal((50, 8), np.float32), rng.standard_normal((30, 8), np.float32)
     options = MatchOptions(threshold=0.2, block_rows=10, slice_rows=12, scorer="keras")
@@ -127,10 +129,13 @@ def test_torch_backend_is_refused_for_its_ties(monkeypatch, tmp_path):
 
 
 def test_auto_is_numpy_without_a_gpu_and_does_not_import_keras():
-    script = ("import sys; from imgsim_dask.match.device import resolve_scorer; "
-              "print(resolve_scorer('auto'), 'keras' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         check=True, timeout=120).stdout.split()
+    script = (
+        "import sys; from imgsim_dask.match.device import resolve_scorer; "
+        "print(resolve_scorer('auto'), 'keras' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    ).stdout.split()
     assert out == ["numpy", "False"]
 
 
@@ -189,11 +194,14 @@ def test_the_device_kernel_under_jax_equals_the_reference():
         print("ok")
         """
     )
-    env = dict(os.environ, KERAS_BACKEND="jax",
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent),
-                                           os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                            text=True, timeout=300)
+    env = dict(
+        os.environ,
+        KERAS_BACKEND="jax",
+        PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[-1] == "ok"
 

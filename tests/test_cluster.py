@@ -14,8 +14,10 @@ from imgsim_dask.options import ClusterOptions
 def test_worker_reads_never_come_back_empty(client):
     # A 5 ms refresh makes the client's cached scheduler_info() read as no workers in about
     # 4% of calls (measured: 74 of 2,000); a preflight that trusted it failed a CI run.
-    with dask.config.set({"distributed.client.scheduler-info-interval": "5ms"}), \
-            Client(client.scheduler.address) as fast_refresh:
+    with (
+        dask.config.set({"distributed.client.scheduler-info-interval": "5ms"}),
+        Client(client.scheduler.address) as fast_refresh,
+    ):
         counts = [len(cluster_workers(fast_refresh)) for _ in range(400)]
         assert set(counts) == {2}
         assert len(workers_with(fast_refresh, GPU)) == 1

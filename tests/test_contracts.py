@@ -9,7 +9,6 @@ import time
 
 import numpy as np
 import pytest
-
 from support.store import make_source
 
 from imgsim_dask.errors import StoreError
@@ -37,8 +36,9 @@ def test_a_source_records_its_format_and_older_ones_still_open(tmp_path):
 def test_a_source_of_a_newer_format_is_refused_in_one_line(tmp_path):
     _sealed(tmp_path)
     meta_path = tmp_path / "old" / "meta.json"
-    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()),
-                                     "format_version": FORMAT_VERSION + 1}))
+    meta_path.write_text(
+        json.dumps({**json.loads(meta_path.read_text()), "format_version": FORMAT_VERSION + 1})
+    )
     with pytest.raises(StoreError, match="newer imgsim-dask") as error:
         open_source(tmp_path, "old")
     assert "\n" not in str(error.value)
@@ -66,8 +66,12 @@ def test_bounded_keeps_its_window_and_cancels_what_is_left(client):
 
     held = []
     with pytest.raises(RuntimeError, match="stop"):
-        with bounded(client, range(20), lambda x: held.append(
-                client.submit(_slow_square, x, pure=False)) or held[-1], window=4) as finished:
+        with bounded(
+            client,
+            range(20),
+            lambda x: held.append(client.submit(_slow_square, x, pure=False)) or held[-1],
+            window=4,
+        ) as finished:
             for _ in finished:
                 raise RuntimeError("stop")
     assert len(held) == 4
@@ -80,10 +84,16 @@ def test_bounded_keeps_its_window_and_cancels_what_is_left(client):
 def test_native_chatter_is_dropped_and_real_lines_kept(capfd, monkeypatch):
     monkeypatch.delenv("IMGSIM_NATIVE_LOGS", raising=False)
     with filtered_native_stderr():
-        os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are "
-                    b"written to STDERR\n")
-        os.write(2, b"I0000 00:00:1796 11470 cudart_stub.cc:31] Could not find cuda drivers on "
-                    b"your machine, GPU will not be used.\n")
+        os.write(
+            2,
+            b"WARNING: All log messages before absl::InitializeLog() is called are "
+            b"written to STDERR\n",
+        )
+        os.write(
+            2,
+            b"I0000 00:00:1796 11470 cudart_stub.cc:31] Could not find cuda drivers on "
+            b"your machine, GPU will not be used.\n",
+        )
         os.write(2, b"a real problem\n")
     assert capfd.readouterr().err == "a real problem\n"
     monkeypatch.setenv("IMGSIM_NATIVE_LOGS", "1")  # what -v sets

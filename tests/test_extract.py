@@ -6,21 +6,30 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+from support.images import SEED_DEMO
 
 from imgsim_dask import extract, open_source
 from imgsim_dask.errors import StoreError
-
-from support.images import SEED_DEMO
 
 
 @pytest.fixture(scope="module")
 def mixed_csv(tmp_path_factory, http_server, image_dir):
     """HTTP URLs, local paths and failures, spread over several partitions."""
     urls = [f"{http_server}/{n}.jpg" for n in ("astronaut", "chelsea", "coffee", "rocket")]
-    urls += [str(image_dir / "camera.jpg"), f"{http_server}/missing.jpg",
-             f"{http_server}/notes.jpg", "", str(image_dir / "chelsea_small.png")]
-    table = pd.DataFrame({"id": [f"img{i}" for i in range(len(urls))],
-                          "caption": [f"caption, {i}" for i in range(len(urls))], "url": urls})
+    urls += [
+        str(image_dir / "camera.jpg"),
+        f"{http_server}/missing.jpg",
+        f"{http_server}/notes.jpg",
+        "",
+        str(image_dir / "chelsea_small.png"),
+    ]
+    table = pd.DataFrame(
+        {
+            "id": [f"img{i}" for i in range(len(urls))],
+            "caption": [f"caption, {i}" for i in range(len(urls))],
+            "url": urls,
+        }
+    )
     path = tmp_path_factory.mktemp("csv") / "mixed.csv"
     table.to_csv(path, index=False)
     return path, table
@@ -28,8 +37,15 @@ def mixed_csv(tmp_path_factory, http_server, image_dir):
 
 def test_extract_mixed_sources(client, mixed_csv, tmp_path):
     path, table = mixed_csv
-    source = extract(str(path), "mixed", str(tmp_path), cluster=client, weights="random",
-                     partition_rows=4, batch_size=3)
+    source = extract(
+        str(path),
+        "mixed",
+        str(tmp_path),
+        cluster=client,
+        weights="random",
+        partition_rows=4,
+        batch_size=3,
+    )
     rows = source.rows()
     assert rows["row"].tolist() == list(range(len(table)))
     assert rows["id"].tolist() == table["id"].tolist()
@@ -49,11 +65,19 @@ def test_extract_mixed_sources(client, mixed_csv, tmp_path):
     assert meta.stages["fetch"]["task_seconds"] > 0 and meta.stages["embed"]["task_seconds"] > 0
     assert meta.stages["embed"]["images_per_task_second"] > 0
     spans = client.run_on_scheduler(
-        lambda dask_scheduler: [s.name for s in dask_scheduler.extensions["spans"].spans.values()])
+        lambda dask_scheduler: [s.name for s in dask_scheduler.extensions["spans"].spans.values()]
+    )
     assert {("extract", "mixed", stage) for stage in ("rows", "fetch", "embed")} <= set(spans)
 
-    again = extract(str(path), "mixed-again", str(tmp_path), cluster=client, weights="random",
-                    partition_rows=4, batch_size=3)
+    again = extract(
+        str(path),
+        "mixed-again",
+        str(tmp_path),
+        cluster=client,
+        weights="random",
+        partition_rows=4,
+        batch_size=3,
+    )
     assert np.array_equal(again.features[:], features, equal_nan=True)  # deterministic
 
     h5_path = tmp_path / "export" / "mixed.h5"
@@ -70,8 +94,9 @@ def test_existing_name_is_refused_unless_overwrite(client, mixed_csv, tmp_path):
     extract(str(path), "twice", str(tmp_path), cluster=client, weights="random")
     with pytest.raises(StoreError, match="already exists"):
         extract(str(path), "twice", str(tmp_path), cluster=client, weights="random")
-    again = extract(str(path), "twice", str(tmp_path), cluster=client, weights="random",
-                    overwrite=True)
+    again = extract(
+        str(path), "twice", str(tmp_path), cluster=client, weights="random", overwrite=True
+    )
     assert open_source(tmp_path, "twice").meta.rows == again.meta.rows
 
 

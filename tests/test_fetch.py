@@ -37,7 +37,16 @@ def test_partition_statuses(http_server, image_dir):
     fetched = fetch_partition(rows, "url", options)
     table = fetched.rows
     assert table["status"].tolist() == [
-        OK, "http_404", "http_5xx", "not_image", OK, OK, OK, "bad_url", "blocked", "not_found",
+        OK,
+        "http_404",
+        "http_5xx",
+        "not_image",
+        OK,
+        OK,
+        OK,
+        "bad_url",
+        "blocked",
+        "not_found",
     ]
     assert table.loc[0, "http_status"] == 200 and table.loc[1, "http_status"] == 404
     assert (table.loc[table.status != OK, "error"] != "").all()
@@ -86,9 +95,14 @@ def test_non_image_rows_have_no_size_or_hash_by_http_or_path(http_server, image_
     (tmp_path / "short.jpg").write_bytes(b"hello")
     jpeg = (image_dir / "coffee.jpg").read_bytes()
     (tmp_path / "half.jpg").write_bytes(jpeg[: len(jpeg) // 2])
-    urls = [f"{http_server}/notes.jpg", str(image_dir / "notes.jpg"),
-            f"file://{image_dir / 'notes.jpg'}", str(tmp_path / "empty.jpg"),
-            str(tmp_path / "short.jpg"), str(tmp_path / "half.jpg")]
+    urls = [
+        f"{http_server}/notes.jpg",
+        str(image_dir / "notes.jpg"),
+        f"file://{image_dir / 'notes.jpg'}",
+        str(tmp_path / "empty.jpg"),
+        str(tmp_path / "short.jpg"),
+        str(tmp_path / "half.jpg"),
+    ]
     table = fetch_partition(pd.DataFrame({"url": urls}), "url", FetchOptions()).rows
     assert table["status"].tolist() == ["not_image"] * 5 + ["decode_error"]
     assert table["bytes"][:5].isna().all() and (table["sha256"][:5] == "").all()
@@ -100,8 +114,10 @@ def test_non_image_rows_have_no_size_or_hash_by_http_or_path(http_server, image_
 def _fetch_in_thread(urls: list[str], options: FetchOptions, seconds: float = 10):
     """fetch_partition in a thread; None if it has not returned within `seconds`."""
     result = []
-    thread = threading.Thread(target=lambda: result.append(
-        fetch_partition(pd.DataFrame({"url": urls}), "url", options)), daemon=True)
+    thread = threading.Thread(
+        target=lambda: result.append(fetch_partition(pd.DataFrame({"url": urls}), "url", options)),
+        daemon=True,
+    )
     thread.start()
     thread.join(seconds)
     return result[0].rows if result else None
@@ -123,8 +139,13 @@ def test_special_files_get_a_permanent_status_unread(tmp_path, image_dir):
     os.mkfifo(fifo)
     (tmp_path / "folder.jpg").mkdir()
     (tmp_path / "link.jpg").symlink_to(tmp_path / "folder.jpg")
-    urls = [str(tmp_path / "folder.jpg"), str(tmp_path / "link.jpg"), str(fifo),
-            f"file://{fifo}", str(image_dir / "coffee.jpg")]
+    urls = [
+        str(tmp_path / "folder.jpg"),
+        str(tmp_path / "link.jpg"),
+        str(fifo),
+        f"file://{fifo}",
+        str(image_dir / "coffee.jpg"),
+    ]
     kinds = ["directory", "directory", "FIFO", "FIFO"]
     if os.path.exists("/dev/zero"):
         urls.insert(-1, "/dev/zero")
@@ -142,8 +163,7 @@ def test_special_files_get_a_permanent_status_unread(tmp_path, image_dir):
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
-def test_file_swapped_for_a_fifo_after_the_stat_is_not_waited_on(tmp_path, image_dir,
-                                                                 monkeypatch):
+def test_file_swapped_for_a_fifo_after_the_stat_is_not_waited_on(tmp_path, image_dir, monkeypatch):
     """The check is made again on the opened file, which is opened without waiting for a
     writer: a path that is a regular file at `stat` and a FIFO at `open` cannot hang a row."""
     fifo = tmp_path / "swapped.jpg"
@@ -179,8 +199,11 @@ def test_size_cap(http_server, image_dir):
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16"])
 def test_decode_modes_to_rgb(mode):
-    image = Image.new("RGB", (300, 200), (200, 30, 60)).convert(mode) if mode != "I;16" \
+    image = (
+        Image.new("RGB", (300, 200), (200, 30, 60)).convert(mode)
+        if mode != "I;16"
         else Image.new("I;16", (300, 200), 1000)
+    )
     buffer = io.BytesIO()
     image.save(buffer, format="TIFF" if mode in ("CMYK", "I;16") else "PNG")
     pixels, width, height = decode_image(buffer.getvalue(), 224)
@@ -214,12 +237,16 @@ def test_animated_gif_decodes_its_first_frame():
     assert pixels[..., 0].mean() > 200 and pixels[..., 2].mean() < 50
 
 
-@pytest.mark.parametrize("data", [
-    b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n",  # would reach Ghostscript
-    b"8BPS\x00\x01" + bytes(64),  # Photoshop
-    b"<svg xmlns='http://www.w3.org/2000/svg'/>",
-    b"",
-], ids=["eps", "psd", "svg", "empty"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n",  # would reach Ghostscript
+        b"8BPS\x00\x01" + bytes(64),  # Photoshop
+        b"<svg xmlns='http://www.w3.org/2000/svg'/>",
+        b"",
+    ],
+    ids=["eps", "psd", "svg", "empty"],
+)
 def test_only_listed_formats_reach_a_decoder(data):
     with pytest.raises(RowFailure) as info:
         decode_image(data, 224)
@@ -228,16 +255,21 @@ def test_only_listed_formats_reach_a_decoder(data):
 
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG that declares width x height pixels and holds none."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data)))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
 
-@pytest.mark.parametrize("side, max_pixels", [(30_000, None), (100, 9_999)],
-                         ids=["over-pillow-error-limit", "over-max-pixels"])
+@pytest.mark.parametrize(
+    "side, max_pixels",
+    [(30_000, None), (100, 9_999)],
+    ids=["over-pillow-error-limit", "over-max-pixels"],
+)
 def test_bomb_refused_before_decoding(side, max_pixels):
     options = {"max_pixels": max_pixels} if max_pixels else {}
     with pytest.raises(RowFailure) as info:

@@ -20,14 +20,13 @@ from urllib.parse import quote
 import pandas as pd
 import pytest
 import urllib3
+from support.http import HUGE_BYTES, LoopbackServer, jpeg_bytes
 
 from imgsim_dask.errors import InputError
 from imgsim_dask.fetch import fetch_partition
 from imgsim_dask.options import FetchOptions
-from imgsim_dask.schema import OK
 from imgsim_dask.safehttp import AddressPolicy, BlockedAddress, GuardedPoolManager
-
-from support.http import HUGE_BYTES, LoopbackServer, jpeg_bytes
+from imgsim_dask.schema import OK
 
 METADATA_IP = "169.254.169.254"
 CAP_BYTES = 2**20
@@ -61,8 +60,12 @@ def dns(monkeypatch) -> FakeDns:
             raise answer
         if fake.calls[host] > 1:
             answer = fake.later.get(host, answer)
-        return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", (ip, port, 0, 0)) if ":" in ip
-                else (socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in answer]
+        return [
+            (socket.AF_INET6, socket.SOCK_STREAM, 6, "", (ip, port, 0, 0))
+            if ":" in ip
+            else (socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port))
+            for ip in answer
+        ]
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     return fake
@@ -112,14 +115,17 @@ FAULTS = {
     "429 Retry-After 1 s is honoured": Fault("/busy-then-ok?after=1", OK, 2, 2, min_seconds=1),
     "429 Retry-After beyond the cap": Fault("/busy-then-ok?after=3600", "http_429", 1, 1),
     "429 Retry-After past year 9999: the backoff": Fault(
-        "/busy-then-ok?after=Fri,%2031%20Dec%2010000%2000:00:00%20GMT", OK, 2, 2),
+        "/busy-then-ok?after=Fri,%2031%20Dec%2010000%2000:00:00%20GMT", OK, 2, 2
+    ),
     "reset before a response is retried": Fault("/reset-then-ok", OK, 2, 2),
     "server never answers": Fault("/silent", "timeout", 1, 2, {"read_timeout": 0.5}),
     # read_timeout (1 s) never fires on a trickle: the deadline ends it
-    "headers trickle forever": Fault("/trickle-headers", "timeout", 1, 2.5, {"deadline": 1.5},
-                                     min_seconds=1.5),
-    "body trickles forever": Fault("/trickle-body", "timeout", 1, 2.5, {"deadline": 1.5},
-                                   min_seconds=1.5),
+    "headers trickle forever": Fault(
+        "/trickle-headers", "timeout", 1, 2.5, {"deadline": 1.5}, min_seconds=1.5
+    ),
+    "body trickles forever": Fault(
+        "/trickle-body", "timeout", 1, 2.5, {"deadline": 1.5}, min_seconds=1.5
+    ),
     "half the declared body, then close": Fault("/half", "truncated", 1, 2),
     "Content-Length not a number": Fault("/odd-length", OK, 1, 2),
     "HTML served as image/jpeg": Fault("/html", "not_image", 1, 2),
@@ -194,24 +200,34 @@ def test_metadata_hostname_is_blocked_before_any_connect(dns, connects):
     assert connects == []
 
 
-@pytest.mark.parametrize("answer", [["fe80::1"], ["127.0.0.1", METADATA_IP]],
-                         ids=["ipv6-link-local", "one-of-two-addresses"])
+@pytest.mark.parametrize(
+    "answer",
+    [["fe80::1"], ["127.0.0.1", METADATA_IP]],
+    ids=["ipv6-link-local", "one-of-two-addresses"],
+)
 def test_hosts_resolving_to_link_local_are_blocked(dns, connects, answer):
     dns.answers["sneaky.test"] = answer
     rows, _ = fetch(["http://sneaky.test/a.jpg"], **FAST)
     assert rows["status"].tolist() == ["blocked"] and connects == []
 
 
-@pytest.mark.parametrize("host", [METADATA_IP, "[fe80::1]", "[::ffff:169.254.169.254]",
-                                  "[fd00:ec2::254]", "100.100.100.200"])
+@pytest.mark.parametrize(
+    "host",
+    [METADATA_IP, "[fe80::1]", "[::ffff:169.254.169.254]", "[fd00:ec2::254]", "100.100.100.200"],
+)
 def test_link_local_and_metadata_literals_are_blocked(connects, host):
     rows, _ = fetch([f"http://{host}/latest/meta-data/"], **FAST)
     assert rows["status"].tolist() == ["blocked"] and connects == []
 
 
-@pytest.mark.parametrize("target", ["http://metadata.test/latest/meta-data/",
-                                    f"http://{METADATA_IP}/latest/meta-data/",
-                                    "file:///etc/passwd"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "http://metadata.test/latest/meta-data/",
+        f"http://{METADATA_IP}/latest/meta-data/",
+        "file:///etc/passwd",
+    ],
+)
 def test_redirect_to_metadata_or_a_file_is_blocked(fault_server, dns, connects, target):
     dns.answers["metadata.test"] = [METADATA_IP]
     rows, _ = fetch([fault_server.url(f"/redirect?to={target}")], **FAST)
@@ -220,12 +236,17 @@ def test_redirect_to_metadata_or_a_file_is_blocked(fault_server, dns, connects, 
     assert connects and all(address == "127.0.0.1" for address in connects)
 
 
-@pytest.mark.parametrize("target", ["http://[::1/x.jpg", "//[zz]/x.jpg",
-                                    "http://127.0.0.1:99999/x.jpg"],
-                         ids=["unclosed-bracket", "not-an-ip-in-brackets", "port-out-of-range"])
+@pytest.mark.parametrize(
+    "target",
+    ["http://[::1/x.jpg", "//[zz]/x.jpg", "http://127.0.0.1:99999/x.jpg"],
+    ids=["unclosed-bracket", "not-an-ip-in-brackets", "port-out-of-range"],
+)
 def test_malformed_redirect_location_is_bad_url(fault_server, connects, target):
-    urls = [fault_server.url("/image"), fault_server.url("/redirect?to=" + quote(target, safe="")),
-            fault_server.url("/image")]
+    urls = [
+        fault_server.url("/image"),
+        fault_server.url("/redirect?to=" + quote(target, safe="")),
+        fault_server.url("/image"),
+    ]
     rows, _ = fetch(urls, **FAST)
     assert rows["status"].tolist() == [OK, "bad_url", OK]
     assert "malformed redirect Location" in rows.loc[1, "error"]
@@ -233,8 +254,9 @@ def test_malformed_redirect_location_is_bad_url(fault_server, connects, target):
     assert set(connects) == {"127.0.0.1"}
 
 
-def test_host_names_with_empty_or_long_labels_are_bad_url_before_any_lookup(fault_server,
-                                                                          monkeypatch):
+def test_host_names_with_empty_or_long_labels_are_bad_url_before_any_lookup(
+    fault_server, monkeypatch
+):
     guarded_getaddrinfo = socket.getaddrinfo  # the conftest guard: loopback names only
 
     def getaddrinfo(host, *args, **kwargs):
@@ -242,8 +264,12 @@ def test_host_names_with_empty_or_long_labels_are_bad_url_before_any_lookup(faul
         return guarded_getaddrinfo(host, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    urls = ["http://a..b/x.jpg", f"http://{'a' * 64}.test/x.jpg",
-            fault_server.url("/redirect?to=http://a..b/x.jpg"), fault_server.url("/image")]
+    urls = [
+        "http://a..b/x.jpg",
+        f"http://{'a' * 64}.test/x.jpg",
+        fault_server.url("/redirect?to=http://a..b/x.jpg"),
+        fault_server.url("/image"),
+    ]
     rows, _ = fetch(urls, **FAST)
     assert rows["status"].tolist() == ["bad_url", "bad_url", "bad_url", OK]
     assert "malformed redirect Location 'http://a..b/x.jpg'" in rows.loc[2, "error"]
@@ -269,8 +295,11 @@ def test_allow_link_local_lifts_the_block(dns, connects):
 
 def test_public_only_refuses_loopback(fault_server, connects):
     port = fault_server.server_address[1]
-    urls = [fault_server.url("/image"), f"http://localhost:{port}/image",
-            f"http://[::1]:{port}/image"]
+    urls = [
+        fault_server.url("/image"),
+        f"http://localhost:{port}/image",
+        f"http://[::1]:{port}/image",
+    ]
     rows, _ = fetch(urls, **FAST, public_only=True)
     assert rows["status"].tolist() == ["blocked"] * 3
     assert connects == [] and fault_server.hits["/image"] == 0
@@ -281,8 +310,14 @@ def test_scheme_allow_list(fault_server, tmp_path, connects):
     before anything is resolved or connected to; only a malformed URL is `bad_url`."""
     image = tmp_path / "a.jpg"
     image.write_bytes(JPEG)
-    urls = [fault_server.url("/image"), str(image), f"file://{image}", "ftp://127.0.0.1/a.jpg",
-            "data:image/jpeg;base64,/9j/4AAQ", "http://[::1/a.jpg"]
+    urls = [
+        fault_server.url("/image"),
+        str(image),
+        f"file://{image}",
+        "ftp://127.0.0.1/a.jpg",
+        "data:image/jpeg;base64,/9j/4AAQ",
+        "http://[::1/a.jpg",
+    ]
     rows, _ = fetch(urls, schemes=("https",))
     assert rows["status"].tolist() == ["blocked"] * 5 + ["bad_url"]
     assert "ftp URLs are not fetched" in rows.loc[3, "error"]
@@ -356,14 +391,20 @@ def test_https_connects_to_the_checked_address_and_verifies_the_host_name(tmp_pa
 
     ca = CertificateAuthority("imgsim test CA")
     ca_file = ca.write(tmp_path / "ca.pem")
-    server_pem, _ = ca.issue("images.test", dns_names=["images.test"],
-                             server_auth=True).write(tmp_path / "server.pem")
+    server_pem, _ = ca.issue("images.test", dns_names=["images.test"], server_auth=True).write(
+        tmp_path / "server.pem"
+    )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(server_pem)
     tls_server = LoopbackServer(protocol="HTTP/1.1", ssl_context=context).start()
     port = tls_server.port
-    dns.answers.update({"images.test": ["127.0.0.1"], "impostor.test": ["127.0.0.1"],
-                        "metadata.test": [METADATA_IP]})
+    dns.answers.update(
+        {
+            "images.test": ["127.0.0.1"],
+            "impostor.test": ["127.0.0.1"],
+            "metadata.test": [METADATA_IP],
+        }
+    )
     manager = GuardedPoolManager(AddressPolicy(), ca_certs=str(ca_file))
     try:
         response = manager.urlopen("GET", f"https://images.test:{port}/image", retries=False)

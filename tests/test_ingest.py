@@ -84,8 +84,9 @@ def test_missing_file(tmp_path):
         inspect_csv(str(tmp_path / "absent.csv"))
 
 
-@pytest.mark.parametrize("text", ["id,url\n1,a,extra\n2,b\n3\n4,c,d,e\n",
-                                  "id,url\n1,a\n2,b,extra\n3\n4,c,d,e\n"])
+@pytest.mark.parametrize(
+    "text", ["id,url\n1,a,extra\n2,b\n3\n4,c,d,e\n", "id,url\n1,a\n2,b,extra\n3\n4,c,d,e\n"]
+)
 def test_ragged_rows_are_kept_and_flagged(tmp_path, text):
     """Extra fields in the first row once made pandas shift every column silently."""
     frame = read_rows(inspect_csv(write(tmp_path, text)))
@@ -93,18 +94,25 @@ def test_ragged_rows_are_kept_and_flagged(tmp_path, text):
     assert frame["url"].tolist() == ["a", "b", "", "c"]
     ragged = {0: 3, 2: 1, 3: 4} if "a,extra" in text else {1: 3, 2: 1, 3: 4}
     assert frame[INGEST_ERROR].tolist() == [
-        f"row has {ragged[i]} field{'' if ragged[i] == 1 else 's'}, the header 2" if i in ragged
-        else "" for i in range(4)]
+        f"row has {ragged[i]} field{'' if ragged[i] == 1 else 's'}, the header 2"
+        if i in ragged
+        else ""
+        for i in range(4)
+    ]
 
 
 def test_reserved_column_names_are_refused(tmp_path):
     with pytest.raises(InputError, match="'status' is reserved"):
         inspect_csv(write(tmp_path, "id,status,url\n1,new,a.jpg\n"))
-    assert inspect_csv(write(tmp_path, "id,status,url\n1,new,a.jpg\n"),
-                       CsvOptions(cols=["id", "url"])).keep == ("id", "url")
-    with pytest.raises(InputError, match="'status' is reserved for the row table; name it "
-                                         "otherwise in cols"):
-        inspect_csv(write(tmp_path, "1,new,a.jpg\n"), CsvOptions(header=False, cols=["id", "status", "url"]))
+    assert inspect_csv(
+        write(tmp_path, "id,status,url\n1,new,a.jpg\n"), CsvOptions(cols=["id", "url"])
+    ).keep == ("id", "url")
+    with pytest.raises(
+        InputError, match="'status' is reserved for the row table; name it otherwise in cols"
+    ):
+        inspect_csv(
+            write(tmp_path, "1,new,a.jpg\n"), CsvOptions(header=False, cols=["id", "status", "url"])
+        )
 
 
 def test_blanks_and_utf8_survive_as_strings(tmp_path):
@@ -116,13 +124,19 @@ def test_blanks_and_utf8_survive_as_strings(tmp_path):
 @pytest.mark.parametrize(
     "data, message",
     [
-        (b"id,title,url\n1,caf\xe9,img/caf\xe9.jpg\n",
-         "not UTF-8 (byte 0xe9 on line 2); convert it, e.g. iconv -f latin1 -t utf-8"),
-        ("id,url\n1,a.jpg\n".encode("utf-16"),
-         "UTF-16LE text (byte order mark), not UTF-8; convert it, e.g. iconv -f utf-16le -t utf-8"),
+        (
+            b"id,title,url\n1,caf\xe9,img/caf\xe9.jpg\n",
+            "not UTF-8 (byte 0xe9 on line 2); convert it, e.g. iconv -f latin1 -t utf-8",
+        ),
+        (
+            "id,url\n1,a.jpg\n".encode("utf-16"),
+            "UTF-16LE text (byte order mark), not UTF-8; convert it, e.g. iconv -f utf-16le -t utf-8",
+        ),
         ("id,url\n1,a.jpg\n".encode("utf-32"), "UTF-32LE text (byte order mark), not UTF-8"),
-        ("id,url\n1,a.jpg\n".encode("utf-16-be"),
-         "not UTF-8 (NUL bytes from line 1: UTF-16 or UTF-32?); convert it, e.g. iconv -f utf-16"),
+        (
+            "id,url\n1,a.jpg\n".encode("utf-16-be"),
+            "not UTF-8 (NUL bytes from line 1: UTF-16 or UTF-32?); convert it, e.g. iconv -f utf-16",
+        ),
     ],
     ids=["latin-1", "utf-16", "utf-32", "utf-16-without-bom"],
 )
@@ -190,8 +204,9 @@ def test_quoted_newlines_across_block_boundaries(tmp_path):
 @given(st.lists(st.integers(0, 40), max_size=12), st.integers(1, 17))
 def test_plan_covers_every_row_once_in_order(lengths, partition_rows):
     plan = cut_partitions(lengths, partition_rows)
-    covered = [(block, r) for pieces in plan for block, start, stop in pieces
-               for r in range(start, stop)]
+    covered = [
+        (block, r) for pieces in plan for block, start, stop in pieces for r in range(start, stop)
+    ]
     assert covered == [(b, r) for b, n in enumerate(lengths) for r in range(n)]
     sizes = [sum(stop - start for _, start, stop in pieces) for pieces in plan]
     assert all(size == partition_rows for size in sizes[:-1])
@@ -212,8 +227,10 @@ def test_blocks_and_rows_agree_for_many_small_blocks(tmp_path):
     blocks, lengths = read_blocks(source, blocksize=2000)
     assert len(lengths) > 3 and sum(lengths) == 1000
     frames = list(dask.compute(*blocks))
-    parts = [assemble_partition(k * 64, [(frames[b], s, e) for b, s, e in pieces], ["id", "url"])
-             for k, pieces in enumerate(cut_partitions(lengths, 64))]
+    parts = [
+        assemble_partition(k * 64, [(frames[b], s, e) for b, s, e in pieces], ["id", "url"])
+        for k, pieces in enumerate(cut_partitions(lengths, 64))
+    ]
     merged = pd.concat(parts, ignore_index=True)
     assert merged["row"].tolist() == list(range(1000))
     assert merged["id"].tolist() == [str(i) for i in range(1000)]
@@ -221,7 +238,10 @@ def test_blocks_and_rows_agree_for_many_small_blocks(tmp_path):
 
 def test_columns_are_kept_once(tmp_path):
     path = write(tmp_path, "id,title,url\n1,a,b.jpg\n")
-    assert inspect_csv(path, CsvOptions(cols=["title"], url_col="url", id_col="url")).keep == ("title", "url")
+    assert inspect_csv(path, CsvOptions(cols=["title"], url_col="url", id_col="url")).keep == (
+        "title",
+        "url",
+    )
     with pytest.raises(InputError, match="cols names a column twice"):
         inspect_csv(path, CsvOptions(cols=["url", "url"]))
 

@@ -11,14 +11,18 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from imgsim_dask.match import kernel
-from imgsim_dask.errors import ImgsimError, InputError
-from imgsim_dask.options import MatchOptions
-from imgsim_dask.match import (connected_groups, estimate_pairs, match_features,
-                               score_block, valid_rows)
-
 from support.matching import MODES, assert_same, quantized, reference, score_blocks
+
+from imgsim_dask.errors import ImgsimError, InputError
+from imgsim_dask.match import (
+    connected_groups,
+    estimate_pairs,
+    kernel,
+    match_features,
+    score_block,
+    valid_rows,
+)
+from imgsim_dask.options import MatchOptions
 
 
 def unit(rng: np.random.Generator, rows: int, dim: int) -> np.ndarray:
@@ -43,33 +47,44 @@ def test_score_block_equals_reference(threshold, top_k, self_match, scorer, monk
     a[[3, 30]] = np.nan
     b[5] = 0.0
     options = MatchOptions(threshold=threshold, top_k=top_k, block_rows=17, slice_rows=9, threads=3)
-    assert_same(score_blocks(a, b, options, self_match, scorer),
-                reference(a, b, threshold, top_k, self_match))
+    assert_same(
+        score_blocks(a, b, options, self_match, scorer),
+        reference(a, b, threshold, top_k, self_match),
+    )
 
 
 @pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_score_block_random_shapes(data):
-    seed = data.draw(st.integers(0, 2 ** 32 - 1))
+    seed = data.draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     n, m = data.draw(st.integers(1, 30)), data.draw(st.integers(1, 30))
     dim = data.draw(st.integers(1, 6))
     self_match = data.draw(st.booleans())
     top_k = data.draw(st.one_of(st.none(), st.integers(1, 8)))
     choices = [-1.0, 0.0, 0.125, 0.3]
-    threshold = data.draw(st.sampled_from(choices) if top_k is None
-                          else st.one_of(st.none(), st.sampled_from(choices)))
+    threshold = data.draw(
+        st.sampled_from(choices)
+        if top_k is None
+        else st.one_of(st.none(), st.sampled_from(choices))
+    )
     a = quantized(rng, n, dim)
     b = a if self_match else quantized(rng, m, dim)
     if data.draw(st.booleans()):
         a[rng.integers(0, n)] = np.nan
-    options = MatchOptions(threshold=threshold, top_k=top_k,
-                           block_rows=data.draw(st.integers(1, 12)),
-                           slice_rows=data.draw(st.integers(1, 12)), threads=2)
+    options = MatchOptions(
+        threshold=threshold,
+        top_k=top_k,
+        block_rows=data.draw(st.integers(1, 12)),
+        slice_rows=data.draw(st.integers(1, 12)),
+        threads=2,
+    )
     scorer = data.draw(st.sampled_from(SCORERS))
-    assert_same(score_blocks(a, b, options, self_match, scorer),
-                reference(a, b, threshold, top_k, self_match))
+    assert_same(
+        score_blocks(a, b, options, self_match, scorer),
+        reference(a, b, threshold, top_k, self_match),
+    )
 
 
 @pytest.mark.parametrize("scorer", SCORERS)
@@ -102,8 +117,9 @@ def test_ties_break_on_smaller_row_b(scorer):
     rows_a, rows_b, _ = score_block(b, 0, slices, starts, None, 2, True, scorer=scorer)
     pairs = set(zip(rows_a.tolist(), rows_b.tolist()))
     # row 0 takes 1, 2; rows 1, 2 take 0 and the other; row j >= 3 takes 0, 1
-    assert pairs == {(0, 1), (0, 2), (1, 2)} | {(0, j) for j in range(3, 10)} \
-        | {(1, j) for j in range(3, 10)}
+    assert pairs == {(0, 1), (0, 2), (1, 2)} | {(0, j) for j in range(3, 10)} | {
+        (1, j) for j in range(3, 10)
+    }
 
 
 @pytest.mark.parametrize("scorer", SCORERS)
@@ -118,8 +134,7 @@ def test_identical_unit_rows_score_within_minus_one_and_one(scorer):
     rows_a, rows_b, sims = score_block(a, 0, [b], [0], -1.0, None, False, scorer=scorer)
     assert len(rows_a) == a.shape[0] * b.shape[0]
     assert sims.max() == 1.0 and sims.min() == -1.0
-    _, rows_b, sims = score_block(a, 0, [b[:150], b[150:]], [0, 150], None, 1, False,
-                                  scorer=scorer)
+    _, rows_b, sims = score_block(a, 0, [b[:150], b[150:]], [0, 150], None, 1, False, scorer=scorer)
     assert rows_b.tolist() == list(range(200)) and (sims > 1 - 1e-6).all()
 
 
@@ -129,12 +144,12 @@ def test_top_k_beyond_b_costs_no_memory_and_changes_nothing():
     rng = np.random.default_rng(13)
     a, b = unit(rng, 100, 16), unit(rng, 5, 16)
     tracemalloc.start()
-    huge = score_blocks(a, b, MatchOptions(top_k=10 ** 12, block_rows=64, slice_rows=4), False)
+    huge = score_blocks(a, b, MatchOptions(top_k=10**12, block_rows=64, slice_rows=4), False)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert peak < 2 ** 20  # rows x k buffers are sized by B's 5 rows, not by k
+    assert peak < 2**20  # rows x k buffers are sized by B's 5 rows, not by k
     assert_same(huge, reference(a, b, None, 5), exact=False)
-    assert_same(match_features(a, b, MatchOptions(top_k=10 ** 12)), huge, exact=False)
+    assert_same(match_features(a, b, MatchOptions(top_k=10**12)), huge, exact=False)
     # --max-pairs bounds top-k by n x min(k, m): 500 pairs here, however large k is
     assert len(match_features(a, b, MatchOptions(top_k=100, max_pairs=500))) == 500
     with pytest.raises(ImgsimError, match=r"more than max_pairs 499: raise threshold \(or raise"):
@@ -149,8 +164,7 @@ def test_top_k_over_many_tied_columns_stays_in_bounded_memory():
     a = quantized(rng, 512, 64)  # exact dot products: the ties are exact
     a[~valid_rows(a)] = 0.125
     peaks = {}
-    for name, b in (("random", unit(rng, 2048, 64)),
-                    ("tied", np.repeat(a[:1], 2048, axis=0))):
+    for name, b in (("random", unit(rng, 2048, 64)), ("tied", np.repeat(a[:1], 2048, axis=0))):
         tracemalloc.start()
         rows_a, rows_b, _ = score_block(a, 0, [b], [0], None, 1, False, threads=1)
         peaks[name] = tracemalloc.get_traced_memory()[1]
@@ -162,6 +176,7 @@ def test_top_k_over_many_tied_columns_stays_in_bounded_memory():
 
 # -- match_features on the cluster ----------------------------------------------------------
 
+
 @pytest.mark.parametrize("threshold,top_k", MODES[:3])
 @pytest.mark.parametrize("self_match", [False, True])
 @pytest.mark.parametrize("scorer", SCORERS)
@@ -170,8 +185,9 @@ def test_match_features_on_cluster(client, threshold, top_k, self_match, scorer)
     a = quantized(rng, 101)
     b = a if self_match else quantized(rng, 67)
     a[[0, 50]] = np.nan
-    options = MatchOptions(threshold=threshold, top_k=top_k, block_rows=23, slice_rows=16,
-                           scorer=scorer)
+    options = MatchOptions(
+        threshold=threshold, top_k=top_k, block_rows=23, slice_rows=16, scorer=scorer
+    )
     got = match_features(a, b, options, client=client, self_match=self_match)
     expected = reference(a, b, threshold, top_k, self_match)
     assert len(expected) > 0
@@ -189,10 +205,12 @@ def test_match_features_unit_vectors_on_cluster(client):
     assert_same(got, reference(a, b, 0.4, None), exact=False)
     top = match_features(a, b, MatchOptions(top_k=2, block_rows=256, slice_rows=300), client=client)
     assert len(top) == 2 * len(a) and (top.groupby("row_a").size() == 2).all()
-    assert (top[top.row_a.between(100, 139)].groupby("row_a").head(1).row_b.to_numpy()
-            == np.arange(40)).all()
+    assert (
+        top[top.row_a.between(100, 139)].groupby("row_a").head(1).row_b.to_numpy() == np.arange(40)
+    ).all()
     spans = client.run_on_scheduler(
-        lambda dask_scheduler: [s.name for s in dask_scheduler.extensions["spans"].spans.values()])
+        lambda dask_scheduler: [s.name for s in dask_scheduler.extensions["spans"].spans.values()]
+    )
     assert ("match", "score") in spans  # the dashboard groups score tasks under one span
 
 
@@ -204,7 +222,7 @@ def test_match_features_zarr_sources(client, tmp_path):
     a = zarr.create_array(tmp_path / "a.zarr", shape=data_a.shape, chunks=(32, 8), dtype="f4")
     b = zarr.create_array(tmp_path / "b.zarr", shape=data_b.shape, chunks=(32, 8), dtype="f4")
     a[:], b[:] = data_a, data_b
-    options = MatchOptions(threshold=0.2, block_rows=40, slice_rows=25, max_pairs=10 ** 6)
+    options = MatchOptions(threshold=0.2, block_rows=40, slice_rows=25, max_pairs=10**6)
     assert_same(match_features(a, b, options, client=client), reference(data_a, data_b, 0.2, None))
 
 
@@ -220,8 +238,9 @@ def test_edge_sources(client):
     assert nothing.empty and nothing.dtypes.tolist() == [np.int64, np.int64, np.float32]
     failed = np.full((12, 8), np.nan, np.float32)
     assert match_features(failed, b, MatchOptions(threshold=-1.0), client=client).empty
-    assert match_features(failed, failed, MatchOptions(top_k=3), client=client,
-                          self_match=True).empty
+    assert match_features(
+        failed, failed, MatchOptions(top_k=3), client=client, self_match=True
+    ).empty
     assert match_features(b[:0], b, options, client=client).empty
 
 
@@ -229,16 +248,29 @@ def test_edge_sources(client):
 def test_no_gpu_worker_is_one_line_error():
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=1, processes=False, protocol="tcp", host="127.0.0.1",
-                      dashboard_address=None, resources={"NET": 2}) as cluster, \
-            Client(cluster) as no_gpu:
+    with (
+        LocalCluster(
+            n_workers=1,
+            processes=False,
+            protocol="tcp",
+            host="127.0.0.1",
+            dashboard_address=None,
+            resources={"NET": 2},
+        ) as cluster,
+        Client(cluster) as no_gpu,
+    ):
         with pytest.raises(ImgsimError, match="no worker has the GPU resource") as error:
-            match_features(np.ones((2, 2), np.float32), np.ones((2, 2), np.float32),
-                           MatchOptions(threshold=0.5), client=no_gpu)
+            match_features(
+                np.ones((2, 2), np.float32),
+                np.ones((2, 2), np.float32),
+                MatchOptions(threshold=0.5),
+                client=no_gpu,
+            )
     assert "\n" not in str(error.value)
 
 
 # -- estimate, max_pairs, groups, options -----------------------------------------------------
+
 
 def planted(rng, n, m, dim, count):
     a, b = unit(rng, n, dim), unit(rng, m, dim)
@@ -282,16 +314,19 @@ def test_connected_groups():
     assert connected_groups(np.array([], int), np.array([], int), 3).tolist() == [0, 1, 2]
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"threshold": 1.5}, r"threshold 1.5 is outside \[-1, 1\]"),
-    ({"threshold": -1.01}, "outside"),
-    ({"top_k": 0}, "top_k must be an integer of at least 1"),
-    ({"top_k": 2.5}, "top_k"),
-    ({"threshold": 0.5, "block_rows": 0}, "block_rows"),
-    ({"threshold": 0.5, "slice_rows": -3}, "slice_rows"),
-    ({"threshold": 0.5, "max_pairs": -1}, "max_pairs"),
-    ({"threshold": 0.5, "scorer": "cupy"}, "unknown scorer 'cupy'; choose one of: auto, numpy"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"threshold": 1.5}, r"threshold 1.5 is outside \[-1, 1\]"),
+        ({"threshold": -1.01}, "outside"),
+        ({"top_k": 0}, "top_k must be an integer of at least 1"),
+        ({"top_k": 2.5}, "top_k"),
+        ({"threshold": 0.5, "block_rows": 0}, "block_rows"),
+        ({"threshold": 0.5, "slice_rows": -3}, "slice_rows"),
+        ({"threshold": 0.5, "max_pairs": -1}, "max_pairs"),
+        ({"threshold": 0.5, "scorer": "cupy"}, "unknown scorer 'cupy'; choose one of: auto, numpy"),
+    ],
+)
 def test_bad_options(kwargs, message):
     with pytest.raises(InputError, match=message) as error:
         MatchOptions(**kwargs)
@@ -302,8 +337,14 @@ def test_bad_inputs():
     a, b = np.ones((3, 4), np.float32), np.ones((2, 5), np.float32)
     cases = [
         (lambda: match_features(a, a, MatchOptions()), "threshold .*top-k"),
-        (lambda: match_features(a, b, MatchOptions(threshold=0.5)), "feature dims differ: A has 4, B has 5"),
-        (lambda: match_features(a, a[:2], MatchOptions(threshold=0.5), self_match=True), "one source"),
+        (
+            lambda: match_features(a, b, MatchOptions(threshold=0.5)),
+            "feature dims differ: A has 4, B has 5",
+        ),
+        (
+            lambda: match_features(a, a[:2], MatchOptions(threshold=0.5), self_match=True),
+            "one source",
+        ),
         (lambda: match_features(a[0], a, MatchOptions(threshold=0.5)), "2-d array"),
     ]
     for call, message in cases:

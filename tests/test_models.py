@@ -62,7 +62,9 @@ def test_keras_cache_is_used_and_loaded(tmp_path, monkeypatch, mobilenet_h5):
     (tmp_path / "models" / WEIGHTS_FILE).write_bytes(mobilenet_h5.read_bytes())
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     weights = resolve_weights("mobilenet", None)
-    assert weights.description.startswith("keras cache") and weights.data == mobilenet_h5.read_bytes()
+    assert (
+        weights.description.startswith("keras cache") and weights.data == mobilenet_h5.read_bytes()
+    )
 
     from_cache = build_model(weights, str(tmp_path))
     explicit = build_model(resolve_weights("mobilenet", str(mobilenet_h5)), str(tmp_path))
@@ -78,8 +80,9 @@ def test_random_weights_are_deterministic_and_loud(tmp_path, caplog):
     weights = resolve_weights("mobilenet", "random")
     assert "RANDOM WEIGHTS" in caplog.text and weights.is_random
     pixels = np.full((1, 224, 224, 3), 128, np.float32)
-    one, two = (np.asarray(build_model(weights, str(tmp_path)).predict_on_batch(pixels))
-                for _ in range(2))
+    one, two = (
+        np.asarray(build_model(weights, str(tmp_path)).predict_on_batch(pixels)) for _ in range(2)
+    )
     assert np.array_equal(one, two)
 
 
@@ -105,8 +108,10 @@ def test_architectures_without_keras_match_the_keras_models():
     assert weight_shapes() == [tuple(w.shape) for w in backbone.weights]
     model = lite.build_efficientnet_lite0(include_top=True)
     assert lite.layer_shapes(include_top=True) == {
-        layer.name: [tuple(w.shape) for w in layer.weights] for layer in model.layers
-        if layer.weights}
+        layer.name: [tuple(w.shape) for w in layer.weights]
+        for layer in model.layers
+        if layer.weights
+    }
 
 
 def test_weights_files_are_told_apart_by_content(tmp_path, mobilenet_h5):
@@ -125,8 +130,14 @@ def test_weights_files_are_told_apart_by_content(tmp_path, mobilenet_h5):
     weights = resolve_weights("mobilenet", str(keras3))
     assert weights.suffix == ".weights.h5"
     pixels = np.random.default_rng(1).integers(0, 256, (2, 224, 224, 3)).astype(np.float32)
-    a, b = (unit(build_model(resolve_weights("mobilenet", str(path)), str(tmp_path))
-                 .predict_on_batch(pixels)) for path in (keras3, legacy))
+    a, b = (
+        unit(
+            build_model(resolve_weights("mobilenet", str(path)), str(tmp_path)).predict_on_batch(
+                pixels
+            )
+        )
+        for path in (keras3, legacy)
+    )
     assert np.allclose(a, b, atol=1e-6)
 
     truncated = tmp_path / "truncated.pth"
@@ -141,13 +152,17 @@ def test_weights_files_are_told_apart_by_content(tmp_path, mobilenet_h5):
         assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("model, weights, fragment", [
-    ("mobilenet", "some.jpg", "some.jpg is not Keras HDF5 weights (.h5, .weights.h5)"),
-    ("efficientnet-lite0", "some.jpg", "or a PyTorch checkpoint (.pth)"),
-    ("efficientnet-lite0", "mobilenet.h5", "does not fit efficientnet-lite0"),
-])
-def test_wrong_weights_stop_extract_in_one_line_before_the_store(tmp_path, mobilenet_h5, model,
-                                                                  weights, fragment):
+@pytest.mark.parametrize(
+    "model, weights, fragment",
+    [
+        ("mobilenet", "some.jpg", "some.jpg is not Keras HDF5 weights (.h5, .weights.h5)"),
+        ("efficientnet-lite0", "some.jpg", "or a PyTorch checkpoint (.pth)"),
+        ("efficientnet-lite0", "mobilenet.h5", "does not fit efficientnet-lite0"),
+    ],
+)
+def test_wrong_weights_stop_extract_in_one_line_before_the_store(
+    tmp_path, mobilenet_h5, model, weights, fragment
+):
     """`imgsim extract --weights some.jpg`: exit 2, one line, no folder left in the store."""
     Image.new("RGB", (8, 8), "red").save(tmp_path / "some.jpg")
     shutil.copy(mobilenet_h5, tmp_path / "mobilenet.h5")
@@ -155,9 +170,29 @@ def test_wrong_weights_stop_extract_in_one_line_before_the_store(tmp_path, mobil
     store = tmp_path / "store"
     store.mkdir()
     result = subprocess.run(
-        [sys.executable, "-m", "imgsim_dask", "extract", "in.csv", "--name", "p", "--store",
-         "store", "--workers", "1", "--no-progress", "--model", model, "--weights", weights],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "imgsim_dask",
+            "extract",
+            "in.csv",
+            "--name",
+            "p",
+            "--store",
+            "store",
+            "--workers",
+            "1",
+            "--no-progress",
+            "--model",
+            model,
+            "--weights",
+            weights,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("imgsim: error: weights file"), result.stderr
@@ -191,7 +226,14 @@ def test_package_weights_are_hashed_and_checked_without_tensorflow(tmp_path):
         "    resolve_weights('mobilenet', 'some.jpg')\n"
         "except Exception as exc:\n"
         "    print(type(exc).__name__)\n"
-        "print(w.sha256, sorted({'keras', 'tensorflow', 'h5py'} & set(sys.modules)))\n")
-    out = subprocess.run([sys.executable, "-c", check, lite.checkpoint_path()], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120, check=True).stdout.split()
+        "print(w.sha256, sorted({'keras', 'tensorflow', 'h5py'} & set(sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", check, lite.checkpoint_path()],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.split()
     assert out == ["WeightsError", weights.sha256, "['h5py']"]

@@ -28,12 +28,35 @@ def test_dashboard_answers_while_a_job_runs_and_report_is_written(tmp_path, http
     pd.DataFrame({"url": urls}).to_csv(tmp_path / "in.csv", index=False)
     report = tmp_path / "report.html"
     job = subprocess.Popen(
-        [sys.executable, "-m", "imgsim_dask", "extract", tmp_path / "in.csv", "--name", "web",
-         "--store", tmp_path / "store", "--workers", "1", "--weights", "random",
-         "--partition-rows", "1", "--batch-size", "1", "--timeout", "10", "--no-progress",
-         "--report", report],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "KERAS_HOME": str(tmp_path / "keras")})
+        [
+            sys.executable,
+            "-m",
+            "imgsim_dask",
+            "extract",
+            tmp_path / "in.csv",
+            "--name",
+            "web",
+            "--store",
+            tmp_path / "store",
+            "--workers",
+            "1",
+            "--weights",
+            "random",
+            "--partition-rows",
+            "1",
+            "--batch-size",
+            "1",
+            "--timeout",
+            "10",
+            "--no-progress",
+            "--report",
+            report,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "KERAS_HOME": str(tmp_path / "keras")},
+    )
     stderr: list[str] = []
     link_found = threading.Event()
 
@@ -61,8 +84,9 @@ def test_dashboard_answers_while_a_job_runs_and_report_is_written(tmp_path, http
             if job.poll() is None:
                 seen_while_running.append((status, json.loads(counts)["tasks"]))
             time.sleep(0.2)
-        assert any(status == 200 and tasks > 0 for status, tasks in seen_while_running), \
+        assert any(status == 200 and tasks > 0 for status, tasks in seen_while_running), (
             seen_while_running
+        )
         job.wait(300)
     finally:
         if job.poll() is None:

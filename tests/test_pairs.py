@@ -8,15 +8,14 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
-
-from imgsim_dask.options import ExtractOptions
-from imgsim_dask.demo import serve_directory, write_csvs
-from imgsim_dask.errors import InputError, StoreError
-from imgsim_dask.pairs import match_sources
-from imgsim_dask.workflow import run
-
 from support.cli import assert_usage_error, imgsim
 from support.store import make_source
+
+from imgsim_dask.demo import serve_directory, write_csvs
+from imgsim_dask.errors import InputError, StoreError
+from imgsim_dask.options import ExtractOptions
+from imgsim_dask.pairs import match_sources
+from imgsim_dask.workflow import run
 
 
 def unit(x):
@@ -41,8 +40,7 @@ def test_threshold_table_has_fields_of_both_rows(client, sources, tmp_path):
     out = tmp_path / "pairs.csv"
     result = match_sources("a", "b", str(store), out=out, cluster=client)
     table = result.pairs
-    assert list(table.columns) == ["row_a", "row_b", "a_id", "a_url", "b_id", "b_url",
-                                   "similarity"]
+    assert list(table.columns) == ["row_a", "row_b", "a_id", "a_url", "b_id", "b_url", "similarity"]
     assert table[["a_id", "b_id"]].values.tolist() == [["a-0", "b-2"], ["a-3", "b-5"]]
     assert table["similarity"].iloc[1] == pytest.approx(1.0, abs=1e-5)
     assert (result.rows1_matched, result.rows2_matched) == (2, 2)
@@ -56,8 +54,11 @@ def test_top1_reproduces_the_originals_iteration(client, sources):
     result = match_sources("a", "b", str(store), top_k=1, threshold=0.845, cluster=client)
     dense = np.nan_to_num(a, nan=0) @ b.T
     best = dense.argmax(axis=1)
-    expected = [(i, int(best[i])) for i in range(len(a))
-                if not np.isnan(a[i]).any() and dense[i, best[i]] >= 0.845]
+    expected = [
+        (i, int(best[i]))
+        for i in range(len(a))
+        if not np.isnan(a[i]).any() and dense[i, best[i]] >= 0.845
+    ]
     assert list(zip(result.pairs["row_a"], result.pairs["row_b"])) == expected
 
 
@@ -82,8 +83,9 @@ def test_self_match_groups(client, tmp_path):
     assert set(nearest.pairs["row_a"]) | set(nearest.pairs["row_b"]) == {1, 2, 4, 7, 8}
     anything = match_sources("s", "s", str(tmp_path), top_k=1, threshold=-1, cluster=client)
     assert set(anything.pairs["row_a"]) | set(anything.pairs["row_b"]) == set(range(9))
-    assert result.summary().startswith("4 pairs; 5 rows of s matched; 2 groups, 3 rows are "
-                                       "extra copies;")
+    assert result.summary().startswith(
+        "4 pairs; 5 rows of s matched; 2 groups, 3 rows are extra copies;"
+    )
 
 
 def test_bad_match_requests(client, sources, tmp_path):
@@ -128,7 +130,9 @@ def test_colliding_column_names_are_refused_before_scoring(client, sources, monk
     with monkeypatch.context() as patched:
         patched.setattr("imgsim_dask.pairs.match_features", pytest.fail)  # refused before scoring
         for name1, name2, fragment in cases:
-            with pytest.raises(InputError, match=f"two columns named {re.escape(fragment)}") as error:
+            with pytest.raises(
+                InputError, match=f"two columns named {re.escape(fragment)}"
+            ) as error:
                 match_sources(name1, name2, str(store), top_k=1, cluster=client)
             assert "\n" not in str(error.value) and "rename" in str(error.value)
     (store / "shop_new").rename(store / "shop_new1")  # the remedy the error names
@@ -145,8 +149,11 @@ def test_colliding_column_names_are_refused_before_scoring(client, sources, monk
         (["match", "a", "b", "--out", "/proc/x.parquet"], "cannot write in /proc: "),
         (["match", "a", "b", "--out", "x.txt"], "use a .csv or .parquet"),
         (["match", "a", "wide"], "extract both with one model"),
-        (["match", "a", "tuned"], "(weights: file test, sha256 x) with tuned (weights: file test,"
-                                  " sha256 z): features of different weights are not comparable"),
+        (
+            ["match", "a", "tuned"],
+            "(weights: file test, sha256 x) with tuned (weights: file test,"
+            " sha256 z): features of different weights are not comparable",
+        ),
     ],
 )
 def test_match_cli_errors(sources, args, fragment):
@@ -160,11 +167,22 @@ def test_run_checks_both_csvs_before_extracting_either(client, tmp_path):
     good = tmp_path / "good.csv"
     good.write_text("id,url\n1,a.jpg\n")
     with pytest.raises(InputError, match="missing.csv.*no such file"):
-        run(str(good), str(tmp_path / "missing.csv"), store=str(tmp_path / "store"),
-            cluster=client, options=ExtractOptions(weights="random"))
+        run(
+            str(good),
+            str(tmp_path / "missing.csv"),
+            store=str(tmp_path / "store"),
+            cluster=client,
+            options=ExtractOptions(weights="random"),
+        )
     with pytest.raises(StoreError, match="invalid source name"):
-        run(str(good), str(good), names=["ok", "../escape"], store=str(tmp_path / "store"),
-            cluster=client, options=ExtractOptions(weights="random"))
+        run(
+            str(good),
+            str(good),
+            names=["ok", "../escape"],
+            store=str(tmp_path / "store"),
+            cluster=client,
+            options=ExtractOptions(weights="random"),
+        )
     assert not (tmp_path / "store").exists()  # nothing was extracted
 
 
@@ -175,15 +193,27 @@ def test_run_end_to_end_over_http(client, tmp_path):
     (root / "images").mkdir(parents=True)
     with serve_directory(root / "images") as base_url:
         catalogue, uploads = write_csvs(root, base_url)
-        result = run(str(uploads), str(catalogue), ["uploads", "catalogue"], str(root / "store"),
-                     out=root / "matches.parquet", top_k=1, threshold=0.70, cluster=client,
-                     options=ExtractOptions(model="efficientnet-lite0", partition_rows=8))
+        result = run(
+            str(uploads),
+            str(catalogue),
+            ["uploads", "catalogue"],
+            str(root / "store"),
+            out=root / "matches.parquet",
+            top_k=1,
+            threshold=0.70,
+            cluster=client,
+            options=ExtractOptions(model="efficientnet-lite0", partition_rows=8),
+        )
     table = pd.read_parquet(root / "matches.parquet")
-    assert {"uploads_id", "uploads_title", "uploads_url", "catalogue_id", "similarity"} <= \
-        set(table.columns)
+    assert {"uploads_id", "uploads_title", "uploads_url", "catalogue_id", "similarity"} <= set(
+        table.columns
+    )
     copies = pd.read_csv(uploads)
-    expected = {row.id: "cat-" + row.id.split("-")[1] for row in copies.itertuples()
-                if row.title.endswith(")")}
+    expected = {
+        row.id: "cat-" + row.id.split("-")[1]
+        for row in copies.itertuples()
+        if row.title.endswith(")")
+    }
     assert dict(zip(table["uploads_id"], table["catalogue_id"])) == expected
     assert result.rows1_matched == len(expected)
     meta = json.loads((root / "store" / "uploads" / "meta.json").read_text())

@@ -21,8 +21,9 @@ from imgsim_dask.models import build_model, resolve_weights
 
 
 @pytest.mark.slow
-def test_weights_travel_to_workers_with_empty_caches(process_cluster, tmp_path, monkeypatch,
-                                                     mobilenet_h5, image_dir):
+def test_weights_travel_to_workers_with_empty_caches(
+    process_cluster, tmp_path, monkeypatch, mobilenet_h5, image_dir
+):
     address = process_cluster.address
     process_cluster.add_worker("--nthreads", "1", "--resources", "GPU=1")
     process_cluster.add_worker("--nthreads", "2", "--resources", "NET=2")
@@ -32,8 +33,9 @@ def test_weights_travel_to_workers_with_empty_caches(process_cluster, tmp_path, 
     monkeypatch.setenv("KERAS_HOME", str(driver_keras))
 
     csv = tmp_path / "in.csv"
-    pd.DataFrame({"url": [str(image_dir / f"{n}.jpg") for n in ("chelsea", "coffee")]}) \
-        .to_csv(csv, index=False)
+    pd.DataFrame({"url": [str(image_dir / f"{n}.jpg") for n in ("chelsea", "coffee")]}).to_csv(
+        csv, index=False
+    )
     with Client(address) as client:
         client.wait_for_workers(2, timeout=60)
         source = extract(str(csv), "remote", str(tmp_path / "store"), cluster=client)
@@ -46,8 +48,9 @@ def test_weights_travel_to_workers_with_empty_caches(process_cluster, tmp_path, 
 
     model = build_model(resolve_weights("mobilenet", str(mobilenet_h5)), str(tmp_path))
     pixels = fetch_partition(pd.read_csv(csv), "url", FetchOptions()).pixels
-    assert np.allclose(source.features[:], embed_pixels(KerasPredictor(model), pixels, 64),
-                       atol=1e-4)
+    assert np.allclose(
+        source.features[:], embed_pixels(KerasPredictor(model), pixels, 64), atol=1e-4
+    )
     assert not (Path(process_cluster.env["KERAS_HOME"]) / "models").exists()
 
 

@@ -33,19 +33,39 @@ ROWS = 160
 def many_rows_csv(tmp_path_factory, image_dir):
     """ROWS local image paths (some missing), enough partitions for a kill to land mid-run."""
     names = ["astronaut", "chelsea", "coffee", "rocket", "camera", "missing"]
-    table = pd.DataFrame({"id": [f"img{i}" for i in range(ROWS)],
-                          "url": [str(image_dir / f"{names[i % len(names)]}.jpg")
-                                  for i in range(ROWS)]})
+    table = pd.DataFrame(
+        {
+            "id": [f"img{i}" for i in range(ROWS)],
+            "url": [str(image_dir / f"{names[i % len(names)]}.jpg") for i in range(ROWS)],
+        }
+    )
     path = tmp_path_factory.mktemp("resume") / "many.csv"
     table.to_csv(path, index=False)
     return path
 
 
 def extract_command(csv, store, scheduler, *extra):
-    return [sys.executable, "-m", "imgsim_dask", "extract", str(csv), "--name", "books",
-            "--store", str(store), "--weights", "random", "--partition-rows",
-            str(PARTITION_ROWS), "--batch-size", "4", "--scheduler", scheduler, "--no-progress",
-            *extra]
+    return [
+        sys.executable,
+        "-m",
+        "imgsim_dask",
+        "extract",
+        str(csv),
+        "--name",
+        "books",
+        "--store",
+        str(store),
+        "--weights",
+        "random",
+        "--partition-rows",
+        str(PARTITION_ROWS),
+        "--batch-size",
+        "4",
+        "--scheduler",
+        scheduler,
+        "--no-progress",
+        *extra,
+    ]
 
 
 def written_parts(store: Path) -> int:
@@ -61,16 +81,26 @@ def assert_same_store(a, b):
 @pytest.fixture(scope="module")
 def clean(client, many_rows_csv, tmp_path_factory):
     """The store of an undisturbed run."""
-    return extract(str(many_rows_csv), "books", str(tmp_path_factory.mktemp("clean")),
-                   cluster=client, weights="random", partition_rows=PARTITION_ROWS, batch_size=4)
+    return extract(
+        str(many_rows_csv),
+        "books",
+        str(tmp_path_factory.mktemp("clean")),
+        cluster=client,
+        weights="random",
+        partition_rows=PARTITION_ROWS,
+        batch_size=4,
+    )
 
 
 @pytest.mark.slow
 def test_driver_killed_then_resumed_equals_clean_run(client, many_rows_csv, clean, tmp_path):
     store = tmp_path / "store"
     total = ROWS // PARTITION_ROWS
-    driver = subprocess.Popen(extract_command(many_rows_csv, store, client.scheduler.address),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    driver = subprocess.Popen(
+        extract_command(many_rows_csv, store, client.scheduler.address),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 120
     while written_parts(store) < 3 and driver.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -82,9 +112,12 @@ def test_driver_killed_then_resumed_equals_clean_run(client, many_rows_csv, clea
     with pytest.raises(StoreError, match="--resume"):
         open_source(store, "books")
 
-    resumed = subprocess.run(extract_command(many_rows_csv, store, client.scheduler.address,
-                                             "--resume"), capture_output=True, text=True,
-                             timeout=300)
+    resumed = subprocess.run(
+        extract_command(many_rows_csv, store, client.scheduler.address, "--resume"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming, {written} of {total} partitions already written" in resumed.stderr
     assert_same_store(open_source(store, "books"), clean)
@@ -101,8 +134,9 @@ def test_ctrl_c_in_a_terminal_stops_in_one_line_then_resumes(many_rows_csv, clea
     command = [*extract_command(many_rows_csv, store, ""), "--workers", "1"]
     command.remove("--scheduler")
     command.remove("")
-    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
+    driver = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     deadline = time.monotonic() + 180
     while written_parts(store) < 2 and driver.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -111,8 +145,10 @@ def test_ctrl_c_in_a_terminal_stops_in_one_line_then_resumes(many_rows_csv, clea
     written = written_parts(store)
     assert driver.returncode == 130, stderr
     assert 2 <= written < total, f"the Ctrl-C should land mid-run, {written} of {total} written"
-    assert f"interrupted with {written} of {total} partitions written; continue with --resume" \
+    assert (
+        f"interrupted with {written} of {total} partitions written; continue with --resume"
         in stderr
+    )
     assert "Traceback" not in stderr and "Error" not in stderr, stderr
 
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
@@ -128,7 +164,7 @@ def test_partial_partition_is_redone(client, many_rows_csv, clean, tmp_path):
     (source.path / "meta.json").unlink()
     (source.path / "rows.parquet" / "part-00002.parquet").unlink()
     features = zarr.open_array(source.path / "features.zarr", mode="r+")
-    features[2 * PARTITION_ROWS:3 * PARTITION_ROWS] = 0.5  # a chunk written before the kill
+    features[2 * PARTITION_ROWS : 3 * PARTITION_ROWS] = 0.5  # a chunk written before the kill
     (source.path / "rows.parquet" / ".part-00003.parquet.tmp").write_bytes(b"half")
 
     resumed = extract(str(many_rows_csv), "books", str(store), resume=True, **options)
@@ -155,51 +191,80 @@ def test_resume_refuses_a_different_plan(client, many_rows_csv, tmp_path):
     with csv.open("a") as f:
         f.write(f"late,{csv}\n")
     with pytest.raises(StoreError, match="'books' in .* was started with csv_bytes "):
-        extract(str(csv), "books", str(tmp_path), partition_rows=PARTITION_ROWS, resume=True,
-                **options)
+        extract(
+            str(csv), "books", str(tmp_path), partition_rows=PARTITION_ROWS, resume=True, **options
+        )
 
 
 def test_resume_never_deletes_a_store_it_did_not_plan(client, many_rows_csv, tmp_path):
     """A directory without plan.json (older version, or not ours) is refused, not wiped."""
     (tmp_path / "books").mkdir()
     (tmp_path / "books" / "keep.txt").write_text("mine")
-    with pytest.raises(StoreError, match="books is not an imgsim source .*, so neither --resume "
-                                         "nor --overwrite touches it: move it away"):
-        extract(str(many_rows_csv), "books", str(tmp_path), cluster=client, weights="random",
-                resume=True)
+    with pytest.raises(
+        StoreError,
+        match="books is not an imgsim source .*, so neither --resume "
+        "nor --overwrite touches it: move it away",
+    ):
+        extract(
+            str(many_rows_csv),
+            "books",
+            str(tmp_path),
+            cluster=client,
+            weights="random",
+            resume=True,
+        )
     with pytest.raises(StoreError, match="books is not an imgsim source"):
         open_source(tmp_path, "books")
     assert (tmp_path / "books" / "keep.txt").read_text() == "mine"
     (tmp_path / "books" / "keep.txt").unlink()  # an empty folder may become a source
     (tmp_path / "books" / "meta.json").write_text("{}")  # a source before plan.json existed
     with pytest.raises(StoreError, match="has no plan.json .*; pass --overwrite"):
-        extract(str(many_rows_csv), "books", str(tmp_path), cluster=client, weights="random",
-                resume=True)
+        extract(
+            str(many_rows_csv),
+            "books",
+            str(tmp_path),
+            cluster=client,
+            weights="random",
+            resume=True,
+        )
 
 
-def test_overwrite_never_deletes_a_directory_that_is_not_a_source(client, many_rows_csv,
-                                                                  tmp_path):
+def test_overwrite_never_deletes_a_directory_that_is_not_a_source(client, many_rows_csv, tmp_path):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "holiday.jpg").write_text("mine")
     (tmp_path / "notes").write_text("a file where the source would go")
     for name in ("photos", "notes"):
         with pytest.raises(StoreError, match=f"{name} is not an imgsim source") as error:
-            extract(str(many_rows_csv), name, str(tmp_path), cluster=client, weights="random",
-                    overwrite=True)
+            extract(
+                str(many_rows_csv),
+                name,
+                str(tmp_path),
+                cluster=client,
+                weights="random",
+                overwrite=True,
+            )
         assert "\n" not in str(error.value)
     assert (tmp_path / "photos" / "holiday.jpg").read_text() == "mine"
     assert (tmp_path / "notes").read_text() == "a file where the source would go"
 
 
-def test_a_new_model_is_named_as_the_reason_a_source_cannot_be_reused(client, many_rows_csv,
-                                                                      tmp_path):
+def test_a_new_model_is_named_as_the_reason_a_source_cannot_be_reused(
+    client, many_rows_csv, tmp_path
+):
     from imgsim_dask import run
 
     options = ExtractOptions(weights="random", partition_rows=PARTITION_ROWS)
     run(str(many_rows_csv), cluster=client, store=str(tmp_path), top_k=1, options=options)
-    with pytest.raises(StoreError, match="started with model 'mobilenet', now 'efficientnet-lite0'"):
-        run(str(many_rows_csv), cluster=client, store=str(tmp_path), top_k=1,
-            options=replace(options, model="efficientnet-lite0"))
+    with pytest.raises(
+        StoreError, match="started with model 'mobilenet', now 'efficientnet-lite0'"
+    ):
+        run(
+            str(many_rows_csv),
+            cluster=client,
+            store=str(tmp_path),
+            top_k=1,
+            options=replace(options, model="efficientnet-lite0"),
+        )
 
 
 def test_run_reuses_a_source_only_for_the_same_csv(client, many_rows_csv, tmp_path):
@@ -208,8 +273,7 @@ def test_run_reuses_a_source_only_for_the_same_csv(client, many_rows_csv, tmp_pa
     csv = tmp_path / "books.csv"
     csv.write_text(Path(many_rows_csv).read_text())
     options = ExtractOptions(weights="random", partition_rows=PARTITION_ROWS)
-    first = run(str(csv), cluster=client, store=str(tmp_path / "store"), top_k=1,
-                options=options)
+    first = run(str(csv), cluster=client, store=str(tmp_path / "store"), top_k=1, options=options)
     meta = (tmp_path / "store" / "books" / "meta.json").read_text()
     again = run(str(csv), cluster=client, store=str(tmp_path / "store"), top_k=1, options=options)
     assert (tmp_path / "store" / "books" / "meta.json").read_text() == meta  # reused as it is
@@ -220,24 +284,35 @@ def test_run_reuses_a_source_only_for_the_same_csv(client, many_rows_csv, tmp_pa
         run(str(csv), cluster=client, store=str(tmp_path / "store"), top_k=1, options=options)
 
 
-def test_retry_failed_refetches_only_transient_failures(client, image_server, tmp_path,
-                                                        monkeypatch):
+def test_retry_failed_refetches_only_transient_failures(
+    client, image_server, tmp_path, monkeypatch
+):
     """Rows that met a 503 are fetched again once the server recovers, and only they: a row
     stored `ok` keeps its features even if its URL has gone since. On a source whose driver
     died (no meta.json, a partition missing), the retry also finishes the extraction."""
     server = image_server
     server.down.set()  # /flaky/ paths answer 503 while set
     base = server.base_url
-    urls = [f"{base}/chelsea.jpg", f"{base}/flaky/coffee.jpg", f"{base}/missing.jpg",
-            f"{base}/rocket.jpg", f"{base}/flaky/astronaut.jpg", f"{base}/camera.jpg"]
+    urls = [
+        f"{base}/chelsea.jpg",
+        f"{base}/flaky/coffee.jpg",
+        f"{base}/missing.jpg",
+        f"{base}/rocket.jpg",
+        f"{base}/flaky/astronaut.jpg",
+        f"{base}/camera.jpg",
+    ]
     csv = tmp_path / "in.csv"
     pd.DataFrame({"id": range(len(urls)), "url": urls}).to_csv(csv, index=False)
-    options = dict(cluster=client, weights="random", partition_rows=2, batch_size=2,
-                   fetch=FetchOptions(retries=0))
+    options = dict(
+        cluster=client,
+        weights="random",
+        partition_rows=2,
+        batch_size=2,
+        fetch=FetchOptions(retries=0),
+    )
     store = tmp_path / "store"
     first = extract(str(csv), "web", str(store), **options)
-    assert first.rows()["status"].tolist() == ["ok", "http_5xx", "http_404", "ok",
-                                               "http_5xx", "ok"]
+    assert first.rows()["status"].tolist() == ["ok", "http_5xx", "http_404", "ok", "http_5xx", "ok"]
     stored_ok = first.features[:][[0, 5]]
     server.down.clear()
     server.gone.update({"/chelsea.jpg", "/camera.jpg"})  # would fail now if fetched again
@@ -254,8 +329,12 @@ def test_retry_failed_refetches_only_transient_failures(client, image_server, tm
     server.down.clear()
     server.hits.clear()
     finished = extract(str(csv), "broken", str(store), retry_failed=True, **options)
-    assert sorted(server.hits.elements()) == ["/flaky/astronaut.jpg", "/flaky/coffee.jpg",
-                                              "/missing.jpg", "/rocket.jpg"]
+    assert sorted(server.hits.elements()) == [
+        "/flaky/astronaut.jpg",
+        "/flaky/coffee.jpg",
+        "/missing.jpg",
+        "/rocket.jpg",
+    ]
 
     # a retry interrupted between a partition's features and its part file: the row has
     # new features beside its old status; a plain --resume must finish the retry

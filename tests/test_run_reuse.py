@@ -14,19 +14,47 @@ pytestmark = pytest.mark.cluster
 def test_run_on_complete_sources_resolves_no_weights(client, image_dir, tmp_path):
     for name in ("uploads", "catalogue"):
         (tmp_path / f"{name}.csv").write_text(
-            "id,url\n" + "".join(f"{i},{image_dir / f}\n"
-                                 for i, f in enumerate(["chelsea.jpg", "coffee.jpg"])))
-        extract(str(tmp_path / f"{name}.csv"), name, str(tmp_path / "store"), cluster=client,
-                weights="random")
+            "id,url\n"
+            + "".join(f"{i},{image_dir / f}\n" for i, f in enumerate(["chelsea.jpg", "coffee.jpg"]))
+        )
+        extract(
+            str(tmp_path / f"{name}.csv"),
+            name,
+            str(tmp_path / "store"),
+            cluster=client,
+            weights="random",
+        )
     empty_cache = {"KERAS_HOME": str(tmp_path / "no-keras-cache")}
-    result = imgsim("run", "uploads.csv", "catalogue.csv", "--store", "store", "--workers", "1",
-                    "--no-progress", cwd=tmp_path, env=empty_cache)
+    result = imgsim(
+        "run",
+        "uploads.csv",
+        "catalogue.csv",
+        "--store",
+        "store",
+        "--workers",
+        "1",
+        "--no-progress",
+        cwd=tmp_path,
+        env=empty_cache,
+    )
     assert result.returncode == 0, result.stderr
     assert "2 rows of uploads and 2 rows of catalogue matched" in result.stdout
     assert "weights unavailable" not in result.stderr
     assert "cuda" not in result.stderr.lower() and "absl" not in result.stderr  # a quiet terminal
 
     (tmp_path / "uploads.csv").write_text(f"id,url\n0,{image_dir / 'rocket.jpg'}\n")
-    assert_usage_error(imgsim("run", "uploads.csv", "catalogue.csv", "--store", "store",
-                              "--workers", "1", "--no-progress", cwd=tmp_path, env=empty_cache),
-                       "'uploads' in store was started with csv_bytes")
+    assert_usage_error(
+        imgsim(
+            "run",
+            "uploads.csv",
+            "catalogue.csv",
+            "--store",
+            "store",
+            "--workers",
+            "1",
+            "--no-progress",
+            cwd=tmp_path,
+            env=empty_cache,
+        ),
+        "'uploads' in store was started with csv_bytes",
+    )

@@ -8,14 +8,13 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from support.images import sample_images
 
 from imgsim_dask import ExtractOptions, extract
 from imgsim_dask.embed import embed_pixels
 from imgsim_dask.errors import ImgsimError
 from imgsim_dask.models import build_model, resolve_weights
 from imgsim_dask.runtime import KerasPredictor, OpenVINOPredictor, resolve_runtime
-
-from support.images import sample_images
 
 
 def photos() -> np.ndarray:
@@ -70,9 +69,12 @@ def test_unknown_runtime_is_refused_before_any_work(tmp_path):
 def test_extract_records_the_runtime_and_both_agree(client, image_dir, tmp_path):
     csv = tmp_path / "in.csv"
     csv.write_text("url\n" + "".join(f"{image_dir / name}.jpg\n" for name in sample_images()))
-    sources = {runtime: extract(str(csv), runtime, str(tmp_path), cluster=client,
-                                weights="random", runtime=runtime)
-               for runtime in ("auto", "keras")}
+    sources = {
+        runtime: extract(
+            str(csv), runtime, str(tmp_path), cluster=client, weights="random", runtime=runtime
+        )
+        for runtime in ("auto", "keras")
+    }
     assert sources["auto"].meta.runtime == ["openvino"]
     assert sources["keras"].meta.runtime == ["keras"]
     auto, keras_ = (sources[r].features[:] for r in ("auto", "keras"))

@@ -10,18 +10,19 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+from support.store import make_source, plan_for
 
 from imgsim_dask import store as store_module
 from imgsim_dask.errors import StoreError
 from imgsim_dask.store import SourceWriter, open_source
 
-from support.store import make_source, plan_for
-
 
 @pytest.mark.parametrize("name", ["", ".", "..", ".hidden", "a/b", "n" * 256, "a\0b"])
 def test_bad_source_names_are_one_line_errors(tmp_path, name):
-    for call in (lambda: open_source(tmp_path, name),
-                 lambda: make_source(tmp_path, name, np.ones((2, 4), np.float32))):
+    for call in (
+        lambda: open_source(tmp_path, name),
+        lambda: make_source(tmp_path, name, np.ones((2, 4), np.float32)),
+    ):
         with pytest.raises(StoreError, match="invalid source name") as error:
             call()
         assert "\n" not in str(error.value)
@@ -76,7 +77,12 @@ def test_written_files_follow_the_umask(tmp_path):
         h5, fields = source.export_h5(tmp_path / "modes.h5")
     finally:
         store_module.os.umask(old)
-    written = [source.path / "meta.json", source.path / "plan.json", h5, fields,
-               *(source.path / "rows.parquet").glob("part-*.parquet")]
+    written = [
+        source.path / "meta.json",
+        source.path / "plan.json",
+        h5,
+        fields,
+        *(source.path / "rows.parquet").glob("part-*.parquet"),
+    ]
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in written}
     assert set(modes.values()) == {0o644}, modes  # mkstemp alone gives 0600

@@ -18,12 +18,11 @@ import pandas as pd
 import pytest
 from distributed import Client
 from distributed.security import Security
+from support.certs import CertificateAuthority
+from support.cluster import ProcessCluster, tls_flags
 
 from imgsim_dask import ClusterOptions, ImgsimError, extract, open_source
 from imgsim_dask.cluster import _check_versions, connect
-
-from support.certs import CertificateAuthority
-from support.cluster import ProcessCluster, tls_flags
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +30,15 @@ def certs(tmp_path_factory) -> dict[str, Path]:
     """Paths: `ca`, `cluster`/`cluster-key`, `client`/`client-key`, and an impostor's pair."""
     root = tmp_path_factory.mktemp("tls")
     ca, other_ca = CertificateAuthority("cluster-ca"), CertificateAuthority("other-ca")
-    files = {"ca": ca.write(root / "cluster-ca.pem"),
-             "other-ca": other_ca.write(root / "other-ca.pem")}
+    files = {
+        "ca": ca.write(root / "cluster-ca.pem"),
+        "other-ca": other_ca.write(root / "other-ca.pem"),
+    }
     for name, signer in (("cluster", ca), ("client", ca), ("impostor", other_ca)):
         issued = signer.issue(name, ip_addresses=["127.0.0.1"])
-        files[name], files[f"{name}-key"] = issued.write(root / f"{name}.pem",
-                                                         root / f"{name}-key.pem")
+        files[name], files[f"{name}-key"] = issued.write(
+            root / f"{name}.pem", root / f"{name}-key.pem"
+        )
     return files
 
 
@@ -45,10 +47,13 @@ def _tls_args(certs, role: str) -> list[str]:
 
 
 def client_options(certs, scheduler_file: Path | None, **fields) -> ClusterOptions:
-    return ClusterOptions(scheduler_file=str(scheduler_file) if scheduler_file else None,
-                          tls_ca_file=str(certs["ca"]),
-                          tls_cert=str(certs["client"]), tls_key=str(certs["client-key"]),
-                          **fields)
+    return ClusterOptions(
+        scheduler_file=str(scheduler_file) if scheduler_file else None,
+        tls_ca_file=str(certs["ca"]),
+        tls_cert=str(certs["client"]),
+        tls_key=str(certs["client-key"]),
+        **fields,
+    )
 
 
 def _cluster(root: Path, certs) -> ProcessCluster:
@@ -75,21 +80,49 @@ def tls_cluster(tmp_path_factory, certs):
 @pytest.mark.cluster
 def test_whole_run_over_tls(tls_cluster, certs, http_server, tmp_path):
     """`imgsim run` with --scheduler-file and the client certificate: extract both, match."""
-    pd.DataFrame({"id": ["a", "b", "c"], "url": [f"{http_server}/{n}.jpg" for n in
-                                                ("astronaut", "chelsea", "coffee")]}) \
-        .to_csv(tmp_path / "catalogue.csv", index=False)
-    pd.DataFrame({"id": ["x", "y"], "url": [f"{http_server}/chelsea_small.png",
-                                            f"{http_server}/missing.jpg"]}) \
-        .to_csv(tmp_path / "uploads.csv", index=False)
+    pd.DataFrame(
+        {
+            "id": ["a", "b", "c"],
+            "url": [f"{http_server}/{n}.jpg" for n in ("astronaut", "chelsea", "coffee")],
+        }
+    ).to_csv(tmp_path / "catalogue.csv", index=False)
+    pd.DataFrame(
+        {
+            "id": ["x", "y"],
+            "url": [f"{http_server}/chelsea_small.png", f"{http_server}/missing.jpg"],
+        }
+    ).to_csv(tmp_path / "uploads.csv", index=False)
     store = tmp_path / "store"
     result = subprocess.run(
-        [sys.executable, "-m", "imgsim_dask", "run", tmp_path / "uploads.csv",
-         tmp_path / "catalogue.csv", "--store", store, "--weights", "random", "--top-k", "1",
-         "--partition-rows", "2", "--batch-size", "2", "--out", tmp_path / "matches.csv",
-         "--no-progress", "--scheduler-file", tls_cluster.scheduler_file,
-         *_tls_args(certs, "client")],
-        capture_output=True, text=True, timeout=300,
-        env={**os.environ, "KERAS_HOME": str(tmp_path / "keras")})
+        [
+            sys.executable,
+            "-m",
+            "imgsim_dask",
+            "run",
+            tmp_path / "uploads.csv",
+            tmp_path / "catalogue.csv",
+            "--store",
+            store,
+            "--weights",
+            "random",
+            "--top-k",
+            "1",
+            "--partition-rows",
+            "2",
+            "--batch-size",
+            "2",
+            "--out",
+            tmp_path / "matches.csv",
+            "--no-progress",
+            "--scheduler-file",
+            tls_cluster.scheduler_file,
+            *_tls_args(certs, "client"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "KERAS_HOME": str(tmp_path / "keras")},
+    )
     assert result.returncode == 0, result.stderr
     assert "dashboard: http://127.0.0.1:" in result.stderr
 
@@ -108,17 +141,23 @@ def test_clients_without_the_cluster_certificate_are_refused(tls_cluster, certs)
         with connect(ClusterOptions(scheduler=address)):
             pass
     with pytest.raises(ImgsimError, match="is not tls://"):
-        with connect(client_options(certs, None,
-                                            scheduler=address.replace("tls://", "tcp://"))):
+        with connect(client_options(certs, None, scheduler=address.replace("tls://", "tcp://"))):
             pass
-    impostor = Security(tls_ca_file=str(certs["ca"]), tls_client_cert=str(certs["impostor"]),
-                        tls_client_key=str(certs["impostor-key"]), require_encryption=True)
-    stranger = Security(tls_ca_file=str(certs["other-ca"]),
-                        tls_client_cert=str(certs["impostor"]),
-                        tls_client_key=str(certs["impostor-key"]), require_encryption=True)
+    impostor = Security(
+        tls_ca_file=str(certs["ca"]),
+        tls_client_cert=str(certs["impostor"]),
+        tls_client_key=str(certs["impostor-key"]),
+        require_encryption=True,
+    )
+    stranger = Security(
+        tls_ca_file=str(certs["other-ca"]),
+        tls_client_cert=str(certs["impostor"]),
+        tls_client_key=str(certs["impostor-key"]),
+        require_encryption=True,
+    )
     # Under TLS 1.3 the scheduler rejects a client certificate after the client's side of the
     # handshake: the refusal surfaces as an SSL alert or as a dropped connection.
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017  (an SSL error or a dropped connection)
         Client(address, security=impostor, timeout="2s").close()
     with pytest.raises(OSError, match="certificate does not match"):
         Client(address, security=stranger, timeout="2s").close()
@@ -139,12 +178,19 @@ def test_preflight_names_what_the_cluster_lacks(tmp_path, certs, image_dir):
         csv = tmp_path / "in.csv"
         csv.write_text(f"url\n{image_dir / 'chelsea.jpg'}\n")
         started = time.monotonic()
-        with pytest.raises(ImgsimError, match="no workers: none has the GPU resource .* none "
-                                              "can fetch images; start one with: dask worker "
-                                              "tls://127.0.0.1"):
-            extract(str(csv), "x", str(tmp_path / "store"), weights="random",
-                    cluster=client_options(certs, cluster.scheduler_file,
-                                                   wait_workers=1))
+        with pytest.raises(
+            ImgsimError,
+            match="no workers: none has the GPU resource .* none "
+            "can fetch images; start one with: dask worker "
+            "tls://127.0.0.1",
+        ):
+            extract(
+                str(csv),
+                "x",
+                str(tmp_path / "store"),
+                weights="random",
+                cluster=client_options(certs, cluster.scheduler_file, wait_workers=1),
+            )
         assert time.monotonic() - started < 10
     finally:
         cluster.stop()

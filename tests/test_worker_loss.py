@@ -26,15 +26,16 @@ ROWS = 120
 
 
 @pytest.mark.slow
-def test_worker_killed_mid_run_job_completes_with_same_output(process_cluster, tmp_path,
-                                                               image_dir, monkeypatch):
+def test_worker_killed_mid_run_job_completes_with_same_output(
+    process_cluster, tmp_path, image_dir, monkeypatch
+):
     for _ in range(2):  # no nanny: a killed worker stays dead, as when its machine goes away
-        process_cluster.add_worker("--nthreads", "2", "--resources", "GPU=1,NET=2",
-                                   "--no-nanny")
+        process_cluster.add_worker("--nthreads", "2", "--resources", "GPU=1,NET=2", "--no-nanny")
     names = ["astronaut", "chelsea", "coffee", "rocket", "camera"]
     csv = tmp_path / "in.csv"
-    pd.DataFrame({"url": [str(image_dir / f"{names[i % 5]}.jpg") for i in range(ROWS)]}) \
-        .to_csv(csv, index=False)
+    pd.DataFrame({"url": [str(image_dir / f"{names[i % 5]}.jpg") for i in range(ROWS)]}).to_csv(
+        csv, index=False
+    )
     options = dict(weights="random", partition_rows=PARTITION_ROWS, batch_size=6)
 
     writes: list[int] = []
@@ -64,8 +65,9 @@ def test_worker_killed_mid_run_job_completes_with_same_output(process_cluster, t
 
         thread = threading.Thread(target=kill_a_busy_worker_after_three_partitions, daemon=True)
         thread.start()
-        disturbed = extract(str(csv), "disturbed", str(tmp_path / "store"), cluster=client,
-                            **options)
+        disturbed = extract(
+            str(csv), "disturbed", str(tmp_path / "store"), cluster=client, **options
+        )
         thread.join(10)
         assert killed["tasks"], "the killed worker was running tasks"
         assert killed["written"] < ROWS // PARTITION_ROWS, "the kill landed mid-run"

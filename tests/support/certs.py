@@ -29,8 +29,7 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _key_pem(key) -> bytes:
-    return key.private_bytes(PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
 @dataclass(frozen=True)
@@ -57,23 +56,44 @@ class CertificateAuthority:
     def __init__(self, common_name: str):
         self.key = ec.generate_private_key(ec.SECP256R1())
         self.name = _name(common_name)
-        self.cert = self._sign(self.name, self.key.public_key(), [
-            (x509.BasicConstraints(ca=True, path_length=None), True),
-            (x509.KeyUsage(digital_signature=False, content_commitment=False,
-                           key_encipherment=False, data_encipherment=False, key_agreement=False,
-                           key_cert_sign=True, crl_sign=True, encipher_only=False,
-                           decipher_only=False), True)])
+        self.cert = self._sign(
+            self.name,
+            self.key.public_key(),
+            [
+                (x509.BasicConstraints(ca=True, path_length=None), True),
+                (
+                    x509.KeyUsage(
+                        digital_signature=False,
+                        content_commitment=False,
+                        key_encipherment=False,
+                        data_encipherment=False,
+                        key_agreement=False,
+                        key_cert_sign=True,
+                        crl_sign=True,
+                        encipher_only=False,
+                        decipher_only=False,
+                    ),
+                    True,
+                ),
+            ],
+        )
 
     def _sign(self, subject: x509.Name, public_key, extensions) -> x509.Certificate:
         now = datetime.now(UTC)
-        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(self.name)
-                   .public_key(public_key).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - timedelta(days=1))
-                   .not_valid_after(now + timedelta(days=1))
-                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),
-                                  critical=False)
-                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                       self.key.public_key()), critical=False))
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self.name)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(days=1))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
+            )
+        )
         for extension, critical in extensions:
             builder = builder.add_extension(extension, critical=critical)
         return builder.sign(self.key, hashes.SHA256())
@@ -83,14 +103,16 @@ class CertificateAuthority:
         Path(path).write_bytes(self.cert.public_bytes(PEM))
         return Path(path)
 
-    def issue(self, common_name: str, *, dns_names=(), ip_addresses=(),
-              server_auth: bool = False) -> Issued:
+    def issue(
+        self, common_name: str, *, dns_names=(), ip_addresses=(), server_auth: bool = False
+    ) -> Issued:
         """A leaf certificate for `common_name`, its subjectAltName the names and addresses
         given; `server_auth` restricts it to TLS servers (extendedKeyUsage serverAuth)."""
         key = ec.generate_private_key(ec.SECP256R1())
         extensions = [(x509.BasicConstraints(ca=False, path_length=None), True)]
-        alt_names = [x509.DNSName(name) for name in dns_names] + \
-            [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
+        alt_names = [x509.DNSName(name) for name in dns_names] + [
+            x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses
+        ]
         if alt_names:
             extensions.append((x509.SubjectAlternativeName(alt_names), False))
         if server_auth:

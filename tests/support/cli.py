@@ -9,9 +9,14 @@ import sys
 
 def imgsim(*args, cwd=None, env=None):
     """Run `python -m imgsim_dask ARGS` and return the completed process."""
-    return subprocess.run([sys.executable, "-m", "imgsim_dask", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "imgsim_dask", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def assert_usage_error(result, fragment):

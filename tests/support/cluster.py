@@ -28,9 +28,15 @@ class ProcessCluster:
     def __init__(self, root: Path, *, tls: tuple | None = None, env: dict | None = None):
         self.root = Path(root)
         self.tls = tls_flags(*tls) if tls else []
-        self.env = env if env is not None else {
-            **os.environ, "KERAS_HOME": str(self.root / "worker-keras"),
-            "TF_CPP_MIN_LOG_LEVEL": "2"}
+        self.env = (
+            env
+            if env is not None
+            else {
+                **os.environ,
+                "KERAS_HOME": str(self.root / "worker-keras"),
+                "TF_CPP_MIN_LOG_LEVEL": "2",
+            }
+        )
         self.scheduler_file = self.root / "scheduler.json"
         self.address: str | None = None
         self.processes: list[subprocess.Popen] = []
@@ -55,15 +61,31 @@ class ProcessCluster:
     def start_scheduler(self) -> str:
         """Start `dask scheduler` (any free port); its address once it listens."""
         protocol = ["--protocol", "tls"] if self.tls else []
-        self._dask("dask_scheduler", *protocol, "--host", "127.0.0.1", "--port", "0",
-                   "--dashboard-address", "127.0.0.1:0", "--scheduler-file",
-                   str(self.scheduler_file))
+        self._dask(
+            "dask_scheduler",
+            *protocol,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--dashboard-address",
+            "127.0.0.1:0",
+            "--scheduler-file",
+            str(self.scheduler_file),
+        )
         return self.wait_for_scheduler()
 
     def add_worker(self, *options: str) -> subprocess.Popen:
         """Start a `dask worker` for the scheduler, with `options` (--nthreads, --resources)."""
-        return self._dask("dask_worker", "--scheduler-file", str(self.scheduler_file),
-                          "--host", "127.0.0.1", "--no-dashboard", *options)
+        return self._dask(
+            "dask_worker",
+            "--scheduler-file",
+            str(self.scheduler_file),
+            "--host",
+            "127.0.0.1",
+            "--no-dashboard",
+            *options,
+        )
 
     def stop(self, timeout: float = 30) -> None:
         """SIGTERM each process and wait for it, the last started first.

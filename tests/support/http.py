@@ -58,14 +58,20 @@ def jpeg_bytes() -> bytes:
 
 def png_bomb(side: int) -> bytes:
     """A valid 1-bit PNG of side x side pixels (all black) that compresses to a few KiB."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data)))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     rows = (b"\x00" + bytes((side + 7) // 8)) * side
     header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows, 9))
+        + chunk(b"IEND", b"")
+    )
 
 
 @functools.cache
@@ -85,8 +91,13 @@ class LoopbackServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64  # every fault of a partition connects at once
 
-    def __init__(self, directory: str | Path | None = None, *, protocol: str = "HTTP/1.0",
-                 ssl_context: ssl.SSLContext | None = None):
+    def __init__(
+        self,
+        directory: str | Path | None = None,
+        *,
+        protocol: str = "HTTP/1.0",
+        ssl_context: ssl.SSLContext | None = None,
+    ):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.directory = None if directory is None else str(directory)
         self.protocol_version = protocol
@@ -172,8 +183,13 @@ class _Handler(SimpleHTTPRequestHandler):
         self.send_header("Content-Length", "0")
         self.end_headers()
 
-    def reply(self, code: int, body: bytes = b"", content_type: str = "image/jpeg",
-              headers: dict | None = None):
+    def reply(
+        self,
+        code: int,
+        body: bytes = b"",
+        content_type: str = "image/jpeg",
+        headers: dict | None = None,
+    ):
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -227,8 +243,7 @@ class _Handler(SimpleHTTPRequestHandler):
 
     def fault_reset_then_ok(self, hit, query, arg):
         if hit == 1:  # close with RST before any response
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                       struct.pack("ii", 1, 0))
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.close_connection = True
         else:
             self.reply(200, jpeg_bytes())

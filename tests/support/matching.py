@@ -8,12 +8,16 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from imgsim_dask.match import engine, kernel
-from imgsim_dask.match import score_block, valid_rows
+from imgsim_dask.match import engine, kernel, score_block, valid_rows
 
 
-def reference(a: np.ndarray, b: np.ndarray, threshold: float | None, top_k: int | None,
-              self_match: bool = False) -> pd.DataFrame:
+def reference(
+    a: np.ndarray,
+    b: np.ndarray,
+    threshold: float | None,
+    top_k: int | None,
+    self_match: bool = False,
+) -> pd.DataFrame:
     """The module's semantics, spelled out on the dense matrix."""
     sims = np.clip(a.astype(np.float32) @ b.astype(np.float32).T, -1, 1)
     sims[~valid_rows(a)] = -np.inf
@@ -63,10 +67,21 @@ MODES = [(0.25, None), (None, 3), (0.1, 4), (-1.0, None), (None, 1)]
 def score_blocks(a, b, options, self_match, scorer="numpy"):
     """Run score_block the way the driver does, in-process."""
     starts = list(range(0, len(b), options.slice_rows))
-    slices = [b[s:s + options.slice_rows] for s in starts]
-    parts = [score_block(a[s:s + options.block_rows], s, slices, starts, options.threshold,
-                         options.top_k, self_match, threads=options.threads, scorer=scorer)
-             for s in range(0, len(a), options.block_rows)]
+    slices = [b[s : s + options.slice_rows] for s in starts]
+    parts = [
+        score_block(
+            a[s : s + options.block_rows],
+            s,
+            slices,
+            starts,
+            options.threshold,
+            options.top_k,
+            self_match,
+            threads=options.threads,
+            scorer=scorer,
+        )
+        for s in range(0, len(a), options.block_rows)
+    ]
     pairs = kernel.concat_pairs(parts)
     if self_match and options.top_k is not None:
         pairs = kernel.dedupe(*pairs)
