@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+
 from support.cluster import ProcessCluster
 from support.http import LoopbackServer
 from support.images import sample_images

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from support.cli import assert_usage_error, imgsim
 
 from imgsim_dask import open_source
+
+from support.cli import assert_usage_error, imgsim
 
 
 @pytest.mark.parametrize(

@@ -9,13 +9,14 @@ import time
 
 import numpy as np
 import pytest
-from support.store import make_source
 
 from imgsim_dask.errors import StoreError
 from imgsim_dask.pipeline import bounded
 from imgsim_dask.quiet import filtered_native_stderr
 from imgsim_dask.schema import FORMAT_VERSION
 from imgsim_dask.store import open_source
+
+from support.store import make_source
 
 
 def _sealed(store, name="old") -> None:

@@ -23,9 +23,10 @@ import pytest
 import yaml
 from distributed import Client
 from distributed.security import Security
-from support.cluster import ProcessCluster
 
 from imgsim_dask.cluster import cluster_workers
+
+from support.cluster import ProcessCluster
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 CRDS = (

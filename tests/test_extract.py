@@ -6,10 +6,11 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from support.images import SEED_DEMO
 
 from imgsim_dask import extract, open_source
 from imgsim_dask.errors import StoreError
+
+from support.images import SEED_DEMO
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,14 @@ from urllib.parse import quote
 import pandas as pd
 import pytest
 import urllib3
-from support.http import HUGE_BYTES, LoopbackServer, jpeg_bytes
 
 from imgsim_dask.errors import InputError
 from imgsim_dask.fetch import fetch_partition
 from imgsim_dask.options import FetchOptions
 from imgsim_dask.safehttp import AddressPolicy, BlockedAddress, GuardedPoolManager
 from imgsim_dask.schema import OK
+
+from support.http import HUGE_BYTES, LoopbackServer, jpeg_bytes
 
 METADATA_IP = "169.254.169.254"
 CAP_BYTES = 2**20

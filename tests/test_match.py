@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support.matching import MODES, assert_same, quantized, reference, score_blocks
 
 from imgsim_dask.errors import ImgsimError, InputError
 from imgsim_dask.match import (
@@ -23,6 +22,8 @@ from imgsim_dask.match import (
     valid_rows,
 )
 from imgsim_dask.options import MatchOptions
+
+from support.matching import MODES, assert_same, quantized, reference, score_blocks
 
 
 def unit(rng: np.random.Generator, rows: int, dim: int) -> np.ndarray:

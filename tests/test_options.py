@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from support.cli import assert_usage_error, imgsim
 
 from imgsim_dask import cli
 from imgsim_dask.errors import InputError
@@ -22,6 +21,8 @@ from imgsim_dask.options import (
     opt,
     with_overrides,
 )
+
+from support.cli import assert_usage_error, imgsim
 
 
 @pytest.mark.parametrize(

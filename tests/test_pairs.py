@@ -8,14 +8,15 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
-from support.cli import assert_usage_error, imgsim
-from support.store import make_source
 
 from imgsim_dask.demo import serve_directory, write_csvs
 from imgsim_dask.errors import InputError, StoreError
 from imgsim_dask.options import ExtractOptions
 from imgsim_dask.pairs import match_sources
 from imgsim_dask.workflow import run
+
+from support.cli import assert_usage_error, imgsim
+from support.store import make_source
 
 
 def unit(x):

@@ -4,9 +4,10 @@ weights are resolved (this machine has no internet: a MobileNet download would f
 from __future__ import annotations
 
 import pytest
-from support.cli import assert_usage_error, imgsim
 
 from imgsim_dask import extract
+
+from support.cli import assert_usage_error, imgsim
 
 pytestmark = pytest.mark.cluster
 

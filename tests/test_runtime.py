@@ -8,13 +8,14 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from support.images import sample_images
 
 from imgsim_dask import ExtractOptions, extract
 from imgsim_dask.embed import embed_pixels
 from imgsim_dask.errors import ImgsimError
 from imgsim_dask.models import build_model, resolve_weights
 from imgsim_dask.runtime import KerasPredictor, OpenVINOPredictor, resolve_runtime
+
+from support.images import sample_images
 
 
 def photos() -> np.ndarray:

@@ -10,11 +10,12 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from support.store import make_source, plan_for
 
 from imgsim_dask import store as store_module
 from imgsim_dask.errors import StoreError
 from imgsim_dask.store import SourceWriter, open_source
+
+from support.store import make_source, plan_for
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", ".hidden", "a/b", "n" * 256, "a\0b"])

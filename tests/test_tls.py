@@ -18,11 +18,12 @@ import pandas as pd
 import pytest
 from distributed import Client
 from distributed.security import Security
-from support.certs import CertificateAuthority
-from support.cluster import ProcessCluster, tls_flags
 
 from imgsim_dask import ClusterOptions, ImgsimError, extract, open_source
 from imgsim_dask.cluster import _check_versions, connect
+
+from support.certs import CertificateAuthority
+from support.cluster import ProcessCluster, tls_flags
 
 
 @pytest.fixture(scope="module")
