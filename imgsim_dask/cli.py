@@ -25,7 +25,6 @@ from .options import (
     CsvOptions,
     ExtractOptions,
     MatchOptions,
-    OptionError,
     flag_of,
 )
 from .quiet import quiet_native_logs
@@ -353,12 +352,9 @@ def main() -> None:
             hint = f" (see: {exc.ctx.command_path} -h)"
         click.echo(f"imgsim: error: {exc.format_message()}{hint}", err=True)
         sys.exit(exc.exit_code)
-    except OptionError as exc:  # the API's parameter names, as this command's flags
+    except ImgsimError as exc:  # the API's parameter names, as this command's flags
         message = exc.render(lambda name: FLAGS.get(name, "--" + name.replace("_", "-")))
         click.echo(f"imgsim: error: {message}", err=True)
-        sys.exit(EXIT_USAGE)
-    except ImgsimError as exc:
-        click.echo(f"imgsim: error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
         click.echo("imgsim: interrupted", err=True)

@@ -11,14 +11,12 @@ Checks run in `__post_init__` and raise `OptionError`, which names the API param
 from __future__ import annotations
 
 import dataclasses
-import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from .errors import OptionError, opt
 from .models import MODELS, get_spec
 
 DEFAULT_STORE = "imgsim-store"
@@ -65,27 +63,6 @@ def option(
 def flag_of(spec: dataclasses.Field) -> str:
     """The command-line flag of an option field."""
     return spec.metadata.get("flag") or "--" + spec.name.replace("_", "-")
-
-
-_MARK = "\x1f"  # around an option's name in an OptionError's template
-
-
-def opt(name: str) -> str:
-    """An option's name as it goes into an `OptionError` message."""
-    return f"{_MARK}{name}{_MARK}"
-
-
-class OptionError(InputError):
-    """A bad option value. Options in the message (`opt(name)`) read as the parameter name
-    (`str()`), or in the CLI as its flag (`render`)."""
-
-    def __init__(self, template: str):
-        self.template = template
-        super().__init__(self.render(lambda name: name))
-
-    def render(self, name_of: Callable[[str], str]) -> str:
-        """The message with each option named by `name_of(option)`."""
-        return re.sub(f"{_MARK}(\\w+){_MARK}", lambda m: name_of(m.group(1)), self.template)
 
 
 def _check_fields(options: Any) -> None:
