@@ -43,7 +43,15 @@ from .options import (
 )
 from .pipeline import bounded, compute_all
 from .schema import OK, TRANSIENT_STATUSES, SourceMeta, SourcePlan
-from .store import Source, SourceWriter, check_name, check_plan, is_complete, stored_plan
+from .store import (
+    Source,
+    SourceWriter,
+    check_name,
+    check_plan,
+    check_store,
+    is_complete,
+    stored_plan,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +76,7 @@ def extract(
     options, csv_options = with_overrides(
         fields, options or ExtractOptions(), csv_options or CsvOptions()
     )
+    check_store(store)
     check_name(name)
     csv_file = inspect_csv(csv, csv_options)
     if (Path(store) / name).exists() and not (

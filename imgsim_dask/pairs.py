@@ -22,7 +22,7 @@ from .errors import InputError, StoreError
 from .match import connected_groups, match_features
 from .options import DEFAULT_STORE, MatchOptions, OptionError, opt, with_overrides
 from .schema import SourceMeta
-from .store import Source, atomic_write, open_source
+from .store import Source, atomic_write, check_store, open_source
 
 
 @dataclass
@@ -95,6 +95,7 @@ def match_sources(
     (`threshold=`, `top_k=`, ...) override `options`.
     """
     (options,) = with_overrides(fields, options or MatchOptions())
+    check_store(store)
     first = open_source(store, name1)
     second = first if name2 in (None, name1) else open_source(store, name2)
     self_match = second is first

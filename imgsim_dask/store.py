@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from .errors import StoreError
+from .errors import OptionError, StoreError, opt
 from .schema import OK, SourceMeta, SourcePlan
 
 FEATURES = "features.zarr"
@@ -138,6 +138,17 @@ class Source:
         except OSError as exc:
             raise StoreError(f"cannot write {target}: {exc.strerror or exc}") from None
         return target, fields_path
+
+
+def check_store(store: str | os.PathLike) -> str | os.PathLike:
+    """`store` if it is a local (or mounted) directory path; a URL is refused in one line
+    (object storage is not supported yet: `s3://b/x` would become a folder `./s3:/b/x`)."""
+    if "://" in str(store):
+        raise OptionError(
+            f"{opt('store')} {store}: object storage (s3://, gs://, ...) is not "
+            "supported yet; use a local or shared directory"
+        )
+    return store
 
 
 def check_name(name: str) -> str:

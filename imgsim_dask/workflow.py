@@ -21,7 +21,7 @@ from .options import (
     with_overrides,
 )
 from .pairs import MatchResult, check_output_path, match_sources
-from .store import check_name
+from .store import check_name, check_store
 
 
 def default_names(csvs: list[str]) -> list[str]:
@@ -60,6 +60,7 @@ def run(
     )
     if not options.overwrite:
         options = replace(options, resume=True)
+    check_store(store)
     csvs = [csv1] + ([csv2] if csv2 else [])
     names = list(names) if names else default_names(csvs)
     if len(names) != len(csvs):
