@@ -26,26 +26,9 @@ def test_run_on_complete_sources_resolves_no_weights(client, image_dir, tmp_path
             weights="random",
         )
     empty_cache = {"KERAS_HOME": str(tmp_path / "no-keras-cache")}
-    result = imgsim(
-        "run",
-        "uploads.csv",
-        "catalogue.csv",
-        "--store",
-        "store",
-        "--workers",
-        "1",
-        "--no-progress",
-        cwd=tmp_path,
-        env=empty_cache,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "2 rows of uploads and 2 rows of catalogue matched" in result.stdout
-    assert "weights unavailable" not in result.stderr
-    assert "cuda" not in result.stderr.lower() and "absl" not in result.stderr  # a quiet terminal
 
-    (tmp_path / "uploads.csv").write_text(f"id,url\n0,{image_dir / 'rocket.jpg'}\n")
-    assert_usage_error(
-        imgsim(
+    def run_both():
+        return imgsim(
             "run",
             "uploads.csv",
             "catalogue.csv",
@@ -56,6 +39,16 @@ def test_run_on_complete_sources_resolves_no_weights(client, image_dir, tmp_path
             "--no-progress",
             cwd=tmp_path,
             env=empty_cache,
-        ),
+        )
+
+    result = run_both()
+    assert result.returncode == 0, result.stderr
+    assert "2 rows of uploads and 2 rows of catalogue matched" in result.stdout
+    assert "weights unavailable" not in result.stderr
+    assert "cuda" not in result.stderr.lower() and "absl" not in result.stderr  # a quiet terminal
+
+    (tmp_path / "uploads.csv").write_text(f"id,url\n0,{image_dir / 'rocket.jpg'}\n")
+    assert_usage_error(
+        run_both(),
         "'uploads' in store was started with csv_bytes",
     )
