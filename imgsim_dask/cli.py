@@ -107,16 +107,25 @@ class OptionGroup:
             command = decorator(command)
         return command
 
-    def pop(self, kw: dict[str, Any]) -> Any:
-        """Build the dataclass from (and remove) its fields' values in click's `kw`."""
+    def pop(self, kw: dict[str, Any], typed: dict[str, Any] | None = None) -> Any:
+        """Build the dataclass from (and remove) its fields' values in click's `kw`; `typed`
+        gets the values of its own fields given on the command line (even where they equal
+        the default), so a resumed run can tell them from the stored ones."""
         values: dict[str, Any] = {}
+        context = click.get_current_context(silent=True)
         for spec in self.fields:
             if spec.name in self.nested:
                 values[spec.name] = self.nested[spec.name].pop(kw)
             elif spec.metadata.get("cli"):
                 value = kw.pop(self.param(spec))
                 values[spec.name] = _split(value) if spec.metadata.get("list_of") else value
+                source = context.get_parameter_source(self.param(spec)) if context else None
+                if typed is not None and source in _GIVEN:
+                    typed[spec.name] = values[spec.name]
         return self.cls(**values)
+
+
+_GIVEN = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
 
 
 def _flag_names() -> dict[str, str]:
@@ -167,9 +176,16 @@ def extract(csv: str, name: str, store: str, **kw: Any) -> None:
     """Extract CNN features for every row of CSV into STORE/NAME."""
     from .driver import extract as run_extract
 
-    csv_options, options = CSV.pop(kw), EXTRACT.pop(kw)
+    typed: dict[str, Any] = {}
+    csv_options, options = CSV.pop(kw, typed), EXTRACT.pop(kw, typed)
     source = run_extract(
-        csv, name, store, cluster=CLUSTER.pop(kw), csv_options=csv_options, options=options
+        csv,
+        name,
+        store,
+        cluster=CLUSTER.pop(kw),
+        csv_options=csv_options,
+        options=options,
+        **typed,
     )
     _print_summary(source.meta, source.path)
 
@@ -290,7 +306,8 @@ def run(
     """Extract CSV1 and CSV2 (reusing complete sources) and match them; one CSV: dedupe it."""
     from .workflow import run as run_job
 
-    csv_options, options, match_options = CSV.pop(kw), EXTRACT.pop(kw), MATCH.pop(kw)
+    typed: dict[str, Any] = {}
+    csv_options, options, match_options = CSV.pop(kw, typed), EXTRACT.pop(kw, typed), MATCH.pop(kw)
     split = _split(names)
     result = run_job(
         csv1,
@@ -302,6 +319,7 @@ def run(
         csv_options=csv_options,
         options=options,
         match_options=match_options,
+        **typed,
     )
     _print_match(result)
 

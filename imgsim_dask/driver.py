@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import time
@@ -32,18 +33,20 @@ from .embed import EmbeddedPartition, ModelPlugin, embed_partition
 from .errors import InputError, StoreError
 from .fetch import fetch_partition
 from .ingest import CsvFile, Piece, assemble_partition, cut_partitions, inspect_csv, read_blocks
-from .models import Weights, get_spec, resolve_weights
+from .models import RANDOM, Weights, get_spec, resolve_weights
 from .options import (
     DEFAULT_STORE,
     TASK_RETRIES,
     CsvOptions,
     ExtractOptions,
     FetchOptions,
+    set_fields,
     with_overrides,
 )
 from .pipeline import bounded, compute_all
 from .schema import OK, TRANSIENT_STATUSES, SourceMeta, SourcePlan
 from .store import (
+    PLAN,
     Source,
     SourceWriter,
     check_name,
@@ -78,6 +81,10 @@ def extract(
     )
     check_store(store)
     check_name(name)
+    if options.resume or options.retry_failed:
+        options, csv_options = adopt_plan(
+            Path(store) / name, options, csv_options, set(fields) | set_fields(options, csv_options)
+        )
     csv_file = inspect_csv(csv, csv_options)
     if (Path(store) / name).exists() and not (
         options.overwrite or options.resume or options.retry_failed
@@ -87,6 +94,12 @@ def extract(
             "replace it (or --resume to continue an interrupted extraction)"
         )
     weights = resolve_weights(options.model, options.weights)
+    if (options.resume or options.retry_failed) and (Path(store) / name / PLAN).is_file():
+        # before any cluster work; the row count alone waits for the scan, and it cannot
+        # change unless the CSV's size or time did
+        rows = stored_plan(Path(store) / name).get("rows", 0)
+        dim = get_spec(options.model).dim
+        check_plan(Path(store) / name, source_plan(csv_file, options, weights, rows, dim))
     with connect(cluster) as client:
         return extract_on(client, csv_file, name, store, options, weights)
 
@@ -372,22 +385,58 @@ def seal(job: ExtractionJob, seconds: float) -> Source:
 
 
 def reuse_complete(
-    csv_file: CsvFile, name: str, store: str, options: ExtractOptions
+    csv_file: CsvFile, name: str, store: str, options: ExtractOptions, given: set[str]
 ) -> Source | None:
     """The sealed source `store/name` when it was made from this CSV with these options, so
     that nothing needs doing; None when there is none (or `overwrite`); a one-line
-    StoreError when it was made otherwise. Its weights count as given unless `options`
-    name a weights file, so nothing is resolved (or downloaded) to reuse it."""
+    `PlanMismatch` when it was made otherwise. Unless `given` names `weights`, its weights
+    count as given, so nothing is resolved (or downloaded) to reuse it."""
     if options.overwrite or not is_complete(store, name):
         return None
     path = Path(store) / name
-    weights = resolve_weights(options.model, options.weights) if options.weights else None
+    weights = resolve_weights(options.model, options.weights) if "weights" in given else None
     n_rows = sum(read_blocks(csv_file)[1])
     plan = source_plan(csv_file, options, weights, n_rows, get_spec(options.model).dim)
     if weights is None:
         plan = replace(plan, weights=stored_plan(path).get("weights", ""))
     check_plan(path, plan)
     return Source(path)
+
+
+def adopt_plan(
+    path: Path, options: ExtractOptions, csv_options: CsvOptions, given: set[str]
+) -> tuple[ExtractOptions, CsvOptions]:
+    """The options the source at `path` was made with (its plan.json), except those named in
+    `given`, so that `--resume` and `--retry-failed` need not repeat them; unchanged where
+    there is no plan. A given option that differs is refused later, by `check_plan`."""
+    if options.overwrite or not (path / PLAN).is_file():
+        return options, csv_options
+    stored = stored_plan(path)
+    made = {key: stored[key] for key in ("model", "partition_rows") if key in stored}
+    if "weights" not in given and "model" not in given:
+        made["weights"] = stored.get("weights_file") or (
+            RANDOM if str(stored.get("weights", "")).startswith(RANDOM) else None
+        )
+    fetch_fields = {f.name for f in dataclasses.fields(FetchOptions)}
+    fetch: dict[str, Any] = {
+        key: tuple(value) if isinstance(value, list) else value
+        for key, value in stored.get("fetch", {}).items()
+        if key in fetch_fields and key not in given
+    }
+    csv = {
+        key: stored[key] for key in ("url_col", "id_col", "delimiter", "header") if key in stored
+    }
+    if "fields" in stored:
+        csv["cols"] = tuple(stored["fields"])
+    options = replace(
+        options,
+        fetch=replace(options.fetch, **fetch),
+        **{key: value for key, value in made.items() if key not in given},
+    )
+    csv_options = replace(
+        csv_options, **{key: value for key, value in csv.items() if key not in given}
+    )
+    return options, csv_options
 
 
 def source_plan(
@@ -402,6 +451,9 @@ def source_plan(
         key: getattr(options.fetch, key)
         for key in ("schemes", "public_only", "allow_link_local", "root", "max_bytes", "max_pixels")
     }
+    weights_file = None
+    if weights is not None and weights.data is not None and options.weights not in (None, RANDOM):
+        weights_file = str(Path(options.weights).resolve())
     return SourcePlan(
         csv=csv,
         rows=n_rows,
@@ -421,6 +473,7 @@ def source_plan(
         header=csv_file.header,
         csv_bytes=size,
         csv_mtime_ns=mtime,
+        weights_file=weights_file,
     )
 
 

@@ -337,3 +337,18 @@ def with_overrides(fields: dict[str, Any], *options: Any) -> tuple[Any, ...]:
         )
         for o in options
     )
+
+
+def set_fields(*options: Any) -> set[str]:
+    """Names of the fields (of nested option objects too) whose values differ from their
+    defaults: what a caller asked for, as far as the objects can tell."""
+    found = set()
+    for o in options:
+        for spec in dataclasses.fields(o):
+            value = getattr(o, spec.name)
+            if dataclasses.is_dataclass(value):
+                found |= set_fields(value)
+                continue
+            if value != spec.default:
+                found.add(spec.name)
+    return found

@@ -39,8 +39,9 @@ TRANSIENT_STATUSES = frozenset(
 class SourcePlan:
     """What fixes an extraction's output (plan.json): a resumed run must agree on all of it.
 
-    `csv_bytes`/`csv_mtime_ns` identify a local CSV (0 for a URL); `weights` is a weights
-    file's sha256, or the description of random or package weights.
+    `csv_bytes`/`csv_mtime_ns` identify a local CSV (absent for a URL); `weights` is a
+    weights file's sha256, or the description of random or package weights. `weights_file`
+    says where a weights file was (so a resumed run finds it again); it is not compared.
     """
 
     csv: str
@@ -57,11 +58,12 @@ class SourcePlan:
     header: bool
     csv_bytes: int | None = None
     csv_mtime_ns: int | None = None
+    weights_file: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The plan as stored: local-file fields only where the CSV is a local file."""
         document = dataclasses.asdict(self)
-        for key in ("csv_bytes", "csv_mtime_ns"):
+        for key in ("csv_bytes", "csv_mtime_ns", "weights_file"):
             if document[key] is None:
                 del document[key]
         return document
@@ -69,7 +71,8 @@ class SourcePlan:
     def differences(self, stored: dict[str, Any]) -> list[str]:
         """The plan keys where `stored` (a plan.json document) differs from this plan."""
         mine = self.to_json()
-        return [key for key in sorted(set(mine) | set(stored)) if stored.get(key) != mine.get(key)]
+        keys = (set(mine) | set(stored)) - {"weights_file"}
+        return [key for key in sorted(keys) if stored.get(key) != mine.get(key)]
 
 
 @dataclass(frozen=True)

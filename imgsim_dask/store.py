@@ -22,6 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -339,17 +340,86 @@ def stored_plan(path: Path) -> dict:
     return json.loads((path / PLAN).read_text())
 
 
+# plan.json keys an option sets, and that option's name (the rest describe the CSV)
+PLAN_OPTIONS = {
+    "model": "model",
+    "weights": "weights",
+    "partition_rows": "partition_rows",
+    "fields": "cols",
+    "url_col": "url_col",
+    "id_col": "id_col",
+    "delimiter": "delimiter",
+    "header": "header",
+}
+
+
+class PlanMismatch(StoreError):
+    """A source was made otherwise than asked now; `option` names the option that differs
+    (None where the CSV itself changed)."""
+
+    def __init__(self, template: str, option: str | None):
+        super().__init__(template)
+        self.option = option
+
+
 def check_plan(path: Path, plan: SourcePlan) -> None:
-    """A one-line StoreError unless the source at `path` was started with `plan`."""
-    before = stored_plan(path)
+    """A one-line `PlanMismatch` unless the source at `path` was made with `plan`: it names
+    the option and both values, or says how the CSV changed."""
+    before, now = stored_plan(path), plan.to_json()
     changed = plan.differences(before)
-    if changed:  # name the cause, not a consequence (a new model changes dim too)
-        key = min(changed, key=lambda k: (k not in ("model", "weights", "csv"), k))
-        raise StoreError(
-            f"source {path.name!r} in {path.parent} was started with "
-            f"{key} {before.get(key)!r}, now {plan.to_json().get(key)!r}; pass "
-            "--overwrite to start over, or use another --name"
+    if not changed:
+        return
+    # name the cause, not a consequence (a new model changes dim and weights too)
+    order = ["csv", "model", "weights", *PLAN_OPTIONS, "fetch"]
+    key = min(changed, key=lambda k: order.index(k) if k in order else len(order))
+    where = f"source {path.name!r} in {path.parent}"
+    start_over = f"pass {opt('overwrite')} to start over, or use another {opt('name')}"
+    if key == "csv":
+        raise PlanMismatch(
+            f"{where} was made from {before.get('csv')}, not {now.get('csv')}; {start_over}", None
         )
+    if key not in order:  # rows, csv_bytes, csv_mtime_ns: the file is not what it was
+        raise PlanMismatch(
+            f"{where} was made from {now.get('csv')}, which has changed since "
+            f"({_csv_change(before, now)}); {start_over}",
+            None,
+        )
+    if key == "fetch":
+        fetch_before, fetch_now = before.get("fetch", {}), now.get("fetch", {})
+        key = min(
+            k for k in set(fetch_before) | set(fetch_now) if fetch_before.get(k) != fetch_now.get(k)
+        )
+        option, was, asked = key, fetch_before.get(key), fetch_now.get(key)
+    else:
+        option, was, asked = PLAN_OPTIONS[key], before.get(key), now.get(key)
+    if key == "header":
+        made = f"its CSV read {'with' if was else 'without'} a header row ({opt('header')})"
+    elif key == "weights":
+        made = f"{opt(option)} {_weights_shown(was)}, not {_weights_shown(asked)}"
+    else:
+        made = f"{opt(option)} {_value_shown(was)}, not {_value_shown(asked)}"
+    raise PlanMismatch(
+        f"{where} was made with {made}; leave out {opt(option)} to go on as it was made, "
+        f"or {start_over}",
+        option,
+    )
+
+
+def _csv_change(before: dict, now: dict) -> str:
+    if before.get("rows") != now.get("rows"):
+        return f"{before.get('rows')} rows then, {now.get('rows')} now"
+    if before.get("csv_bytes") != now.get("csv_bytes"):
+        return f"{before.get('csv_bytes')} bytes then, {now.get('csv_bytes')} now"
+    return "modified since"
+
+
+def _weights_shown(value: Any) -> str:
+    text = str(value)
+    return f"sha256 {text[:12]}" if len(text) == 64 and text.isalnum() else repr(text)
+
+
+def _value_shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else repr(value)
 
 
 def is_complete(store: str | os.PathLike, name: str) -> bool:

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from .cluster import Cluster, connect
-from .driver import extract_on, reuse_complete
-from .ingest import inspect_csv
-from .models import resolve_weights
+from .driver import adopt_plan, extract_on, reuse_complete
+from .ingest import CsvFile, inspect_csv
+from .models import Weights, resolve_weights
 from .options import (
     DEFAULT_STORE,
     CsvOptions,
@@ -18,10 +18,11 @@ from .options import (
     MatchOptions,
     OptionError,
     opt,
+    set_fields,
     with_overrides,
 )
 from .pairs import MatchResult, check_output_path, match_sources
-from .store import check_name, check_store
+from .store import PLAN, PlanMismatch, check_name, check_store
 
 
 def default_names(csvs: list[str]) -> list[str]:
@@ -47,10 +48,12 @@ def run(
 ) -> MatchResult:
     """Extract `csv1` (and `csv2`), then match them; one CSV is matched against itself.
 
-    A source already in the store from the same CSV and options is reused as it is (an
-    interrupted one is continued, as with `--resume`); one from a different CSV or model
-    is an error unless `overwrite` is set. Keyword arguments named like fields of the
-    three option classes override them.
+    A source already in the store is reused as it is, or continued if interrupted (as with
+    `resume`), with the options it was made with; an option given that differs, or a CSV
+    that changed, is an error unless `overwrite` is set. A new source takes the model and
+    weights of a stored one unless they are given. `url_col` and `id_col` may name one
+    column per CSV (`"image_url,url"`). Keyword arguments named like fields of the three
+    option classes override them.
     """
     options, csv_options, match_options = with_overrides(
         fields,
@@ -69,21 +72,91 @@ def run(
         raise OptionError(f"{opt('names')} must differ, got {', '.join(names)}")
     if out is not None:
         check_output_path(out, tuple(csvs))
-    csv_files = []
-    for csv, name in zip(csvs, names):  # both inputs are checked before any work starts
-        check_name(name)
-        csv_files.append(inspect_csv(csv, csv_options))
+    given = set(fields) | set_fields(options, csv_options)
+    jobs = []
+    for csv, name, per_csv in zip(csvs, names, csv_options_per_csv(csv_options, len(csvs))):
+        check_name(name)  # both inputs are checked before any work starts
+        made = adopt_plan(Path(store) / name, options, per_csv, given)
+        jobs.append((csv, name, *made))
+    jobs = _same_model(jobs, store, given)
+    csv_files = [_inspect(csv, per_csv, len(csvs)) for csv, _, _, per_csv in jobs]
     # a complete source made with these options is reused, without resolving its weights
-    todo = [
-        (csv_file, name)
-        for csv_file, name in zip(csv_files, names)
-        if reuse_complete(csv_file, name, store, options) is None
-    ]
-    weights = resolve_weights(options.model, options.weights) if todo else None
+    todo = []
+    for csv_file, (_, name, source_options, _) in zip(csv_files, jobs):
+        try:
+            reused = reuse_complete(csv_file, name, store, source_options, given)
+        except PlanMismatch as exc:
+            raise _per_csv_hint(exc, len(csvs)) from None
+        if reused is None:
+            todo.append((csv_file, name, source_options))
+    resolved: dict[tuple[str, str | None], Weights] = {}
+    for _, _, source_options in todo:
+        key = (source_options.model, source_options.weights)
+        if key not in resolved:
+            resolved[key] = resolve_weights(*key)
     with connect(cluster) as active:
-        for csv_file, name in todo:
-            assert weights is not None
-            extract_on(active, csv_file, name, store, options, weights)
+        for csv_file, name, source_options in todo:
+            weights = resolved[(source_options.model, source_options.weights)]
+            try:
+                extract_on(active, csv_file, name, store, source_options, weights)
+            except PlanMismatch as exc:
+                raise _per_csv_hint(exc, len(csvs)) from None
         return match_sources(
             names[0], names[-1], store, out=out, cluster=active, options=match_options
         )
+
+
+PER_CSV = ("url_col", "id_col")  # options `run` takes one per CSV, comma-separated
+
+
+def csv_options_per_csv(csv_options: CsvOptions, count: int) -> list[CsvOptions]:
+    """The CSV options of each of `count` CSVs: `url_col` and `id_col` may name one column
+    per CSV, comma-separated (`image_url,url`); one name applies to all."""
+    per_csv = [csv_options] * count
+    for key in PER_CSV:
+        value = getattr(csv_options, key)
+        if value is None or "," not in value:
+            continue
+        names = [part.strip() for part in value.split(",")]
+        if len(names) != count or not all(names):
+            raise OptionError(
+                f"{opt(key)} {value!r}: give one column for all CSVs, or one per CSV "
+                f"({count}), comma-separated"
+            )
+        per_csv = [replace(o, **{key: column}) for o, column in zip(per_csv, names)]
+    return per_csv
+
+
+def _same_model(jobs: list, store: str, given: set[str]) -> list:
+    """A source to be made anew takes the model and weights of the other, stored one when the
+    caller named neither, so that the two can be matched."""
+    made = [options for _, name, options, _ in jobs if (Path(store) / name / PLAN).is_file()]
+    if not made or given & {"model", "weights"}:
+        return jobs
+    return [
+        (csv, name, options, per_csv)
+        if (Path(store) / name / PLAN).is_file()
+        else (csv, name, replace(options, model=made[0].model, weights=made[0].weights), per_csv)
+        for csv, name, options, per_csv in jobs
+    ]
+
+
+def _inspect(csv: str, csv_options: CsvOptions, count: int) -> CsvFile:
+    """`inspect_csv`, whose column errors, with two CSVs, say that each may have its own."""
+    try:
+        return inspect_csv(csv, csv_options)
+    except OptionError as exc:
+        if count < 2 or not any(opt(key) in exc.template for key in PER_CSV):
+            raise
+        raise OptionError(
+            f"{exc.template}; with two CSVs, name each one's column: "
+            f"{opt('url_col')} A,B (and {opt('id_col')} A,B)"
+        ) from None
+
+
+def _per_csv_hint(exc: PlanMismatch, count: int) -> PlanMismatch:
+    if count < 2 or exc.option not in PER_CSV:
+        return exc
+    return PlanMismatch(
+        f"{exc.template} (with two CSVs, {opt(exc.option)} takes one per CSV: A,B)", exc.option
+    )

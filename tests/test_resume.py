@@ -186,11 +186,17 @@ def test_resume_refuses_a_different_plan(client, many_rows_csv, tmp_path):
     options = dict(cluster=client, weights="random", batch_size=4)
     source = extract(str(csv), "books", str(tmp_path), partition_rows=PARTITION_ROWS, **options)
     (source.path / "meta.json").unlink()
-    with pytest.raises(StoreError, match="'books' in .* was started with partition_rows 8, now 16"):
+    with pytest.raises(
+        StoreError,
+        match="'books' in .* was made with partition_rows 8, not 16; leave out partition_rows",
+    ):
         extract(str(csv), "books", str(tmp_path), partition_rows=16, resume=True, **options)
     with csv.open("a") as f:
         f.write(f"late,{csv}\n")
-    with pytest.raises(StoreError, match="'books' in .* was started with csv_bytes "):
+    with pytest.raises(
+        StoreError,
+        match="'books' in .* was made from .*in.csv, which has changed since \\(",
+    ):
         extract(
             str(csv), "books", str(tmp_path), partition_rows=PARTITION_ROWS, resume=True, **options
         )
@@ -255,9 +261,7 @@ def test_a_new_model_is_named_as_the_reason_a_source_cannot_be_reused(
 
     options = ExtractOptions(weights="random", partition_rows=PARTITION_ROWS)
     run(str(many_rows_csv), cluster=client, store=str(tmp_path), top_k=1, options=options)
-    with pytest.raises(
-        StoreError, match="started with model 'mobilenet', now 'efficientnet-lite0'"
-    ):
+    with pytest.raises(StoreError, match="made with model 'mobilenet', not 'efficientnet-lite0'"):
         run(
             str(many_rows_csv),
             cluster=client,
@@ -280,7 +284,10 @@ def test_run_reuses_a_source_only_for_the_same_csv(client, many_rows_csv, tmp_pa
     pd.testing.assert_frame_equal(again.pairs, first.pairs)
     with csv.open("a") as f:
         f.write(f"late,{csv}\n")
-    with pytest.raises(StoreError, match="'books' in .* was started with csv_bytes "):
+    with pytest.raises(
+        StoreError,
+        match="'books' in .* was made from .*books.csv, which has changed since \\(",
+    ):
         run(str(csv), cluster=client, store=str(tmp_path / "store"), top_k=1, options=options)
 
 

@@ -50,5 +50,5 @@ def test_run_on_complete_sources_resolves_no_weights(client, image_dir, tmp_path
     (tmp_path / "uploads.csv").write_text(f"id,url\n0,{image_dir / 'rocket.jpg'}\n")
     assert_usage_error(
         run_both(),
-        "'uploads' in store was started with csv_bytes",
+        "uploads.csv, which has changed since (2 rows then, 1 now); pass --overwrite to start over",
     )
