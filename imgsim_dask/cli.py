@@ -7,6 +7,7 @@ and help text lives there once; errors that name an option are shown with its fl
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 import sys
 import typing
@@ -57,10 +58,13 @@ def _click_type(spec: dataclasses.Field, hint: Any) -> Any:
 class OptionGroup:
     """The CLI options of one option dataclass (and the dataclasses nested in it)."""
 
-    def __init__(self, cls: type):
+    def __init__(self, cls: type, leave_out: tuple[str, ...] = (), helps: dict | None = None):
+        """`leave_out`: fields that do not apply to a command (they keep their defaults);
+        `helps`: help texts that a command words its own way, by field."""
         self.cls = cls
         self.hints = typing.get_type_hints(cls)
-        self.fields = list(dataclasses.fields(cls))
+        self.fields = [f for f in dataclasses.fields(cls) if f.name not in leave_out]
+        self.helps = helps or {}
         self.nested = {
             f.name: OptionGroup(self.hints[f.name])
             for f in self.fields
@@ -81,7 +85,10 @@ class OptionGroup:
             if not spec.metadata.get("cli"):
                 continue
             meta, flag = spec.metadata, flag_of(spec)
-            kwargs: dict[str, Any] = {"help": meta["help"], "metavar": meta.get("metavar")}
+            kwargs: dict[str, Any] = {
+                "help": self.helps.get(spec.name, meta["help"]),
+                "metavar": meta.get("metavar"),
+            }
             if isinstance(spec.default, bool):
                 if "/" in flag:
                     kwargs.update(default=spec.default, show_default=True)
@@ -142,7 +149,16 @@ FLAGS = _flag_names()
 CSV = OptionGroup(CsvOptions)
 EXTRACT = OptionGroup(ExtractOptions)
 MATCH = OptionGroup(MatchOptions)
+DEDUPE = OptionGroup(
+    MatchOptions,
+    helps={
+        "threshold": "Keep pairs with similarity >= THRESH [default: the model's, 0.845 for "
+        "mobilenet; -1 with --top-k: plain nearest neighbours]."
+    },
+)
 CLUSTER = OptionGroup(ClusterOptions)
+# matching runs on the GPU workers only: the local cluster's fetch workers do not apply
+SCORING_CLUSTER = OptionGroup(ClusterOptions, leave_out=("workers",))
 store_option = click.option(
     "--store",
     default=DEFAULT_STORE,
@@ -176,6 +192,7 @@ def extract(csv: str, name: str, store: str, **kw: Any) -> None:
     """Extract CNN features for every row of CSV into STORE/NAME."""
     from .driver import extract as run_extract
 
+    started = dt.datetime.now(dt.UTC)
     typed: dict[str, Any] = {}
     csv_options, options = CSV.pop(kw, typed), EXTRACT.pop(kw, typed)
     source = run_extract(
@@ -187,11 +204,17 @@ def extract(csv: str, name: str, store: str, **kw: Any) -> None:
         options=options,
         **typed,
     )
-    _print_summary(source.meta, source.path)
+    _print_summary(source.meta, source.path, started)
 
 
-def _print_summary(meta: SourceMeta, path: Path) -> None:
+def _print_summary(meta: SourceMeta, path: Path, started: dt.datetime) -> None:
     counts = ", ".join(f"{k} {v}" for k, v in meta.status_counts.items())
+    if dt.datetime.fromisoformat(meta.created) < started.replace(microsecond=0):
+        click.echo(
+            f"{meta.name}: already complete, nothing done: {meta.rows} rows ({counts}), "
+            f"made {meta.created} -> {path}"
+        )
+        return
     click.echo(
         f"{meta.name}: {meta.rows} rows ({counts}) in {meta.seconds:.1f} s, "
         f"{meta.images_per_second} images/s -> {path}"
@@ -214,12 +237,16 @@ def _print_summary(meta: SourceMeta, path: Path) -> None:
 
 
 @cli.command()
-@click.argument("name")
+@click.argument("name", required=False)
 @store_option
-def info(name: str, store: str) -> None:
-    """Show a stored source: counts by status, model, dimension."""
+def info(name: str | None, store: str) -> None:
+    """Show a stored source: counts by status, model, dimension (no NAME: list the store)."""
     from .store import open_source
 
+    if name is None:
+        _list_store(store)
+        click.echo("(imgsim info NAME shows one)")
+        return
     source = open_source(store, name)
     meta = source.meta
     click.echo(
@@ -232,6 +259,79 @@ def info(name: str, store: str) -> None:
         f"csv       {meta.csv} (url column {meta.url_col!r})\n"
         f"extracted {meta.created} in {meta.seconds:.1f} s"
     )
+
+
+@cli.command(name="ls")
+@store_option
+def list_store(store: str) -> None:
+    """List the sources in a store: rows, ok/failed, model, dimension, date."""
+    _list_store(store)
+
+
+def _list_store(store: str) -> None:
+    import pandas as pd
+
+    from .store import list_sources
+
+    listed = list_sources(store)
+    if not listed:
+        click.echo(f"no sources in {store} (imgsim extract CSV --name NAME makes one)")
+        return
+    table = []
+    for entry in listed:
+        meta, plan = entry.meta, entry.plan
+        row: dict[str, Any] = {"name": entry.name}
+        if meta is None:
+            row.update(
+                rows=plan.get("rows", ""), ok="", failed="", model=plan.get("model", ""),
+                features="", made="",
+                state="incomplete: --resume continues it" if plan else "damaged",
+            )  # fmt: skip
+        else:
+            ok = meta.status_counts.get("ok", 0)
+            row.update(
+                rows=meta.rows, ok=ok, failed=meta.rows - ok, model=meta.model,
+                features=f"{meta.dim}-d", made=meta.created[:16].replace("T", " "),
+                state="complete",
+            )  # fmt: skip
+        table.append(row)
+    click.echo(pd.DataFrame(table).rename(columns={"made": "made (UTC)"}).to_string(index=False))
+
+
+@cli.command()
+@click.argument("name")
+@store_option
+@click.option("--status", help="Only rows of this status (e.g. not_found, timeout).")
+@click.option("--examples", default=3, show_default=True, type=click.IntRange(0),
+              help="Rows shown per status.")  # fmt: skip
+@click.option("--out", type=click.Path(dir_okay=False), help="Write all of them: .csv or .parquet.")
+def failures(name: str, store: str, status: str | None, examples: int, out: str | None) -> None:
+    """Show the rows of a source that gave no image: counts by status, examples, errors."""
+    from .errors import OptionError
+    from .pairs import check_output_path, write_table
+    from .store import open_source
+
+    source = open_source(store, name)
+    path = check_output_path(out) if out else None
+    failed = source.failures(status)
+    if status == "ok":
+        raise OptionError("rows of status 'ok' gave an image; name a failure status")
+    if status is not None and status not in source.status_counts():
+        known = ", ".join(sorted(source.status_counts()))
+        raise OptionError(f"{name} has no rows of status {status!r} (statuses: {known})")
+    if not len(failed):
+        click.echo(f"{name}: all {source.meta.rows} rows gave an image")
+        return
+    meta = source.meta
+    shown = [c for c in dict.fromkeys([meta.id_col, meta.url_col]) if c in failed]
+    for found, rows in failed.groupby("status", sort=False):
+        click.echo(f"{found}: {len(rows)} of {meta.rows} rows")
+        sample = rows.head(examples)[[*shown, "http_status", "error"]]
+        if len(sample):
+            click.echo(sample.to_string(index=False, max_colwidth=80))
+    if path is not None:
+        written = write_table(failed, path, f"{name}-failures")
+        click.echo(f"wrote {len(failed)} rows -> {written}")
 
 
 @cli.command()
@@ -259,30 +359,32 @@ def export(name: str, store: str, h5_path: str) -> None:
 @store_option
 @MATCH
 @out_option
-@CLUSTER
+@SCORING_CLUSTER
 def match(name1: str, name2: str, store: str, out: str | None, **kw: Any) -> None:
     """Match source NAME1 against NAME2 (the same name: near-duplicates within it)."""
     from .pairs import match_sources
 
     options = MATCH.pop(kw)
     _print_match(
-        match_sources(name1, name2, store, out=out, cluster=CLUSTER.pop(kw), options=options)
+        match_sources(
+            name1, name2, store, out=out, cluster=SCORING_CLUSTER.pop(kw), options=options
+        )
     )
 
 
 @cli.command()
 @click.argument("name")
 @store_option
-@MATCH
+@DEDUPE
 @out_option
-@CLUSTER
+@SCORING_CLUSTER
 def dedupe(name: str, store: str, out: str | None, **kw: Any) -> None:
     """Find near-duplicate groups within one source (each pair once, with a group id)."""
     from .pairs import match_sources
 
-    options = MATCH.pop(kw)
+    options = DEDUPE.pop(kw)
     _print_match(
-        match_sources(name, name, store, out=out, cluster=CLUSTER.pop(kw), options=options)
+        match_sources(name, name, store, out=out, cluster=SCORING_CLUSTER.pop(kw), options=options)
     )
 
 
@@ -337,22 +439,29 @@ def run(
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def demo(workdir: str, workers: int | None, progress: bool) -> None:
     """Offline demo: serve sample photos and edited copies on 127.0.0.1, extract, match."""
-    from .demo import run_demo
+    from .demo import run_demo, verdict
 
     result = run_demo(
         Path(workdir), ClusterOptions(workers=workers), progress, on_serving=click.echo
     )
     _print_match(result, show=len(result.pairs))
+    click.echo(verdict(result))
+    click.echo(
+        f"next: {workdir}/uploads.csv and catalogue.csv list the images' paths, to try commands "
+        f"on (imgsim run {workdir}/uploads.csv {workdir}/catalogue.csv --model "
+        "efficientnet-lite0); the demo's own URLs worked only while it served them"
+    )
 
 
 def _print_match(result: Any, show: int = 10) -> None:
     table = result.pairs
     if len(table) and show:
-        columns = [c for c in table.columns if c.endswith(("_id", "_title"))] + ["similarity"]
-        click.echo(table[columns].head(show).to_string(index=False))
+        click.echo(table[result.preview].head(show).to_string(index=False))
+        if len(table) > show:
+            rest = "; --out FILE writes them all" if result.path is None else ""
+            click.echo(f"(showing {show} of {len(table)} pairs{rest})")
+    click.echo(result.decision())
     click.echo(result.summary())
-    if len(table) > show and result.path is None:
-        click.echo(f"(showing {show} of {len(table)} pairs; --out FILE writes them all)")
 
 
 def main() -> None:

@@ -138,7 +138,9 @@ def connect(cluster: Cluster = None) -> Iterator[Client]:
                     f"tls://HOST:PORT or {opt('scheduler_file')} too"
                 )
             with _hold_sigint():  # Ctrl-C here would leave a half-started cluster behind
-                local = stack.enter_context(local_cluster(options.workers))
+                local = stack.enter_context(
+                    local_cluster(options.workers, options.dashboard_address)
+                )
             active = stack.enter_context(Client(local))
             try:
                 active.wait_for_workers(len(local.worker_spec), timeout="120s")
@@ -151,8 +153,21 @@ def connect(cluster: Cluster = None) -> Iterator[Client]:
         if report:
             stack.enter_context(performance_report(filename=str(report)))
         yield active
+        if options.keep_cluster and not address:
+            _keep_up(active, options.keep_cluster)
     if report:
         logger.info("performance report: %s", report)
+
+
+def _keep_up(client: Client, seconds: float) -> None:
+    """Leave the finished job's cluster up for a look at its dashboard; Ctrl-C ends it."""
+    logger.info(
+        "dashboard stays up for %g s at %s (Ctrl-C ends it)", seconds, client.dashboard_link
+    )
+    try:
+        time.sleep(seconds)
+    except KeyboardInterrupt:
+        logger.info("closing the cluster")
 
 
 @contextmanager

@@ -66,6 +66,12 @@ def _edits() -> dict[str, Callable[[Image.Image], Image.Image]]:
     }
 
 
+def _copies() -> list[tuple[str, str]]:
+    """(catalogue file, edit) of each edited copy among the uploads."""
+    edits = list(_edits())
+    return [(f, edits[i % len(edits)]) for i, f in enumerate(CATALOGUE[: len(edits) + 2])]
+
+
 def sample_path(filename: str) -> Path:
     """A sample photograph shipped inside scikit-image (read from disk, never downloaded)."""
     import skimage.data
@@ -83,11 +89,10 @@ def build_images(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         image = Image.open(sample_path(filename)).convert("RGB")
         image.save(root / f"{stem}.jpg", quality=92)
         catalogue.append({"id": f"cat-{stem}", "title": stem, "file": f"{stem}.jpg"})
-    edits = list(_edits().items())
-    for i, filename in enumerate(CATALOGUE[: len(edits) + 2]):
+    edits = _edits()
+    for filename, edit in _copies():
         stem = filename.rsplit(".", 1)[0]
-        edit, apply = edits[i % len(edits)]
-        image = apply(Image.open(sample_path(filename)).convert("RGB"))
+        image = edits[edit](Image.open(sample_path(filename)).convert("RGB"))
         image.save(root / f"{stem}-{edit}.jpg", quality=15 if edit == "recompressed" else 90)
         uploads.append(
             {"id": f"up-{stem}-{edit}", "title": f"{stem} ({edit})", "file": f"{stem}-{edit}.jpg"}
@@ -120,16 +125,36 @@ def serve_directory(root: Path) -> Iterator[str]:
 
 
 def write_csvs(workdir: Path, base_url: str) -> tuple[Path, Path]:
-    """Build the images and write `catalogue.csv` and `uploads.csv` whose URLs point at
-    `base_url`."""
+    """Build the images and write `catalogue.csv` and `uploads.csv` twice: in `served/`
+    with URLs at `base_url` (what the demo extracts; they work only while it serves), and in
+    `workdir` with the images' paths (to try commands on afterwards). Return the served ones."""
     catalogue, uploads = build_images(workdir / "images")
+    (workdir / "served").mkdir(parents=True, exist_ok=True)
     paths = []
     for name, table in (("catalogue", catalogue), ("uploads", uploads)):
-        table = table.assign(url=base_url + "/" + table.pop("file"))
-        path = workdir / f"{name}.csv"
-        table.to_csv(path, index=False)
+        files = table.pop("file")
+        table.assign(url="images/" + files).to_csv(workdir / f"{name}.csv", index=False)
+        path = workdir / "served" / f"{name}.csv"
+        table.assign(url=base_url + "/" + files).to_csv(path, index=False)
         paths.append(path)
     return paths[0], paths[1]
+
+
+def verdict(result: MatchResult) -> str:
+    """Whether the demo found what it should: each edited copy its original, and nothing for
+    the photographs the catalogue does not have."""
+    matched = dict(zip(result.pairs["uploads_id"], result.pairs["catalogue_id"]))
+    unrelated = {f"up-{name.rsplit('.', 1)[0]}" for name in UNRELATED}
+    copies = {
+        f"up-{stem}-{edit}": f"cat-{stem}"
+        for stem, edit in ((f.rsplit(".", 1)[0], edit) for f, edit in _copies())
+    }
+    found = sum(matched.get(key) == original for key, original in copies.items())
+    wrongly = sorted(key for key in unrelated if key in matched)
+    copies_line = f"{found} of {len(copies)} edited copies found their original"
+    if wrongly:
+        return f"{copies_line}; {len(wrongly)} unrelated uploads matched: {', '.join(wrongly)}"
+    return f"{copies_line}; the {len(unrelated)} unrelated uploads correctly have no match"
 
 
 def run_demo(
@@ -144,7 +169,7 @@ def run_demo(
         options = ExtractOptions(
             model=DEMO_MODEL, partition_rows=8, batch_size=8, overwrite=True, progress=progress
         )
-        return run(
+        result = run(
             str(uploads),
             str(catalogue),
             ["uploads", "catalogue"],
@@ -154,3 +179,5 @@ def run_demo(
             options=options,
             match_options=MatchOptions(top_k=1, threshold=get_spec(DEMO_MODEL).threshold),
         )
+    result.threshold_from = f"the default of {DEMO_MODEL}"  # given as such, for top_k
+    return result

@@ -52,6 +52,7 @@ from .store import (
     check_name,
     check_plan,
     check_store,
+    check_writable,
     is_complete,
     stored_plan,
 )
@@ -81,6 +82,7 @@ def extract(
     )
     check_store(store)
     check_name(name)
+    check_writable(store)
     if options.resume or options.retry_failed:
         options, csv_options = adopt_plan(
             Path(store) / name, options, csv_options, set(fields) | set_fields(options, csv_options)
@@ -100,6 +102,9 @@ def extract(
         rows = stored_plan(Path(store) / name).get("rows", 0)
         dim = get_spec(options.model).dim
         check_plan(Path(store) / name, source_plan(csv_file, options, weights, rows, dim))
+        if options.resume and not options.retry_failed and is_complete(store, name):
+            logger.debug("%s: already complete in %s, nothing to do", name, store)
+            return Source(Path(store) / name)  # no cluster needed
     with connect(cluster) as client:
         return extract_on(client, csv_file, name, store, options, weights)
 

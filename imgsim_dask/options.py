@@ -308,6 +308,17 @@ class ClusterOptions:
         metavar="SECONDS",
     )
     report: str | None = option(None, "Write Dask's performance report (HTML) to this file.")
+    dashboard_address: str = option(
+        "127.0.0.1:8787",
+        "Where the local cluster's dashboard listens (:0 picks a free port).",
+        metavar="HOST:PORT",
+    )
+    keep_cluster: float = option(
+        0.0,
+        "Keep the local cluster and its dashboard up this long after the job (Ctrl-C ends it).",
+        minimum=0,
+        metavar="SECONDS",
+    )
 
     def __post_init__(self) -> None:
         _check_fields(self)

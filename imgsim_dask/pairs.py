@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,13 @@ from .cluster import Cluster, connect
 from .errors import InputError, StoreError
 from .match import connected_groups, match_features
 from .options import DEFAULT_STORE, MatchOptions, OptionError, opt, with_overrides
-from .schema import SourceMeta
+from .schema import OK, SourceMeta
 from .store import Source, atomic_write, check_store, open_source
 
 
 @dataclass
 class MatchResult:
-    """The pairs table and what a summary line needs."""
+    """The pairs table, how it was decided, and what a summary needs."""
 
     pairs: pd.DataFrame
     name1: str
@@ -36,17 +36,35 @@ class MatchResult:
     rows2_matched: int
     seconds: float
     path: Path | None = None
+    threshold: float | None = None
+    threshold_from: str = ""  # "given", or "the default of MODEL"
+    top_k: int | None = None
+    rows1_ok: int = 0  # rows with features, of each side
+    rows2_ok: int = 0
+    preview: list[str] = field(default_factory=list)  # the columns a person reads first
+
+    @property
+    def self_match(self) -> bool:
+        return "group" in self.pairs
 
     def summary(self) -> str:
         where = f" -> {self.path}" if self.path else ""
-        matched = f"{self.rows1_matched} rows of {self.name1}"
+        matched = f"{self.rows1_matched} of {self.rows1_ok} rows of {self.name1}"
         groups = ""
-        if "group" in self.pairs:  # a self match: rows1_matched counts both sides of pairs
+        if self.self_match:  # rows1_matched counts both sides of pairs
             count = self.pairs["group"].nunique()
             groups = f"; {count} groups, {self.rows1_matched - count} rows are extra copies"
         else:
-            matched += f" and {self.rows2_matched} rows of {self.name2}"
+            matched += f" and {self.rows2_matched} of {self.rows2_ok} rows of {self.name2}"
         return f"{len(self.pairs)} pairs; {matched} matched{groups}; {self.seconds:.1f} s{where}"
+
+    def decision(self) -> str:
+        """How pairs were kept: the threshold that applied and where it came from."""
+        best = f"the {self.top_k} best per row of {self.name1}" if self.top_k else ""
+        if self.threshold is None:
+            return f"kept {best}, however far (no threshold)"
+        kept = f"kept pairs with similarity >= {self.threshold:g} ({self.threshold_from})"
+        return f"{kept}, at most {best}" if best else kept
 
 
 def check_output_path(out: str | os.PathLike, inputs: tuple[str, ...] = ()) -> Path:
@@ -100,9 +118,11 @@ def match_sources(
     second = first if name2 in (None, name1) else open_source(store, name2)
     self_match = second is first
     _check_compatible(first, second)
+    threshold_from = "given"
     if options.threshold is None and (options.top_k is None or self_match):
         # a pair within one source claims a near-duplicate
         options = replace(options, threshold=first.meta.threshold)
+        threshold_from = f"the default of {first.meta.model}"
     path = check_output_path(out, (first.meta.csv, second.meta.csv)) if out is not None else None
     prefixes = _prefixes(first, second, self_match)
 
@@ -124,6 +144,12 @@ def match_sources(
         int(counts[0]),
         int(counts[1]),
         time.perf_counter() - started,
+        threshold=options.threshold,
+        threshold_from=threshold_from,
+        top_k=options.top_k,
+        rows1_ok=first.meta.status_counts.get(OK, 0),
+        rows2_ok=second.meta.status_counts.get(OK, 0),
+        preview=_preview(first, second, prefixes),
     )
     if path is not None:
         result.path = write_table(table, path, f"{first.name}-{second.name}")
@@ -177,6 +203,17 @@ def _prefixes(first: Source, second: Source, self_match: bool) -> tuple[str, str
             f"{first.name}1) and match again"
         )
     return prefix1, prefix2
+
+
+def _preview(first: Source, second: Source, prefixes: tuple[str, str]) -> list[str]:
+    """Per side its id column and up to two other fields (the URL only if there is no
+    other), then the similarity (and the group of a self-match)."""
+    columns = []
+    for source, prefix in ((first, prefixes[0]), (second, prefixes[1])):
+        meta = source.meta
+        others = [f for f in meta.fields if f not in (meta.id_col, meta.url_col)][:2]
+        columns += [prefix + f for f in [meta.id_col, *(others or [meta.url_col])]]
+    return [*dict.fromkeys(columns), "similarity", *(["group"] if second is first else [])]
 
 
 def _with_fields(

@@ -94,6 +94,12 @@ class Source:
         counts = self.rows(["status"])["status"].value_counts()
         return {str(k): int(v) for k, v in counts.items()}
 
+    def failures(self, status: str | None = None) -> pd.DataFrame:
+        """The rows that gave no features (of one `status` if given), every column."""
+        rows = self.rows()
+        failed = rows[rows["status"] != OK] if status is None else rows[rows["status"] == status]
+        return failed.reset_index(drop=True)
+
     def export_h5(self, path: str | os.PathLike) -> tuple[Path, Path]:
         """Write the original's layout: HDF5 dataset `data` (ok rows, row order) + a TSV of fields.
 
@@ -152,6 +158,57 @@ def check_store(store: str | os.PathLike) -> str | os.PathLike:
     return store
 
 
+@dataclass(frozen=True)
+class Listed:
+    """One directory of a store as `imgsim ls` shows it; `meta` is None while incomplete."""
+
+    name: str
+    meta: SourceMeta | None
+    plan: dict
+
+
+def list_sources(store: str | os.PathLike) -> list[Listed]:
+    """The sources in `store`, complete or not, by name; a one-line StoreError if `store` is
+    no directory (other folders in it are left out)."""
+    root = Path(store)
+    if not root.is_dir():
+        what = "is not a directory" if root.exists() else "does not exist"
+        raise StoreError(f"no store at {store}: it {what}")
+    found = []
+    for path in sorted(root.iterdir()):
+        if (
+            not path.is_dir()
+            or path.name.startswith(".")
+            or not ((path / META).is_file() or (path / PLAN).is_file())
+        ):
+            continue
+        try:
+            meta = Source(path).meta if (path / META).is_file() else None
+            plan = stored_plan(path) if (path / PLAN).is_file() else {}
+        except (StoreError, ValueError, OSError):  # shown as damaged, not skipped
+            meta, plan = None, {}
+        found.append(Listed(path.name, meta, plan))
+    return found
+
+
+def check_writable(store: str | os.PathLike) -> None:
+    """A one-line StoreError unless sources can be written in `store` (or it can be made),
+    so that a read-only place fails before any cluster starts."""
+    target = Path(store)
+    existing = next((p for p in (target, *target.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise StoreError(f"cannot create store {store}: {existing} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        where = "" if existing == target else f" (it would be made in {existing})"
+        raise StoreError(
+            f"cannot write in store {store}{where}: {exc.strerror or exc}; pass "
+            f"{opt('store')} a directory you can write"
+        ) from None
+
+
 def check_name(name: str) -> str:
     """`name` if it can name a source (one plain directory name), else a one-line StoreError."""
     if (
@@ -172,6 +229,11 @@ def check_name(name: str) -> str:
 def open_source(store: str | os.PathLike, name: str) -> Source:
     """Open a complete source by name, or raise a one-line `StoreError`."""
     path = Path(store) / check_name(name)
+    if not Path(store).is_dir():
+        what = "is not a directory" if Path(store).exists() else "does not exist"
+        raise StoreError(
+            f"no store at {store}: it {what}; {opt('store')} names the directory extract wrote"
+        )
     if not path.is_dir():
         known = (
             sorted(p.name for p in Path(store).iterdir() if (p / META).is_file())

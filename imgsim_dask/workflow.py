@@ -22,7 +22,7 @@ from .options import (
     with_overrides,
 )
 from .pairs import MatchResult, check_output_path, match_sources
-from .store import PLAN, PlanMismatch, check_name, check_store
+from .store import PLAN, PlanMismatch, check_name, check_store, check_writable
 
 
 def default_names(csvs: list[str]) -> list[str]:
@@ -89,6 +89,8 @@ def run(
             raise _per_csv_hint(exc, len(csvs)) from None
         if reused is None:
             todo.append((csv_file, name, source_options))
+    if todo:
+        check_writable(store)
     resolved: dict[tuple[str, str | None], Weights] = {}
     for _, _, source_options in todo:
         key = (source_options.model, source_options.weights)
