@@ -8,11 +8,13 @@ model input (Pillow's `draft`).
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .options import DEFAULT_MAX_PIXELS
+from .safehttp import plain
 from .schema import RowFailure
 
 SNIFF_BYTES = 12  # enough for every signature in `sniff_format`
@@ -37,6 +39,15 @@ def sniff_format(data: bytes | bytearray) -> str | None:
     if head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis", b"mif1", b"msf1"):
         return "AVIF"
     return None
+
+
+def format_name(image_format: str) -> str:
+    """A Pillow format as people write it: 'WebP' for 'WEBP'."""
+    return _FORMAT_NAMES.get(image_format, image_format)
+
+
+_FORMAT_NAMES = {"WEBP": "WebP"}
+_REPR = re.compile(r" ?<[^<>]* at 0x[0-9a-fA-F]+>")  # "<_io.BytesIO object at 0x7f...>"
 
 
 def decode_image(
@@ -68,7 +79,17 @@ def decode_image(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise RowFailure("bomb", str(exc)[:300]) from None
     except Exception as exc:  # any error while parsing untrusted bytes means a corrupt image
-        raise RowFailure("decode_error", f"{type(exc).__name__}: {exc}"[:300]) from None
+        raise RowFailure("decode_error", _undecodable(image_format, exc)) from None
+
+
+def _undecodable(image_format: str, exc: Exception) -> str:
+    """'cannot decode the JPEG image: truncated file read': Pillow's reason, without its
+    class names or reprs."""
+    if isinstance(exc, UnidentifiedImageError):
+        detail = "its data is not valid (damaged or cut short?)"
+    else:
+        detail = plain(_REPR.sub("", str(exc))) or "no reason given"
+    return f"cannot decode the {format_name(image_format)} image: {detail}"[:300]
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -11,8 +11,10 @@ failure code) and never stops the run.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import random
+import re
 import stat
 import threading
 import time
@@ -26,25 +28,38 @@ import pandas as pd
 from urllib3 import BaseHTTPResponse, Retry, Timeout
 from urllib3.exceptions import (
     HTTPError,
+    InvalidChunkLength,
     InvalidHeader,
     LocationValueError,
     NameResolutionError,
     NewConnectionError,
     PoolError,
     ProtocolError,
+    ReadTimeoutError,
+    SSLError,
 )
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
 from .about import PACKAGE, VERSION
 from .decode import NOT_IMAGE, SNIFF_BYTES, decode_image, sniff_format
 from .options import FetchOptions
-from .safehttp import AddressPolicy, BlockedAddress, Deadline, GuardedPoolManager, watched_deadline
+from .safehttp import (
+    AddressPolicy,
+    BlockedAddress,
+    Deadline,
+    GuardedPoolManager,
+    host_port,
+    os_reason,
+    plain,
+    watched_deadline,
+)
 from .schema import INGEST_ERROR, OK, STATUS_COLUMNS, RowFailure
 
 _USER_AGENT = f"{PACKAGE}/{VERSION} (+https://pypi.org/project/{PACKAGE}/)"
 _HEADERS = {"User-Agent": _USER_AGENT, "Accept": "image/*,*/*;q=0.8"}
 _RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
 _CHUNK_BYTES = 64 * 1024
+_SSL_NOISE = re.compile(r"^\[[^]]*\] | \(_ssl\.c:\d+\)$")  # "[SSL: X] ... (_ssl.c:1006)"
 
 
 @dataclass
@@ -129,7 +144,7 @@ def _read_http(url: str, options: FetchOptions) -> tuple[bytes, int]:
             response = _final_response(manager, url, options, deadline)
             return _read_body(response, options, deadline), response.status
         except (BlockedAddress, HTTPError) as exc:
-            raise _failure(exc, deadline, response) from None
+            raise _failure(exc, url, options, deadline, response) from None
         finally:
             if response is not None:
                 _discard(response)
@@ -284,29 +299,118 @@ def _http_failure(response: BaseHTTPResponse, detail: str = "") -> RowFailure:
     return RowFailure(status, f"HTTP {code} {response.reason or ''}".strip() + detail, code)
 
 
-def _failure(exc: Exception, deadline: Deadline, response: BaseHTTPResponse | None) -> RowFailure:
-    """The row status for an exception raised while connecting or reading."""
+def _failure(
+    exc: Exception,
+    url: str,
+    options: FetchOptions,
+    deadline: Deadline,
+    response: BaseHTTPResponse | None,
+) -> RowFailure:
+    """The row status for an exception raised while connecting or reading, with a message in
+    plain words: the host and what went wrong, never urllib3's reprs or class names."""
     code = response.status if response is not None else None
-    # urllib3 puts the readable message last (or first), after the pool or connection
-    text = next((arg for arg in reversed(exc.args) if isinstance(arg, str)), str(exc))
-    if isinstance(exc, PoolError):
-        text = text.removeprefix(f"{exc.pool}: ")
-    message = f"{type(exc).__name__}: {text}"[:300]
     if deadline.passed:
         return RowFailure("timeout", f"deadline of {deadline.seconds:g} s passed", code)
     if isinstance(exc, BlockedAddress):
         return RowFailure("blocked", str(exc))
     if isinstance(exc, NameResolutionError):
-        return RowFailure("dns_error", message)
-    if isinstance(exc, NewConnectionError):
-        return RowFailure("connection_error", message)
-    if isinstance(exc, Urllib3Timeout):
-        return RowFailure("timeout", message, code)
+        return RowFailure("dns_error", _unresolved(exc))
+    if isinstance(exc, NewConnectionError):  # safehttp's message names the host and why
+        return RowFailure("connection_error", _message(exc))
+    if isinstance(exc, ReadTimeoutError):
+        return RowFailure("timeout", _read_timed_out(exc, options), code)
+    if isinstance(exc, Urllib3Timeout):  # a connect timeout: safehttp's message names the host
+        return RowFailure("timeout", _message(exc), code)
     if isinstance(exc, LocationValueError):
-        return RowFailure("bad_url", message)
-    if response is not None and isinstance(exc, ProtocolError):
-        return RowFailure("truncated", f"body ended early: {message}", code)
-    return RowFailure("connection_error", message, code)
+        return RowFailure("bad_url", _malformed(url, exc))
+    if isinstance(exc, SSLError):
+        return RowFailure("connection_error", _tls_failure(exc), code)
+    if isinstance(exc, ProtocolError):
+        reason = _protocol_reason(exc)
+        if response is not None:
+            return RowFailure("truncated", f"body ended early: {reason}"[:300], code)
+        return RowFailure("connection_error", f"no response: {reason}"[:300], code)
+    return RowFailure("connection_error", _message(exc), code)
+
+
+def _message(exc: Exception) -> str:
+    """urllib3's readable message, without the pool or connection it puts first."""
+    text = next((arg for arg in reversed(exc.args) if isinstance(arg, str)), "") or str(exc)
+    if isinstance(exc, NewConnectionError):
+        text = text.removeprefix(f"{exc.conn}: ")
+    elif isinstance(exc, PoolError):
+        text = text.removeprefix(f"{exc.pool}: ")
+    return plain(text)[:300]
+
+
+def _unresolved(exc: NameResolutionError) -> str:
+    cause = exc.__cause__  # safehttp raises it from the resolver's error
+    reason = os_reason(cause) if isinstance(cause, OSError) else _message(exc)
+    return f"cannot resolve host name {exc.conn.host!r}: {reason}"[:300]
+
+
+def _read_timed_out(exc: ReadTimeoutError, options: FetchOptions) -> str:
+    """'timed out after 20 s reading from HOST': the timeout urllib3 names, else the option."""
+    named = re.search(r"timeout=(\d+(?:\.\d+)?)", str(exc))
+    seconds = float(named.group(1)) if named else options.read_timeout
+    pool = exc.pool
+    host = getattr(pool, "host", None)
+    if host is None:
+        return f"timed out after {seconds:g} s reading the response"
+    default = getattr(getattr(pool, "ConnectionCls", None), "default_port", None)
+    return f"timed out after {seconds:g} s reading from {host_port(host, pool.port, default)}"
+
+
+def _malformed(url: str, exc: LocationValueError) -> str:
+    """'malformed URL 'URL': why' (urllib3 names the URL itself when its port is out of range)."""
+    detail = str(exc).removeprefix("Failed to parse: ")
+    if detail == url:
+        detail = _port_problem(url)
+    shown = f"malformed URL {url[:200]!r}"
+    return f"{shown}: {plain(detail)}"[:300] if detail else shown
+
+
+def _port_problem(url: str) -> str:
+    """Why the port of `url` is unusable ('Port out of range 0-65535'), or ''."""
+    try:
+        _ = urlsplit(url).port
+    except ValueError as exc:
+        return str(exc)
+    return ""
+
+
+def _tls_failure(exc: SSLError) -> str:
+    """'TLS certificate not trusted: self-signed certificate', 'TLS error: wrong version number'."""
+    inner = next((arg for arg in exc.args if isinstance(arg, BaseException)), exc.__cause__)
+    verify = getattr(inner, "verify_message", None)
+    if verify:
+        return f"TLS certificate not trusted: {plain(verify)}"[:300]
+    reason = getattr(inner, "reason", None)
+    if isinstance(reason, str) and reason:
+        return f"TLS error: {reason.lower().replace('_', ' ')}"[:300]
+    detail = _message(exc) if inner is None else plain(_SSL_NOISE.sub("", str(inner)))
+    return f"TLS error: {detail}"[:300]
+
+
+def _protocol_reason(exc: ProtocolError) -> str:
+    """Why a connection broke: 'connection reset by peer', '430 bytes read, 430 more
+    expected', 'remote end closed connection without response'."""
+    inner = next((arg for arg in exc.args if isinstance(arg, BaseException)), None)
+    if isinstance(inner, InvalidChunkLength):
+        return "malformed chunked body (a chunk size line is not a number)"
+    if isinstance(inner, http.client.IncompleteRead):  # urllib3's counts bytes, http's has them
+        partial = inner.partial if isinstance(inner.partial, int) else len(inner.partial)
+        if inner.expected is None:
+            return f"{partial} bytes read"
+        return f"{partial} bytes read, {inner.expected} more expected"
+    if isinstance(inner, OSError):
+        return os_reason(inner)
+    if isinstance(inner, http.client.HTTPException):
+        detail = str(inner)
+        if isinstance(inner, http.client.BadStatusLine):
+            return f"not an HTTP response (it starts {detail.strip()[:80]!r})"
+        return plain(detail) if detail else "malformed HTTP response"
+    return _message(exc)
 
 
 # Opening a FIFO for reading waits for a writer, and a terminal could become ours: neither.
@@ -341,7 +445,7 @@ def _read_file(path: str, options: FetchOptions) -> bytes:
     except (FileNotFoundError, NotADirectoryError):  # `a.jpg/b.jpg` where a.jpg is a file
         raise RowFailure("not_found", f"no such file: {path}") from None
     except OSError as exc:
-        raise RowFailure("io_error", f"{type(exc).__name__}: {exc}") from None
+        raise RowFailure("io_error", f"cannot read {path}: {os_reason(exc)}"[:300]) from None
     except ValueError as exc:  # a NUL byte, or a character no file name can encode
         raise RowFailure("bad_url", f"malformed path {path[:200]!r}: {exc}"[:300]) from None
 

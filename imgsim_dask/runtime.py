@@ -18,7 +18,7 @@ import tempfile
 
 import numpy as np
 
-from .errors import ImgsimError
+from .errors import ImgsimError, opt
 
 
 class KerasPredictor:
@@ -77,8 +77,8 @@ def resolve_runtime(runtime: str) -> str:
     """The runtime `auto` means on this worker (`runtime` is checked by ExtractOptions)."""
     if runtime == "openvino" and not openvino_available():
         raise ImgsimError(
-            "--runtime openvino: the openvino package is not installed on the "
-            "model worker (pip install openvino), or use --runtime keras"
+            f"{opt('runtime')} openvino: the openvino package is not installed on the "
+            f"model worker (pip install openvino), or use {opt('runtime')} keras"
         )
     if runtime != "auto":
         return runtime

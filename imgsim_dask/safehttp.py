@@ -97,6 +97,31 @@ def _check_address(host: str, address: str, policy: AddressPolicy) -> None:
         raise BlockedAddress(f"refused to connect: {where} {reason}")
 
 
+def host_port(host: str, port: int | None, default_port: int | None = None) -> str:
+    """`host:port` as a URL writes it (`[::1]:8080`); the port left out when it is the default."""
+    host = host.strip("[]")
+    shown = f"[{host}]" if ":" in host else host
+    return shown if port is None or port == default_port else f"{shown}:{port}"
+
+
+def os_reason(exc: BaseException) -> str:
+    """An OS error's reason in plain words: 'connection refused', not
+    "ConnectionRefusedError(111, 'Connection refused')" or '[Errno 111] ...'."""
+    reason = getattr(exc, "strerror", None) or str(exc) or "no reason given"
+    return plain(reason)
+
+
+def plain(text: str) -> str:
+    """A library's message as part of a sentence: its first letter lower case (unless it
+    starts an acronym, as in 'HTTP'; all of it when Title Cased), no final period."""
+    text = " ".join(str(text).split()).rstrip(".")
+    if text.istitle():  # Pillow's 'Truncated File Read'
+        text = text.lower()
+    elif text[:1].isupper() and not text[1:2].isupper():
+        text = text[0].lower() + text[1:]
+    return text
+
+
 # the mixin's methods use HTTPConnection's attributes: type-check it as one
 if TYPE_CHECKING:
     _ConnectionBase = HTTPConnection
@@ -121,21 +146,24 @@ class _GuardedConnectionMixin(_ConnectionBase):
         error: Exception | None = None
         for family, kind, proto, _, sockaddr in infos:
             sock = socket.socket(family, kind, proto)
+            timeout = _within_current_deadline(self.timeout)
+            where = host_port(self.host, self.port, self.default_port)
+            if str(sockaddr[0]) != self.host.strip("[]"):
+                where += f" ({sockaddr[0]})"
             try:
                 for option in self.socket_options or ():
                     sock.setsockopt(*option)
-                sock.settimeout(_within_current_deadline(self.timeout))
+                sock.settimeout(timeout)
                 if self.source_address:
                     sock.bind(self.source_address)
                 sock.connect(sockaddr)
             except TimeoutError:
                 sock.close()
-                error = ConnectTimeoutError(
-                    self, f"connection to {self.host} ({sockaddr[0]}) timed out"
-                )
+                after = "" if timeout is None else f" after {timeout:g} s"
+                error = ConnectTimeoutError(self, f"timed out{after} connecting to {where}")
             except OSError as exc:
                 sock.close()
-                error = NewConnectionError(self, f"cannot connect to {sockaddr[0]}: {exc}")
+                error = NewConnectionError(self, f"cannot connect to {where}: {os_reason(exc)}")
             else:
                 _attach_to_current_deadline(sock)
                 return sock

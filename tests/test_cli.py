@@ -13,6 +13,7 @@ import pytest
 from imgsim_dask import open_source
 
 from support.cli import assert_usage_error, imgsim
+from support.http import jpeg_bytes
 
 
 @pytest.mark.parametrize(
@@ -23,9 +24,10 @@ from support.cli import assert_usage_error, imgsim
         ("id,url\n1,http://127.0.0.1/a.jpg\n", ["--url-col", "link"], "--url-col 'link'"),
         ("id;url\n1;http://127.0.0.1/a.jpg\n", [], "--delimiter ';'"),
         ("id,url\n", [], "no data rows"),
-        ("id,url\n1,a.jpg\n", ["--weights", "/nonexistent/w.h5"], "cannot read weights file"),
+        ("id,url\n1,a.jpg\n", ["--weights", "/nonexistent/w.h5"], "cannot read --weights file"),
         ("id,url\n1,a.jpg\n".encode("utf-16"), [], "UTF-16LE text (byte order mark), not UTF-8"),
         (b"id,url\n1,caf\xe9.jpg\n", [], "not UTF-8 (byte 0xe9 on line 2)"),
+        (jpeg_bytes(), [], "in.csv: this is a JPEG image, not a CSV file; give the CSV that lists"),
         (
             'id,title,url\n1,"12 inch,a.jpg\n2,b,c.jpg\n',
             [],
@@ -170,8 +172,6 @@ def test_dedupe_device_kernel_finds_what_the_cpu_kernel_finds(extracted):
             "0.99",
             "--scorer",
             scorer,
-            "--workers",
-            "1",
             "--out",
             root / f"{scorer}.csv",
         )
@@ -211,6 +211,13 @@ def test_demo_command_finds_every_edited_copy_and_nothing_else(tmp_path):
     assert dict(zip(matches["uploads_id"], matches["catalogue_id"])) == copies
     assert (matches["similarity"] >= 0.70).all()
     assert f"{len(copies)} pairs" in result.stdout
+    assert (
+        f"{len(copies)} of {len(copies)} edited copies found their original; the "
+        f"{len(uploads) - len(copies)} unrelated uploads correctly have no match"
+    ) in result.stdout
+    assert "kept pairs with similarity >= 0.7 (the default of efficientnet-lite0)" in result.stdout
+    # the CSVs left behind list the images' paths, so they work after the demo's server is gone
+    assert all((tmp_path / "demo" / path).is_file() for path in uploads["url"])
 
 
 @pytest.mark.slow

@@ -293,3 +293,20 @@ def test_truncated_jpeg_is_decode_error(image_dir):
     with pytest.raises(RowFailure) as info:
         decode_image(data[: len(data) // 2], 224)
     assert info.value.status == "decode_error"
+    assert str(info.value).startswith("cannot decode the JPEG image: "), str(info.value)
+
+
+@pytest.mark.parametrize(
+    "data", [b"\xff\xd8\xff" + bytes(50), b"GIF89a" + bytes(20), b"II*\0" + bytes(30)]
+)
+def test_a_damaged_image_is_named_without_pillow_reprs(data):
+    """Pillow's "UnidentifiedImageError: cannot identify image file <_io.BytesIO object at
+    0x7f...>" once went into the row table as it was."""
+    with pytest.raises(RowFailure) as info:
+        decode_image(data, 224)
+    assert info.value.status == "decode_error"
+    name = {"\xff": "JPEG", "G": "GIF", "I": "TIFF"}[chr(data[0])]
+    assert (
+        str(info.value)
+        == f"cannot decode the {name} image: its data is not valid (damaged or cut short?)"
+    )

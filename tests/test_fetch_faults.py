@@ -9,6 +9,7 @@ records every attempt).
 from __future__ import annotations
 
 import os
+import re
 import socket
 import ssl
 import threading
@@ -142,6 +143,7 @@ def test_fault_gets_its_status_in_bounded_time(fault_server, fault):
     row = rows.iloc[0]
     assert row["status"] == fault.status, row["error"]
     assert (row["error"] == "") == (fault.status == OK)
+    assert_plain(row["error"])
     assert fault_server.hits[fault.path] == fault.hits
     assert fault.min_seconds <= seconds < fault.max_seconds
 
@@ -172,6 +174,112 @@ def test_refused_connection():
         port = probe.getsockname()[1]
     rows, seconds = fetch([f"http://127.0.0.1:{port}/a.jpg"], **FAST)
     assert rows["status"].tolist() == ["connection_error"] and seconds < 1
+    # was "NewConnectionError: _GuardedHTTPConnection(host='127.0.0.1', port=...): ..."
+    assert rows.loc[0, "error"] == f"cannot connect to 127.0.0.1:{port}: connection refused"
+
+
+# what a row's error must never show: class names, reprs, errno or OpenSSL noise
+UGLY = re.compile(r"\w+(Error|Exception)\b|\w\(|<\w[^>]*>|Errno|0x[0-9a-f]{6,}|_ssl\.c|Failed to")
+
+
+def assert_plain(error: str) -> None:
+    assert not UGLY.search(error), error
+    assert "\n" not in error and len(error) <= 300, error
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_row_errors_say_what_went_wrong_in_plain_words(fault_server, dns, monkeypatch):
+    """urllib3's exceptions once reached the row table as they print: class names and the
+    connection's repr ("_GuardedHTTPConnection(host='127.0.0.1', port=1): ...")."""
+    port, server = closed_port(), fault_server.port
+    dns.answers["no-such-host.test"] = socket.gaierror(socket.EAI_NONAME, "Name not known")
+    expected = {
+        f"http://localhost:{port}/a.jpg": (
+            "connection_error",
+            f"cannot connect to localhost:{port} (127.0.0.1): connection refused",
+        ),
+        "http://no-such-host.test/a.jpg": (
+            "dns_error",
+            "cannot resolve host name 'no-such-host.test': name not known",
+        ),
+        fault_server.url("/silent"): (
+            "timeout",
+            f"timed out after 0.5 s reading from 127.0.0.1:{server}",
+        ),
+        fault_server.url("/half"): (
+            "truncated",
+            f"body ended early: {len(JPEG) // 2} bytes read, "
+            f"{len(JPEG) - len(JPEG) // 2} more expected",
+        ),
+        fault_server.url("/reset-then-ok?no-retry"): (  # a FIN, or the RST after it
+            "connection_error",
+            {
+                "no response: remote end closed connection without response",
+                "no response: connection reset by peer",
+            },
+        ),
+        f"https://127.0.0.1:{server}/image": (
+            "connection_error",
+            "TLS error: wrong version number",
+        ),
+        "http://127.0.0.1:99999/a.jpg": (
+            "bad_url",
+            "malformed URL 'http://127.0.0.1:99999/a.jpg': port out of range 0-65535",
+        ),
+    }
+    rows, _ = fetch(list(expected), **{**FAST, "read_timeout": 0.5, "retries": 0})
+    for (url, (status, error)), row in zip(expected.items(), rows.itertuples()):
+        assert row.status == status, (url, row.error)
+        assert row.error in (error if isinstance(error, set) else {error}), url
+        assert_plain(row.error)
+
+    def unanswered_connect(sock, address):  # nothing is sent
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(socket.socket, "connect", unanswered_connect)
+    rows, _ = fetch([f"http://localhost:{port}/a.jpg"], **FAST)
+    assert rows["status"].tolist() == ["timeout"]
+    assert rows.loc[0, "error"] == f"timed out after 1 s connecting to localhost:{port} (127.0.0.1)"
+
+
+def test_an_untrusted_certificate_is_named_plainly(tmp_path):
+    pytest.importorskip("cryptography.x509")
+    from support.certs import CertificateAuthority
+
+    server_pem, _ = (
+        CertificateAuthority("not a public CA")
+        .issue("localhost", dns_names=["localhost"], server_auth=True)
+        .write(tmp_path / "server.pem")
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(server_pem)
+    with LoopbackServer(ssl_context=context) as tls_server:
+        rows, _ = fetch([f"https://localhost:{tls_server.port}/image"], **FAST)
+    assert rows["status"].tolist() == ["connection_error"]
+    assert rows.loc[0, "error"].startswith("TLS certificate not trusted: ")
+    assert_plain(rows.loc[0, "error"])
+
+
+def test_an_unreadable_file_is_named_plainly(tmp_path, monkeypatch):
+    image = tmp_path / "a.jpg"
+    image.write_bytes(JPEG)
+    real_open = os.open
+
+    def refusing_open(path, *args, **kwargs):
+        if str(path) == str(image):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    rows, _ = fetch([str(image)])
+    assert rows["status"].tolist() == ["io_error"]
+    assert rows.loc[0, "error"] == f"cannot read {image}: permission denied"
 
 
 def test_deadline_bounds_connects_to_many_unreachable_addresses(dns, monkeypatch):

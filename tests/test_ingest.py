@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import gzip
+import io
+import zipfile
+
 import dask
+import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from PIL import Image
 
 from imgsim_dask.errors import InputError
 from imgsim_dask.ingest import assemble_partition, cut_partitions, inspect_csv, read_blocks
@@ -146,6 +152,76 @@ def test_text_that_is_not_utf8_is_refused(tmp_path, data, message):
     with pytest.raises(InputError) as info:
         inspect_csv(path)
     assert str(info.value).startswith(f"{path}: {message}")
+
+
+def _image_file(fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _workbook() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as book:
+        book.writestr("xl/workbook.xml", "<workbook/>")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "name, data, message",
+    [
+        (
+            "photo.jpg",
+            lambda: _image_file("JPEG"),
+            "this is a JPEG image, not a CSV file; give the CSV that lists the images",
+        ),
+        ("shot.png", lambda: _image_file("PNG"), "this is a PNG image, not a CSV file"),
+        ("anim.webp", lambda: _image_file("WEBP"), "this is a WebP image, not a CSV file"),
+        ("scan.bmp", lambda: _image_file("BMP"), "this is a BMP image, not a CSV file"),
+        (
+            "urls.xlsx",
+            _workbook,
+            "this is a ZIP archive (an .xlsx or .ods workbook?), not a CSV file; "
+            "export the sheet as CSV (UTF-8)",
+        ),
+        (
+            "urls.csv.gz",
+            lambda: gzip.compress(b"id,url\n1,a.jpg\n"),
+            "this is a gzip file, not a CSV file; decompress it first, e.g. gunzip",
+        ),
+        (
+            "blob.bin",
+            lambda: np.random.default_rng(1).bytes(5000),
+            "this is a binary file (it holds NUL bytes), not a CSV file; "
+            "give the CSV that lists the images",
+        ),
+    ],
+    ids=["jpeg", "png", "webp", "bmp", "xlsx", "gzip", "unknown-binary"],
+)
+def test_an_image_or_other_binary_file_given_as_the_csv_is_named(tmp_path, name, data, message):
+    """A photo given as the CSV was reported as 'not UTF-8 (NUL bytes ...: UTF-16 or UTF-32?)'."""
+    path = write(tmp_path, data(), name)
+    with pytest.raises(InputError) as info:
+        inspect_csv(path)
+    assert str(info.value).startswith(f"{path}: {message}")
+    assert "\n" not in str(info.value) and "UTF-16" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["BMW,http://127.0.0.1/bmw.jpg\n1,a.jpg\n", "BZh,url\n1,a.jpg\n", "GIF89a,url\n1,a.jpg\n"],
+)
+def test_text_that_starts_like_an_image_signature_is_still_a_csv(tmp_path, text):
+    """'BM' (BMP), 'BZh' (bzip2), 'GIF89a' are text too: only a file that is not text is refused."""
+    assert inspect_csv(write(tmp_path, text)).names == tuple(text.split("\n")[0].split(","))
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"])
+def test_wide_text_without_a_byte_order_mark_is_not_called_binary(tmp_path, encoding):
+    path = write(tmp_path, "id,title,url\n1,写真 ünïcode,a.jpg\n".encode(encoding))
+    with pytest.raises(InputError, match=r"NUL bytes from line 1: UTF-16 or UTF-32\?"):
+        inspect_csv(path)
 
 
 def test_a_bad_byte_after_the_head_is_refused_with_its_line(tmp_path):

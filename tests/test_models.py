@@ -14,10 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imgsim_dask import cli
 from imgsim_dask.errors import WeightsError
 from imgsim_dask.models import build_model, get_spec, resolve_weights
 from imgsim_dask.models import efficientnet_lite as lite
 from imgsim_dask.models.mobilenet import WEIGHTS_FILE, build_mobilenet, weight_shapes
+
+from support.cli import assert_usage_error, imgsim
 
 
 def test_specs():
@@ -28,8 +31,9 @@ def test_specs():
 
 
 def test_download_failure_names_every_way_out(tmp_path, monkeypatch, capfd):
-    """No cache, no path, no network: one line naming the cause, --weights, the cache path and
-    the offline model; Keras' "Downloading data from" goes to stderr, not into stdout.
+    """No cache, no path, no network: one line naming the cause, `weights` (--weights in the
+    CLI), the cache path and the offline model; Keras' "Downloading data from" goes to stderr,
+    not into stdout.
 
     The resolver is patched, so the attempted download never leaves this process.
     """
@@ -46,8 +50,11 @@ def test_download_failure_names_every_way_out(tmp_path, monkeypatch, capfd):
     message = str(info.value)
     assert attempts, "the Keras download path was not tried"
     assert "\n" not in message
-    for hint in ("--weights PATH", str(tmp_path / "models"), "--model efficientnet-lite0"):
+    for hint in ("with weights PATH", str(tmp_path / "models"), "use model efficientnet-lite0"):
         assert hint in message
+    assert "--" not in message
+    flags = info.value.render(lambda name: cli.FLAGS.get(name, name))
+    assert "with --weights PATH" in flags and "use --model efficientnet-lite0" in flags
     assert "download failed: [Errno -2] Name or service not known)" in message
     assert capfd.readouterr().out == ""
 
@@ -195,9 +202,44 @@ def test_wrong_weights_stop_extract_in_one_line_before_the_store(
     )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("imgsim: error: weights file"), result.stderr
+    assert len(lines) == 1 and lines[0].startswith("imgsim: error: --weights file"), result.stderr
     assert fragment in lines[0], lines[0]
     assert list(store.iterdir()) == []
+
+
+def test_a_weights_error_names_the_parameter_in_python_and_the_flag_in_the_cli(
+    tmp_path, monkeypatch
+):
+    """`extract(weights=...)` says `weights`, `imgsim extract --weights` says `--weights`;
+    both before any cluster is started."""
+    from imgsim_dask import driver
+
+    (tmp_path / "in.csv").write_text("id,url\n1,a.jpg\n")
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("a cluster was started")
+
+    monkeypatch.setattr(driver, "connect", no_cluster)
+    with pytest.raises(WeightsError) as info:
+        driver.extract(
+            str(tmp_path / "in.csv"), "x", str(tmp_path / "store"), weights="/nonexistent.h5"
+        )
+    message = "cannot read weights file /nonexistent.h5: No such file or directory"
+    assert str(info.value) == message and "--weights" not in str(info.value)
+    assert not (tmp_path / "store" / "x").exists()
+    result = imgsim(
+        "extract",
+        "in.csv",
+        "--name",
+        "x",
+        "--store",
+        "store",
+        "--weights",
+        "/nonexistent.h5",
+        "--no-progress",
+        cwd=tmp_path,
+    )
+    assert_usage_error(result, message.replace("weights file", "--weights file"))
 
 
 def test_package_weights_are_hashed_and_checked_without_tensorflow(tmp_path):

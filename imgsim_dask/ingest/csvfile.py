@@ -3,11 +3,13 @@ file fails in a second with one clear line, before any cluster work."""
 
 from __future__ import annotations
 
+import codecs
 import os
 from dataclasses import dataclass
 
 import fsspec
 
+from ..decode import format_name, sniff_format
 from ..errors import InputError
 from ..options import CsvOptions, OptionError, opt
 from ..schema import RESERVED_COLUMNS
@@ -21,6 +23,27 @@ _WIDE_BOMS = (
     (b"\x00\x00\xfe\xff", "utf-32be"),
     (b"\xff\xfe", "utf-16le"),
     (b"\xfe\xff", "utf-16be"),
+)
+_WIDE_CODECS = ("utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be")
+_WIDE_SAMPLE = 4096  # bytes tried as UTF-16/32 to tell wide text from other binary files
+# Files given instead of the CSV by mistake, by their first bytes (images: `sniff_format`):
+# (magic, what the file is, what to do instead)
+_GIVE_THE_CSV = "give the CSV that lists the images"
+_EXPORT = "export the sheet as CSV (UTF-8)"
+_DECOMPRESS = "decompress it first"
+_BINARY_KINDS = (
+    (b"PK\x03\x04", "a ZIP archive (an .xlsx or .ods workbook?)", _EXPORT + ", or unzip it"),
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "a Microsoft Office file (an .xls workbook?)", _EXPORT),
+    (b"\x1f\x8b", "a gzip file", _DECOMPRESS + ", e.g. gunzip"),
+    (b"BZh", "a bzip2 file", _DECOMPRESS + ", e.g. bunzip2"),
+    (b"\xfd7zXZ\x00", "an xz file", _DECOMPRESS + ", e.g. unxz"),
+    (b"\x28\xb5\x2f\xfd", "a Zstandard file", _DECOMPRESS + ", e.g. unzstd"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive", _DECOMPRESS),
+    (b"%PDF-", "a PDF document", _GIVE_THE_CSV),
+    (b"PAR1", "a Parquet file", "convert it to CSV, e.g. pandas.read_parquet(...).to_csv(...)"),
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (model weights or exported features?)", _GIVE_THE_CSV),
+    (b"\x93NUMPY", "a NumPy array file", _GIVE_THE_CSV),
+    (b"SQLite format 3\x00", "an SQLite database", "export the table as CSV"),
 )
 
 
@@ -148,15 +171,25 @@ def _read_head(path: str, delimiter: str) -> tuple[str, bool]:
 
 
 def _decode_head(path: str, raw: bytes, whole: bool) -> str:
-    """The start of the file as text (whole lines only, unless `whole`); UTF-16/32 (by byte
-    order mark or NUL bytes) and other encodings are refused."""
+    """The start of the file as text (whole lines only, unless `whole`); an image or other
+    binary file (by its first bytes), UTF-16/32 (by byte order mark or NUL bytes) and other
+    encodings are refused."""
     wide = next((name for bom, name in _WIDE_BOMS if raw.startswith(bom)), None)
     if wide is not None:
         raise InputError(
             f"{path}: {wide.upper()} text (byte order mark), not UTF-8; "
             f"convert it, e.g. iconv -f {wide} -t utf-8"
         )
+    binary = _binary_kind(raw)
+    if binary is not None:
+        what, remedy = binary
+        raise InputError(f"{path}: this is {what}, not a CSV file; {remedy}")
     if b"\0" in raw:
+        if not _is_wide_text(raw):
+            raise InputError(
+                f"{path}: this is a binary file (it holds NUL bytes), not a CSV file; "
+                + _GIVE_THE_CSV
+            )
         line = raw[: raw.index(b"\0")].count(b"\n") + 1
         raise InputError(
             f"{path}: not UTF-8 (NUL bytes from line {line}: UTF-16 or UTF-32?); "
@@ -168,3 +201,42 @@ def _decode_head(path: str, raw: bytes, whole: bool) -> str:
         return decode(raw, first=True)
     except UnicodeDecodeError as exc:
         raise InputError(not_utf8(path, *bad_byte(raw, exc))) from None
+
+
+def _binary_kind(raw: bytes) -> tuple[str, str] | None:
+    """(what the file is, what to do instead) when its first bytes name an image or another
+    binary format and it is not text; None for anything else."""
+    image = sniff_format(raw)
+    if image is not None:
+        image = format_name(image)
+        article = "an" if image[0] in "AEIOU" else "a"
+        kind: tuple[str, str] | None = (f"{article} {image} image", _GIVE_THE_CSV)
+    else:
+        kind = next(((w, r) for magic, w, r in _BINARY_KINDS if raw.startswith(magic)), None)
+    if kind is None or (b"\0" not in raw and _is_utf8(raw)):
+        return None  # a short signature ('BM', 'BZh') may start a line of text
+    return kind
+
+
+def _is_utf8(raw: bytes) -> bool:
+    """Whether `raw` is UTF-8 (a character cut at its end aside)."""
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(raw, final=False)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _is_wide_text(raw: bytes) -> bool:
+    """Whether the start of `raw` reads as UTF-16 or UTF-32 text: it decodes (a random binary
+    file breaks on an unpaired surrogate) and is nearly all printable characters."""
+    sample = raw[:_WIDE_SAMPLE]
+    for codec in _WIDE_CODECS:
+        try:
+            text = codecs.getincrementaldecoder(codec)().decode(sample, final=False)
+        except UnicodeDecodeError:
+            continue
+        printable = sum(c.isprintable() or c in "\t\r\n" for c in text)
+        if text and printable >= 0.95 * len(text):
+            return True
+    return False

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..errors import WeightsError
+from ..errors import WeightsError, opt
 from . import efficientnet_lite, mobilenet
 from .build import build, set_seeded_weights
 from .spec import ModelSpec
@@ -45,7 +45,9 @@ def get_spec(name: str) -> ModelSpec:
     try:
         return MODELS[name]
     except KeyError:
-        raise WeightsError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}") from None
+        raise WeightsError(
+            f"unknown {opt('model')} {name!r}; choose one of: {', '.join(MODELS)}"
+        ) from None
 
 
 def resolve_weights(model: str, weights: str | None) -> Weights:

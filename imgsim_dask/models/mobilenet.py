@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import WeightsError
+from ..errors import WeightsError, opt
 from .spec import ModelSpec
 from .weights import Weights, keras_cache_dir, read_weights_file
 
@@ -87,8 +87,8 @@ def default_weights(spec: ModelSpec) -> Weights:
         reason = " ".join(str(root).split())[:160] or type(root).__name__
         raise WeightsError(
             f"MobileNet ImageNet weights unavailable (download failed: {reason}); provide them "
-            f"with --weights PATH, or put {WEIGHTS_FILE} in {cached.parent}, or use "
-            "--model efficientnet-lite0 (its weights install offline)"
+            f"with {opt('weights')} PATH, or put {WEIGHTS_FILE} in {cached.parent}, or use "
+            f"{opt('model')} efficientnet-lite0 (its weights install offline)"
         ) from None
     return read_weights_file(spec, downloaded, f"keras download {downloaded}")
 

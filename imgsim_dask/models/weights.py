@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import WeightsError
+from ..errors import WeightsError, opt
 
 if TYPE_CHECKING:
     from .spec import ModelSpec
@@ -75,49 +75,52 @@ def resolve(spec: ModelSpec, weights: str | None) -> Weights:
         )
         return Weights(spec.name, f"{RANDOM} (seed {RANDOM_SEED})")
     if weights is not None:
-        return read_weights_file(spec, Path(weights), f"file {weights}")
+        return read_weights_file(spec, Path(weights), f"file {weights}", given_as="weights")
     return spec.default_weights(spec)
 
 
-def read_weights_file(spec: ModelSpec, path: Path, description: str) -> Weights:
-    """The weights file at `path` (described as `description`), once checked to fit `spec`."""
+def read_weights_file(
+    spec: ModelSpec, path: Path, description: str, given_as: str | None = None
+) -> Weights:
+    """The weights file at `path` (described as `description`), once checked to fit `spec`;
+    `given_as`: the option that named it, which its errors then name (`--weights` in the CLI)."""
+    named = f"{opt(given_as)} file {path}" if given_as else f"weights file {path}"
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise WeightsError(f"cannot read weights file {path}: {exc.strerror or exc}") from None
-    return Weights(spec.name, description, data, check_weights_file(spec, path, data))
+        raise WeightsError(f"cannot read {named}: {exc.strerror or exc}") from None
+    return Weights(spec.name, description, data, check_weights_file(spec, path, data, named))
 
 
-def check_weights_file(spec: ModelSpec, path: Path, data: bytes) -> str:
+def check_weights_file(spec: ModelSpec, path: Path, data: bytes, named: str = "") -> str:
     """Refuse, in one line, a file that is not weights for `spec`; return its format's suffix.
 
     Told apart by content, not name: a legacy torch checkpoint, for models that take one,
     must pass the model's own check; an HDF5 file, in Keras' legacy `.h5` layout or Keras 3's
-    `.weights.h5`, must hold exactly the model's weight shapes.
+    `.weights.h5`, must hold exactly the model's weight shapes. `named`: the file as errors
+    name it (default `weights file PATH`).
     """
     model = spec.name
+    named = named or f"weights file {path}"
     if data[:1] == b"\x80" or data[:4] == b"PK\x03\x04":  # a pickle, or torch's zip format
         if spec.check_torch_checkpoint is None:
             raise WeightsError(
-                f"weights file {path} is a PyTorch checkpoint; {model} needs "
-                "Keras HDF5 weights (.h5)"
+                f"{named} is a PyTorch checkpoint; {model} needs Keras HDF5 weights (.h5)"
             )
         try:
             spec.check_torch_checkpoint(path)
         except WeightsError as exc:
-            raise WeightsError(f"weights file {path} is not {model} weights: {exc}") from None
+            raise WeightsError(f"{named} is not {model} weights: {exc}") from None
         return TORCH
     try:
         shapes, legacy = _hdf5_layout(path)
     except Exception:  # h5py reports a foreign or damaged file in many ways
         torch = " or a PyTorch checkpoint (.pth)" if spec.check_torch_checkpoint else ""
-        raise WeightsError(
-            f"weights file {path} is not Keras HDF5 weights (.h5, .weights.h5){torch}"
-        ) from None
+        raise WeightsError(f"{named} is not Keras HDF5 weights (.h5, .weights.h5){torch}") from None
     expected = spec.weight_shapes()
     if sorted(shapes) != sorted(expected):
         raise WeightsError(
-            f"weights file {path} does not fit {model}: it holds {len(shapes)} arrays of "
+            f"{named} does not fit {model}: it holds {len(shapes)} arrays of "
             f"{sum(map(np.prod, shapes)):,.0f} values, {model} (no top) has {len(expected)} of "
             f"{sum(map(np.prod, expected)):,.0f}; weights of another model?"
         )
