@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .about import PACKAGE
 from .cluster import GPU, NET, Cluster, cluster_workers, connect, require_workers, workers_with
 from .embed import EmbeddedPartition, ModelPlugin, embed_partition
-from .errors import InputError, StoreError
+from .errors import InputError, StoreError, opt
 from .fetch import fetch_partition
 from .ingest import CsvFile, Piece, assemble_partition, cut_partitions, inspect_csv, read_blocks
 from .models import RANDOM, Weights, get_spec, resolve_weights
@@ -92,8 +92,8 @@ def extract(
         options.overwrite or options.resume or options.retry_failed
     ):
         raise StoreError(
-            f"source {name!r} already exists in {store}; pass --overwrite to "
-            "replace it (or --resume to continue an interrupted extraction)"
+            f"source {name!r} already exists in {store}; pass {opt('overwrite')} to "
+            f"replace it (or {opt('resume')} to continue an interrupted extraction)"
         )
     weights = resolve_weights(options.model, options.weights)
     if (options.resume or options.retry_failed) and (Path(store) / name / PLAN).is_file():

@@ -174,7 +174,7 @@ def _check_compatible(first: Source, second: Source) -> None:
         raise InputError(
             f"cannot match {first.name} (weights: {described(a, hashes[0])}) with "
             f"{second.name} (weights: {described(b, hashes[1])}): features of "
-            "different weights are not comparable; extract both with the same --weights"
+            f"different weights are not comparable; extract both with the same {opt('weights')}"
         )
 
 

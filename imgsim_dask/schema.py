@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import StoreError
+from .errors import StoreError, opt
 
 FORMAT_VERSION = 2  # of a stored source; 1: the stores written before it was recorded
 
@@ -113,7 +113,7 @@ class SourceMeta:
         except (ValueError, TypeError, AttributeError):
             raise StoreError(
                 f"{where}: meta.json is not readable JSON; extract the source "
-                "again with --overwrite"
+                f"again with {opt('overwrite')}"
             ) from None
         if version > FORMAT_VERSION:
             raise StoreError(
@@ -129,7 +129,7 @@ class SourceMeta:
         except TypeError as exc:
             raise StoreError(
                 f"{where}: meta.json lacks a field ({exc}); extract the source "
-                "again with --overwrite"
+                f"again with {opt('overwrite')}"
             ) from None
 
 

@@ -247,7 +247,7 @@ def open_source(store: str | os.PathLike, name: str) -> Source:
             raise _not_a_source(path)
         raise StoreError(
             f"source {name!r} in {store} is incomplete (the extraction did not "
-            "finish); continue it with --resume, or start over with --overwrite"
+            f"finish); continue it with {opt('resume')}, or start over with {opt('overwrite')}"
         )
     source = Source(path)
     source.meta  # noqa: B018  (read now: a store of an unknown format fails here, in one line)
@@ -284,12 +284,13 @@ class SourceWriter:
                 raise _not_a_source(self.path)
             raise StoreError(
                 f"cannot resume {name!r} in {store}: it has no {PLAN} (not an "
-                "extraction of this version); pass --overwrite to start over"
+                f"extraction of this version); pass {opt('overwrite')} to start over"
             )
         if self.path.exists() or self.path.is_symlink():
             if not (overwrite or resume):
                 raise StoreError(
-                    f"source {name!r} already exists in {store}; pass --overwrite to replace it"
+                    f"source {name!r} already exists in {store}; pass "
+                    f"{opt('overwrite')} to replace it"
                 )
             _remove_source(self.path)
         try:
@@ -381,7 +382,7 @@ class SourceWriter:
         except OSError as exc:
             raise StoreError(
                 f"cannot write partition {index} to {self.path}: "
-                f"{exc.strerror or exc}; fix it, then continue with --resume"
+                f"{exc.strerror or exc}; fix it, then continue with {opt('resume')}"
             ) from None
 
     def finish(self, meta: SourceMeta) -> Source:
@@ -392,7 +393,7 @@ class SourceWriter:
         except OSError as exc:
             raise StoreError(
                 f"cannot write {self.path / META}: {exc.strerror or exc}; fix it, "
-                "then continue with --resume"
+                f"then continue with {opt('resume')}"
             ) from None
         return Source(self.path)
 
@@ -508,7 +509,8 @@ def _is_source(path: Path) -> bool:
 def _not_a_source(path: Path) -> StoreError:
     return StoreError(
         f"{path} is not an imgsim source (no {PLAN} or {META}), so neither "
-        "--resume nor --overwrite touches it: move it away or pick another --name"
+        f"{opt('resume')} nor {opt('overwrite')} touches it: move it away or pick "
+        f"another {opt('name')}"
     )
 
 

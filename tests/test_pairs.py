@@ -85,7 +85,7 @@ def test_self_match_groups(client, tmp_path):
     anything = match_sources("s", "s", str(tmp_path), top_k=1, threshold=-1, cluster=client)
     assert set(anything.pairs["row_a"]) | set(anything.pairs["row_b"]) == set(range(9))
     assert result.summary().startswith(
-        "4 pairs; 5 rows of s matched; 2 groups, 3 rows are extra copies;"
+        "4 pairs; 5 of 9 rows of s matched; 2 groups, 3 rows are extra copies;"
     )
 
 

@@ -109,7 +109,7 @@ def test_driver_killed_then_resumed_equals_clean_run(client, many_rows_csv, clea
     driver.stdout.close()
     written = written_parts(store)
     assert 3 <= written < total, f"the kill should land mid-run, {written} of {total} written"
-    with pytest.raises(StoreError, match="--resume"):
+    with pytest.raises(StoreError, match="continue it with resume, or start over with overwrite"):
         open_source(store, "books")
 
     resumed = subprocess.run(
@@ -208,8 +208,8 @@ def test_resume_never_deletes_a_store_it_did_not_plan(client, many_rows_csv, tmp
     (tmp_path / "books" / "keep.txt").write_text("mine")
     with pytest.raises(
         StoreError,
-        match="books is not an imgsim source .*, so neither --resume "
-        "nor --overwrite touches it: move it away",
+        match="books is not an imgsim source .*, so neither resume "
+        "nor overwrite touches it: move it away",
     ):
         extract(
             str(many_rows_csv),
@@ -224,7 +224,7 @@ def test_resume_never_deletes_a_store_it_did_not_plan(client, many_rows_csv, tmp
     assert (tmp_path / "books" / "keep.txt").read_text() == "mine"
     (tmp_path / "books" / "keep.txt").unlink()  # an empty folder may become a source
     (tmp_path / "books" / "meta.json").write_text("{}")  # a source before plan.json existed
-    with pytest.raises(StoreError, match="has no plan.json .*; pass --overwrite"):
+    with pytest.raises(StoreError, match="has no plan.json .*; pass overwrite"):
         extract(
             str(many_rows_csv),
             "books",

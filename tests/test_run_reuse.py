@@ -43,7 +43,7 @@ def test_run_on_complete_sources_resolves_no_weights(client, image_dir, tmp_path
 
     result = run_both()
     assert result.returncode == 0, result.stderr
-    assert "2 rows of uploads and 2 rows of catalogue matched" in result.stdout
+    assert "2 of 2 rows of uploads and 2 of 2 rows of catalogue matched" in result.stdout
     assert "weights unavailable" not in result.stderr
     assert "cuda" not in result.stderr.lower() and "absl" not in result.stderr  # a quiet terminal
 

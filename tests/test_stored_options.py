@@ -198,5 +198,5 @@ def test_run_takes_one_url_column_per_csv(image_dir, tmp_path):
     assert_usage_error(run_both("--url-col", "a,b,c"), "give one column for all CSVs, or one")
     done = run_both("--url-col", "image_url,url")
     assert done.returncode == 0, done.stderr
-    assert "4 rows of uploads and 4 rows of products matched" in done.stdout
+    assert "4 of 4 rows of uploads and 4 of 4 rows of products matched" in done.stdout
     assert open_source(tmp_path / "imgsim-store", "products").meta.url_col == "url"

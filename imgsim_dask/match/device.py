@@ -28,7 +28,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from ..errors import ImgsimError
+from ..errors import ImgsimError, opt
 
 BACKENDS = ("tensorflow", "jax")  # whose top_k breaks ties by the lower index
 _NVIDIA_DRIVER = "/proc/driver/nvidia/version"
@@ -47,8 +47,8 @@ def resolve_scorer(scorer: str) -> str:
         if scorer == "auto":
             return "numpy"
         raise ImgsimError(
-            f"--scorer keras needs the TensorFlow or JAX Keras backend, this "
-            f"worker's is {backend}; use --scorer numpy"
+            f"{opt('scorer')} keras needs the TensorFlow or JAX Keras backend, this "
+            f"worker's is {backend}; use {opt('scorer')} numpy"
         )
     return "keras" if scorer == "keras" or keras_sees_gpu() else "numpy"
 
