@@ -163,8 +163,7 @@ store_option = click.option(
     "--store",
     default=DEFAULT_STORE,
     show_default=True,
-    type=click.Path(file_okay=False),
-    help="Feature store directory.",
+    help="Feature store: a directory, or a URL fsspec reaches (s3://bucket/prefix, gs://...).",
 )
 out_option = click.option(
     "--out", type=click.Path(), help="Result table: .parquet, .csv or a directory."
@@ -207,7 +206,7 @@ def extract(csv: str, name: str, store: str, **kw: Any) -> None:
     _print_summary(source.meta, source.path, started)
 
 
-def _print_summary(meta: SourceMeta, path: Path, started: dt.datetime) -> None:
+def _print_summary(meta: SourceMeta, path: Any, started: dt.datetime) -> None:
     counts = ", ".join(f"{k} {v}" for k, v in meta.status_counts.items())
     if dt.datetime.fromisoformat(meta.created) < started.replace(microsecond=0):
         click.echo(

@@ -2,11 +2,11 @@
 
 - plan (`plan_extraction`): check the CSV and options, fix the row ids and partitions, open
   (or resume) the source, and decide which partitions, or which rows of them, to do;
-- submit (`submit_partition`): per partition k the tasks `rows-k` (slice of the CSV blocks,
+- submit (`_Submitter`): per partition k the tasks `rows-k` (slice of the CSV blocks,
   fixed row ids) -> `fetch-k` (CPU workers, resource `NET` when the cluster has it) ->
-  `embed-k` (workers with resource `GPU`), at most a window of partitions in flight
-  (`pipeline.bounded`); the driver writes each finished partition as it arrives, so memory
-  stays flat whatever the input size;
+  `embed-k` (workers with resource `GPU`) -> `store-k` (a worker writes the partition into
+  the store), at most a window of partitions in flight (`pipeline.bounded`); the driver
+  receives only each partition's counts, so its memory stays flat whatever the input size;
 - seal (`seal`): write meta.json, the commit point.
 """
 
@@ -47,6 +47,8 @@ from .pipeline import bounded, compute_all
 from .schema import OK, TRANSIENT_STATUSES, SourceMeta, SourcePlan
 from .store import (
     PLAN,
+    Location,
+    PartitionStore,
     Source,
     SourceWriter,
     check_name,
@@ -54,6 +56,7 @@ from .store import (
     check_store,
     check_writable,
     is_complete,
+    store_path,
     stored_plan,
 )
 
@@ -85,10 +88,13 @@ def extract(
     check_writable(store)
     if options.resume or options.retry_failed:
         options, csv_options = adopt_plan(
-            Path(store) / name, options, csv_options, set(fields) | set_fields(options, csv_options)
+            store_path(store) / name,
+            options,
+            csv_options,
+            set(fields) | set_fields(options, csv_options),
         )
     csv_file = inspect_csv(csv, csv_options)
-    if (Path(store) / name).exists() and not (
+    if (store_path(store) / name).exists() and not (
         options.overwrite or options.resume or options.retry_failed
     ):
         raise StoreError(
@@ -96,15 +102,15 @@ def extract(
             f"replace it (or {opt('resume')} to continue an interrupted extraction)"
         )
     weights = resolve_weights(options.model, options.weights)
-    if (options.resume or options.retry_failed) and (Path(store) / name / PLAN).is_file():
+    if (options.resume or options.retry_failed) and (store_path(store) / name / PLAN).is_file():
         # before any cluster work; the row count alone waits for the scan, and it cannot
         # change unless the CSV's size or time did
-        rows = stored_plan(Path(store) / name).get("rows", 0)
+        rows = stored_plan(store_path(store) / name).get("rows", 0)
         dim = get_spec(options.model).dim
-        check_plan(Path(store) / name, source_plan(csv_file, options, weights, rows, dim))
+        check_plan(store_path(store) / name, source_plan(csv_file, options, weights, rows, dim))
         if options.resume and not options.retry_failed and is_complete(store, name):
             logger.debug("%s: already complete in %s, nothing to do", name, store)
-            return Source(Path(store) / name)  # no cluster needed
+            return Source(store_path(store) / name)  # no cluster needed
     with connect(cluster) as client:
         return extract_on(client, csv_file, name, store, options, weights)
 
@@ -126,6 +132,7 @@ def extract_on(
     if job.writer.complete:
         logger.info("%s: already complete in %s, nothing to do", name, store)
         return Source(job.writer.path)
+    check_workers_see(client, job.writer.partitions)
     if job.writer.done and len(job.writer.done) < len(job.partitions):
         logger.info(
             "%s: resuming, %d of %d partitions already written",
@@ -142,9 +149,9 @@ def extract_on(
     try:
         with bounded(client, job.todo, submit, window) as finished:
             for k, future in finished:
-                embedded: EmbeddedPartition = future.result()
-                job.write(k, embedded)
-                progress.embedded(len(embedded.rows), job.failed)
+                stored: StoredPartition = future.result()
+                job.record(k, stored)
+                progress.embedded(stored.rows, job.failed)
     except BaseException as exc:
         # The pipeline cancelled the embed futures still in flight: nothing depends on them,
         # and the scheduler then releases their fetch and rows tasks. Cancelling a CSV block
@@ -155,7 +162,7 @@ def extract_on(
             done = (
                 "while retrying failed rows"
                 if job.retry
-                else f"with {len(job.writer.done)} of {len(job.partitions)} partitions written"
+                else f"with {len(job.writer.written())} of {len(job.partitions)} partitions written"
             )
             logger.warning("%s: interrupted %s; continue with --resume", name, done)
         raise
@@ -180,7 +187,9 @@ class ExtractionJob:
     retry: dict[int, list[int]]  # partition -> its rows to fetch again
     done_rows: int  # rows already stored before this run
     counts: dict[str, int] = field(default_factory=dict)  # status -> rows, stored so far
-    stage_seconds: dict[str, float] = field(default_factory=lambda: {"fetch": 0.0, "embed": 0.0})
+    stage_seconds: dict[str, float] = field(
+        default_factory=lambda: {"fetch": 0.0, "embed": 0.0, "store": 0.0}
+    )
     runtimes: set[str] = field(default_factory=set)  # what `auto` became on the model workers
     ok_before: int = 0
 
@@ -201,16 +210,40 @@ class ExtractionJob:
             return len(self.retry[k])
         return sum(stop - start for _, start, stop in self.partitions[k])
 
-    def write(self, k: int, embedded: EmbeddedPartition) -> None:
-        """Store one finished partition and count it."""
-        if k in self.retry:
-            self.writer.rewrite_rows(k, embedded.features, embedded.rows)
-        else:
-            self.writer.write_partition(k, embedded.features, embedded.rows)
-        _count(self.counts, embedded.rows)
-        self.runtimes.add(embedded.runtime)
-        for stage, seconds in embedded.seconds.items():
+    def record(self, k: int, stored: StoredPartition) -> None:
+        """Count one partition a worker has stored."""
+        self.writer.done.add(k)
+        for status, count in stored.counts.items():
+            self.counts[status] = self.counts.get(status, 0) + count
+        self.runtimes.add(stored.runtime)
+        for stage, seconds in stored.seconds.items():
             self.stage_seconds[stage] += seconds
+
+
+@dataclass(frozen=True)
+class StoredPartition:
+    """What the driver hears of a partition a worker has written: counts, never features."""
+
+    rows: int
+    counts: dict[str, int]
+    seconds: dict[str, float]
+    runtime: str
+
+
+def store_partition(
+    embedded: EmbeddedPartition, partitions: PartitionStore, k: int, retry: bool
+) -> StoredPartition:
+    """Task `store-k`: write partition k where the source is stored (some of its rows only,
+    for `retry`), and report its counts."""
+    started = time.perf_counter()
+    if retry:
+        partitions.rewrite(k, embedded.features, embedded.rows)
+    else:
+        partitions.write(k, embedded.features, embedded.rows)
+    counts: dict[str, int] = {}
+    _count(counts, embedded.rows)
+    seconds = {**embedded.seconds, "store": time.perf_counter() - started}
+    return StoredPartition(len(embedded.rows), counts, seconds, embedded.runtime)
 
 
 def plan_extraction(
@@ -315,13 +348,23 @@ class _Submitter:
             lambda f: self.on_fetched(size) if f.status == "finished" else None
         )
         with span("extract", job.name, "embed"):
-            return client.submit(
+            embedded = client.submit(
                 embed_partition,
                 fetched,
                 self.plugin_name,
                 job.options.batch_size,
                 key=f"embed-{k:05d}-{self.token}",
                 resources={GPU: 1},
+                retries=TASK_RETRIES,
+            )
+        with span("extract", job.name, "store"):
+            return client.submit(
+                store_partition,
+                embedded,
+                job.writer.partitions,
+                k,
+                k in job.retry,
+                key=f"store-{k:05d}-{self.token}",
                 retries=TASK_RETRIES,
             )
 
@@ -398,7 +441,7 @@ def reuse_complete(
     count as given, so nothing is resolved (or downloaded) to reuse it."""
     if options.overwrite or not is_complete(store, name):
         return None
-    path = Path(store) / name
+    path = store_path(store) / name
     weights = resolve_weights(options.model, options.weights) if "weights" in given else None
     n_rows = sum(read_blocks(csv_file)[1])
     plan = source_plan(csv_file, options, weights, n_rows, get_spec(options.model).dim)
@@ -409,7 +452,7 @@ def reuse_complete(
 
 
 def adopt_plan(
-    path: Path, options: ExtractOptions, csv_options: CsvOptions, given: set[str]
+    path: Location, options: ExtractOptions, csv_options: CsvOptions, given: set[str]
 ) -> tuple[ExtractOptions, CsvOptions]:
     """The options the source at `path` was made with (its plan.json), except those named in
     `given`, so that `--resume` and `--retry-failed` need not repeat them; unchanged where
@@ -505,6 +548,27 @@ def _count(counts: dict[str, int], rows: pd.DataFrame) -> None:
     if len(rows):
         for status, count in rows["status"].value_counts().items():
             counts[str(status)] = counts.get(str(status), 0) + int(count)
+
+
+def check_workers_see(client: Client, partitions: PartitionStore) -> None:
+    """A one-line StoreError unless every worker sees the source's plan.json (the driver
+    wrote it) where the workers are to write: a local store that is not shared with them,
+    or object storage they have no credentials for, stops here, before any work."""
+
+    def sees(partitions: PartitionStore) -> str:
+        try:
+            return "" if (partitions.path / PLAN).is_file() else "not there"
+        except Exception as exc:  # any filesystem's own way of refusing
+            return f"{type(exc).__name__}: {' '.join(str(exc).split())[:120]}"
+
+    blind = {w: why for w, why in client.run(sees, partitions).items() if why}
+    if blind:
+        worker, why = next(iter(blind.items()))
+        raise StoreError(
+            f"{len(blind)} worker(s) cannot see the store at {partitions.url} ({worker}: "
+            f"{why}); workers write their partitions there: use a directory shared with "
+            "them, or object storage they can reach (s3://...)"
+        )
 
 
 def _fetch_slots(client: Client, fetch_resources: dict | None) -> int:

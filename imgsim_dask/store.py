@@ -1,4 +1,8 @@
-"""Store: one extracted source on disk, `STORE/NAME/`, and its HDF5 export.
+"""Store: one extracted source, `STORE/NAME/`, and its HDF5 export.
+
+A store is a local or shared directory, or any place fsspec reaches (`s3://bucket/prefix`,
+`gs://...`, `file://...`), with each filesystem's own credentials and settings (for S3 the
+`AWS_*` variables, `AWS_ENDPOINT_URL` included, or fsspec's config).
 
     features.zarr   rows x dim float32, row i <-> row i of the row table, NaN rows for failures
     rows.parquet/   one part file per partition: kept CSV fields, `row`, status columns
@@ -7,10 +11,11 @@
     meta.json       `schema.SourceMeta`: model, weights, dim, counts, timings, versions and
                     the store format; written last, so a source without it is incomplete
 
-Only the driver writes (one writer, chunk-aligned, part files renamed into place), so
-workers need no shared filesystem and no two writers ever touch one Zarr chunk. A
-partition is done once its part file exists (it is renamed into place after its Zarr
-chunk is written), which is what `--resume` relies on.
+Workers write each partition (`PartitionStore`): its Zarr chunk, then its part file, put
+in place whole (renamed on a filesystem, one PUT on object storage). Partitions are
+chunk-aligned, so no two writers ever touch one chunk, and a partition is done once its
+part file exists, which is what `--resume` relies on. The driver writes only plan.json and
+meta.json, and never holds features.
 """
 
 from __future__ import annotations
@@ -22,11 +27,13 @@ import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import fsspec
 import numpy as np
 import pandas as pd
 import zarr
+from upath import UPath
 
 from .errors import OptionError, StoreError, opt
 from .schema import OK, SourceMeta, SourcePlan
@@ -36,6 +43,7 @@ ROWS = "rows.parquet"
 META = "meta.json"
 PLAN = "plan.json"
 RETRYING = "retrying"  # present while rows of a source are being written again
+Location = Path | UPath  # a local path, or a place on any fsspec filesystem
 
 
 def _file_mode() -> int:
@@ -52,24 +60,68 @@ def _file_mode() -> int:
 _MAX_NAME_BYTES = 255  # the usual file-name limit
 
 
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def store_path(store: str | os.PathLike) -> UPath:
+    """Where a store is: a local path as given, or an fsspec URL (`s3://bucket/prefix`)."""
+    text = os.fspath(store)
+    return UPath(text.removeprefix("file://") if text.startswith("file://") else text)
+
+
+def is_local(path: Location) -> bool:
+    """True for a path on this machine's filesystem (not object storage)."""
+    return getattr(path, "protocol", "") in ("", "file", "local")
+
+
+def _zarr_location(path: Location) -> Any:
+    """What zarr opens for `path`: the path itself, or an fsspec store for a URL."""
+    if is_local(path):
+        return str(path)
+    return zarr.storage.FsspecStore.from_url(
+        str(path), storage_options=getattr(path, "storage_options", {})
+    )
+
+
+def read_parquet(path: Location, columns: list[str] | None = None) -> pd.DataFrame:
+    """A Parquet file or directory of part files, local or not (names starting with `.` or
+    `_`, such as temporary files, are left out)."""
+    if is_local(path):
+        return pd.read_parquet(path, columns=columns)
+    return pd.read_parquet(
+        str(path), columns=columns, storage_options=getattr(path, "storage_options", {})
+    )
+
+
+def atomic_write(path: Location, write) -> None:
+    """Put a whole file in place, never a part of it: written through a temporary file in
+    the same directory and renamed, or, on object storage, uploaded in one PUT."""
+    local = is_local(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent) if local else None)
     os.close(fd)
     try:
-        os.chmod(tmp, _file_mode())
+        if local:
+            os.chmod(tmp, _file_mode())
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
+        if local:
+            os.replace(tmp, str(path))
+        else:
+            remote = cast(UPath, path)
+            remote.fs.put_file(tmp, remote.path)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def _remove_tree(path: Location) -> None:
+    if is_local(path):
+        shutil.rmtree(str(path), ignore_errors=True)
+    else:
+        remote = cast(UPath, path)
+        remote.fs.rm(remote.path, recursive=True)
 
 
 @dataclass(frozen=True)
 class Source:
     """A complete extracted source: features, row table and metadata."""
 
-    path: Path
+    path: Location
 
     @property
     def name(self) -> str:
@@ -83,11 +135,11 @@ class Source:
     @property
     def features(self) -> zarr.Array:
         """The rows x dim float32 feature array (lazy, on disk)."""
-        return zarr.open_array(self.path / FEATURES, mode="r")
+        return zarr.open_array(_zarr_location(self.path / FEATURES), mode="r")
 
     def rows(self, columns: list[str] | None = None) -> pd.DataFrame:
         """The row table, sorted by row id."""
-        table = pd.read_parquet(self.path / ROWS, columns=columns)
+        table = read_parquet(self.path / ROWS, columns=columns)
         return table.sort_values("row", ignore_index=True) if "row" in table else table
 
     def status_counts(self) -> dict[str, int]:
@@ -148,14 +200,71 @@ class Source:
 
 
 def check_store(store: str | os.PathLike) -> str | os.PathLike:
-    """`store` if it is a local (or mounted) directory path; a URL is refused in one line
-    (object storage is not supported yet: `s3://b/x` would become a folder `./s3:/b/x`)."""
-    if "://" in str(store):
-        raise OptionError(
-            f"{opt('store')} {store}: object storage (s3://, gs://, ...) is not "
-            "supported yet; use a local or shared directory"
-        )
+    """`store` if its filesystem can be used here: a URL whose protocol needs a package
+    that is not installed (s3fs for s3://, gcsfs for gs://) is one line naming it."""
+    text = os.fspath(store)
+    if "://" in text:
+        protocol = text.split("://", 1)[0]
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except (ImportError, ValueError) as exc:
+            raise OptionError(f"{opt('store')} {store}: {exc}".split("\n")[0]) from None
     return store
+
+
+@dataclass(frozen=True)
+class PartitionStore:
+    """Writes the partitions of one source where it is stored; small, so it travels to the
+    workers, which write their partitions themselves. `url`: an absolute local path (the
+    same for every worker on a shared directory) or an fsspec URL."""
+
+    url: str
+    storage_options: dict
+    chunk_rows: int
+
+    @classmethod
+    def of(cls, path: Location, chunk_rows: int) -> PartitionStore:
+        url = str(Path(str(path)).absolute()) if is_local(path) else str(path)
+        return cls(url, dict(getattr(path, "storage_options", {}) or {}), chunk_rows)
+
+    @property
+    def path(self) -> UPath:
+        return UPath(self.url, **self.storage_options)
+
+    def part(self, index: int) -> UPath:
+        return self.path / ROWS / f"part-{index:05d}.parquet"
+
+    def write(self, index: int, features: np.ndarray, rows: pd.DataFrame) -> None:
+        """Write partition `index` (rows [index*chunk_rows, ...)): its Zarr chunk, then its
+        part file, which marks it done."""
+        start = index * self.chunk_rows
+        try:
+            array = zarr.open_array(_zarr_location(self.path / FEATURES), mode="r+")
+            array[start : start + len(features)] = features
+            atomic_write(self.part(index), lambda tmp: rows.to_parquet(tmp, index=False))
+        except OSError as exc:
+            raise StoreError(
+                f"cannot write partition {index} to {self.url}: "
+                f"{exc.strerror or exc}; fix it, then continue with {opt('resume')}"
+            ) from None
+
+    def rewrite(self, index: int, features: np.ndarray, rows: pd.DataFrame) -> None:
+        """Replace some rows of written partition `index` (`rows["row"]` names them), keeping
+        the others as stored; doing it twice gives the same. A crash between the two writes
+        leaves a rewritten row's new features beside its old (transient) status, which the
+        next run rewrites again (the source's `retrying` mark is still set)."""
+        stored = read_parquet(self.part(index))
+        start = index * self.chunk_rows
+        array = zarr.open_array(_zarr_location(self.path / FEATURES), mode="r")
+        chunk = np.asarray(array[start : start + len(stored)])
+        chunk[rows["row"].to_numpy(np.int64) - start] = features
+        kept = stored[~stored["row"].isin(rows["row"])]
+        merged = pd.concat([kept, rows[stored.columns]], ignore_index=True)
+        self.write(
+            index,
+            chunk,
+            merged.sort_values("row", ignore_index=True).astype(stored.dtypes.to_dict()),
+        )
 
 
 @dataclass(frozen=True)
@@ -170,7 +279,7 @@ class Listed:
 def list_sources(store: str | os.PathLike) -> list[Listed]:
     """The sources in `store`, complete or not, by name; a one-line StoreError if `store` is
     no directory (other folders in it are left out)."""
-    root = Path(store)
+    root = store_path(store)
     if not root.is_dir():
         what = "is not a directory" if root.exists() else "does not exist"
         raise StoreError(f"no store at {store}: it {what}")
@@ -193,13 +302,25 @@ def list_sources(store: str | os.PathLike) -> list[Listed]:
 
 def check_writable(store: str | os.PathLike) -> None:
     """A one-line StoreError unless sources can be written in `store` (or it can be made),
-    so that a read-only place fails before any cluster starts."""
-    target = Path(store)
+    so that a read-only place, a missing bucket or refused credentials fail before any
+    cluster starts, and never fall back to a local folder."""
+    target = store_path(store)
+    if not is_local(target):
+        probe = target / f".imgsim-write-probe-{os.getpid()}"
+        try:
+            probe.fs.pipe_file(probe.path, b"")
+            probe.fs.rm_file(probe.path)
+        except Exception as exc:  # each filesystem reports a refusal its own way
+            raise StoreError(
+                f"cannot write in store {store}: {_reason(exc)}; check the address and "
+                "credentials (for S3: AWS_* variables, AWS_ENDPOINT_URL)"
+            ) from None
+        return
     existing = next((p for p in (target, *target.parents) if p.exists()), Path("."))
     if not existing.is_dir():
         raise StoreError(f"cannot create store {store}: {existing} is not a directory")
     try:
-        with tempfile.TemporaryFile(dir=existing):
+        with tempfile.TemporaryFile(dir=str(existing)):
             pass
     except OSError as exc:
         where = "" if existing == target else f" (it would be made in {existing})"
@@ -207,6 +328,16 @@ def check_writable(store: str | os.PathLike) -> None:
             f"cannot write in store {store}{where}: {exc.strerror or exc}; pass "
             f"{opt('store')} a directory you can write"
         ) from None
+
+
+def _reason(exc: BaseException) -> str:
+    """One line saying why a filesystem call failed."""
+    if isinstance(exc, FileNotFoundError):
+        return f"not found ({' '.join(str(exc).split())[:160]})"
+    if isinstance(exc, PermissionError):
+        return f"access denied ({' '.join(str(exc).split())[:160]})"
+    text = " ".join(str(exc).split())[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def check_name(name: str) -> str:
@@ -228,17 +359,16 @@ def check_name(name: str) -> str:
 
 def open_source(store: str | os.PathLike, name: str) -> Source:
     """Open a complete source by name, or raise a one-line `StoreError`."""
-    path = Path(store) / check_name(name)
-    if not Path(store).is_dir():
-        what = "is not a directory" if Path(store).exists() else "does not exist"
+    root = store_path(store)
+    path = root / check_name(name)
+    if not root.is_dir():
+        what = "is not a directory" if root.exists() else "does not exist"
         raise StoreError(
             f"no store at {store}: it {what}; {opt('store')} names the directory extract wrote"
         )
     if not path.is_dir():
         known = (
-            sorted(p.name for p in Path(store).iterdir() if (p / META).is_file())
-            if Path(store).is_dir()
-            else []
+            sorted(p.name for p in root.iterdir() if (p / META).is_file()) if root.is_dir() else []
         )
         hint = f" (known: {', '.join(known)})" if known else ""
         raise StoreError(f"no source named {name!r} in store {store}{hint}")
@@ -271,8 +401,9 @@ class SourceWriter:
         overwrite: bool = False,
         resume: bool = False,
     ):
-        self.path = Path(store) / check_name(name)
+        self.path = store_path(store) / check_name(name)
         self.chunk_rows = plan.partition_rows
+        self.partitions = PartitionStore.of(self.path, plan.partition_rows)
         self.done: set[int] = set()
         self.complete = False
         self.retrying = False
@@ -298,10 +429,10 @@ class SourceWriter:
         except OSError as exc:
             raise self._cannot_create(exc) from None
         try:
-            (self.path / ROWS).mkdir()
+            (self.path / ROWS).mkdir(exist_ok=True)
             n_rows, dim = plan.rows, plan.dim
-            self.features = zarr.create_array(
-                self.path / FEATURES,
+            zarr.create_array(
+                _zarr_location(self.path / FEATURES),
                 shape=(n_rows, dim),
                 chunks=(max(1, min(self.chunk_rows, n_rows)), dim),
                 dtype="float32",
@@ -309,7 +440,7 @@ class SourceWriter:
             )
             atomic_write(self.path / PLAN, lambda tmp: Path(tmp).write_text(_dumps(plan.to_json())))
         except BaseException as exc:  # leave nothing that neither --resume nor --overwrite take
-            shutil.rmtree(self.path, ignore_errors=True)
+            _remove_tree(self.path)
             if isinstance(exc, OSError):
                 raise self._cannot_create(exc) from None
             raise
@@ -325,10 +456,11 @@ class SourceWriter:
         if not self.complete:
             for stray in (self.path / ROWS).glob(".*"):  # temporary files of an interrupted write
                 stray.unlink()
-        self.features = zarr.open_array(self.path / FEATURES, mode="r+")
-        self.done = {
-            int(part.stem.split("-")[1]) for part in (self.path / ROWS).glob("part-*.parquet")
-        }
+        self.done = self.written()
+
+    def written(self) -> set[int]:
+        """The partitions whose part file is in place (written by whichever worker)."""
+        return {int(part.stem.split("-")[1]) for part in (self.path / ROWS).glob("part-*.parquet")}
 
     def reopen(self) -> None:
         """Unseal a source so that some of its rows can be written again. Until it is sealed,
@@ -344,46 +476,16 @@ class SourceWriter:
         parts = [self.path / ROWS / f"part-{index:05d}.parquet" for index in sorted(self.done)]
         return (
             pd.concat(
-                [pd.read_parquet(p, columns=["row", "status"]) for p in parts], ignore_index=True
+                [read_parquet(p, columns=["row", "status"]) for p in parts], ignore_index=True
             )
             if parts
             else pd.DataFrame({"row": pd.Series(dtype="int64"), "status": pd.Series(dtype=str)})
         )
 
     def write_partition(self, index: int, features: np.ndarray, rows: pd.DataFrame) -> None:
-        """Write partition `index` (rows [index*chunk_rows, ...)): one Zarr chunk, then its
-        part file."""
-        self._write(index, features, rows)
+        """Write partition `index` here (workers use `partitions` directly) and count it."""
+        self.partitions.write(index, features, rows)
         self.done.add(index)
-
-    def rewrite_rows(self, index: int, features: np.ndarray, rows: pd.DataFrame) -> None:
-        """Replace some rows of written partition `index` (`rows["row"]` names them), keeping
-        the others as stored. A crash between the two writes leaves a rewritten row's new
-        features beside its old (transient) status, which the next run rewrites again
-        (`retrying` is still set)."""
-        stored = pd.read_parquet(self.path / ROWS / f"part-{index:05d}.parquet")
-        start = index * self.chunk_rows
-        chunk = np.asarray(self.features[start : start + len(stored)])
-        chunk[rows["row"].to_numpy(np.int64) - start] = features
-        kept = stored[~stored["row"].isin(rows["row"])]
-        merged = pd.concat([kept, rows[stored.columns]], ignore_index=True)
-        self._write(
-            index,
-            chunk,
-            merged.sort_values("row", ignore_index=True).astype(stored.dtypes.to_dict()),
-        )
-
-    def _write(self, index: int, features: np.ndarray, rows: pd.DataFrame) -> None:
-        start = index * self.chunk_rows
-        try:
-            self.features[start : start + len(features)] = features
-            part = self.path / ROWS / f"part-{index:05d}.parquet"
-            atomic_write(part, lambda tmp: rows.to_parquet(tmp, index=False))
-        except OSError as exc:
-            raise StoreError(
-                f"cannot write partition {index} to {self.path}: "
-                f"{exc.strerror or exc}; fix it, then continue with {opt('resume')}"
-            ) from None
 
     def finish(self, meta: SourceMeta) -> Source:
         """Seal the source: after this it opens as complete."""
@@ -398,7 +500,7 @@ class SourceWriter:
         return Source(self.path)
 
 
-def stored_plan(path: Path) -> dict:
+def stored_plan(path: Location) -> dict:
     """The plan.json document of the source at `path`."""
     return json.loads((path / PLAN).read_text())
 
@@ -425,7 +527,7 @@ class PlanMismatch(StoreError):
         self.option = option
 
 
-def check_plan(path: Path, plan: SourcePlan) -> None:
+def check_plan(path: Location, plan: SourcePlan) -> None:
     """A one-line `PlanMismatch` unless the source at `path` was made with `plan`: it names
     the option and both values, or says how the CSV changed."""
     before, now = stored_plan(path), plan.to_json()
@@ -487,17 +589,17 @@ def _value_shown(value: Any) -> str:
 
 def is_complete(store: str | os.PathLike, name: str) -> bool:
     """True when `store/name` is a sealed source."""
-    return (Path(store) / check_name(name) / META).is_file()
+    return (store_path(store) / check_name(name) / META).is_file()
 
 
-def _remove_source(path: Path) -> None:
+def _remove_source(path: Location) -> None:
     """Delete a source for --overwrite; refuse anything that is not one (or an empty folder)."""
     if not _is_source(path):
         raise _not_a_source(path)
-    shutil.rmtree(path)
+    _remove_tree(path)
 
 
-def _is_source(path: Path) -> bool:
+def _is_source(path: Location) -> bool:
     """A folder that holds a source, complete or not, or nothing at all."""
     return (
         path.is_dir()
@@ -506,7 +608,7 @@ def _is_source(path: Path) -> bool:
     )
 
 
-def _not_a_source(path: Path) -> StoreError:
+def _not_a_source(path: Location) -> StoreError:
     return StoreError(
         f"{path} is not an imgsim source (no {PLAN} or {META}), so neither "
         f"{opt('resume')} nor {opt('overwrite')} touches it: move it away or pick "

@@ -22,7 +22,14 @@ from .options import (
     with_overrides,
 )
 from .pairs import MatchResult, check_output_path, match_sources
-from .store import PLAN, PlanMismatch, check_name, check_store, check_writable
+from .store import (
+    PLAN,
+    PlanMismatch,
+    check_name,
+    check_store,
+    check_writable,
+    store_path,
+)
 
 
 def default_names(csvs: list[str]) -> list[str]:
@@ -76,7 +83,7 @@ def run(
     jobs = []
     for csv, name, per_csv in zip(csvs, names, csv_options_per_csv(csv_options, len(csvs))):
         check_name(name)  # both inputs are checked before any work starts
-        made = adopt_plan(Path(store) / name, options, per_csv, given)
+        made = adopt_plan(store_path(store) / name, options, per_csv, given)
         jobs.append((csv, name, *made))
     jobs = _same_model(jobs, store, given)
     csv_files = [_inspect(csv, per_csv, len(csvs)) for csv, _, _, per_csv in jobs]
@@ -132,12 +139,12 @@ def csv_options_per_csv(csv_options: CsvOptions, count: int) -> list[CsvOptions]
 def _same_model(jobs: list, store: str, given: set[str]) -> list:
     """A source to be made anew takes the model and weights of the other, stored one when the
     caller named neither, so that the two can be matched."""
-    made = [options for _, name, options, _ in jobs if (Path(store) / name / PLAN).is_file()]
+    made = [options for _, name, options, _ in jobs if (store_path(store) / name / PLAN).is_file()]
     if not made or given & {"model", "weights"}:
         return jobs
     return [
         (csv, name, options, per_csv)
-        if (Path(store) / name / PLAN).is_file()
+        if (store_path(store) / name / PLAN).is_file()
         else (csv, name, replace(options, model=made[0].model, weights=made[0].weights), per_csv)
         for csv, name, options, per_csv in jobs
     ]

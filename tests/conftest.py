@@ -140,3 +140,18 @@ def mobilenet_h5(tmp_path_factory):
     path = tmp_path_factory.mktemp("keras") / WEIGHTS_FILE
     _save_legacy_h5(backbone, path)
     return path
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A real S3-compatible server (moto) on 127.0.0.1, reached the standard way: the
+    `AWS_*` variables are set for this process and the processes it starts."""
+    import s3fs
+
+    from support.s3 import LoopbackS3
+
+    with LoopbackS3() as server:
+        s3fs.S3FileSystem.clear_instance_cache()  # none may keep an earlier test's endpoint
+        for key, value in server.env.items():
+            monkeypatch.setenv(key, value)
+        yield server

@@ -21,7 +21,6 @@ import pytest
 import zarr
 
 from imgsim_dask import ExtractOptions, extract, open_source
-from imgsim_dask import store as store_module
 from imgsim_dask.errors import StoreError
 from imgsim_dask.options import FetchOptions
 
@@ -343,22 +342,18 @@ def test_retry_failed_refetches_only_transient_failures(
         "/rocket.jpg",
     ]
 
-    # a retry interrupted between a partition's features and its part file: the row has
-    # new features beside its old status; a plain --resume must finish the retry
+    # a retry interrupted between a partition's features and its part file (written by a
+    # worker, whose disk fills up after the Zarr chunk): the row has new features beside its
+    # old status; a plain --resume must finish the retry
     server.down.set()
     extract(str(csv), "halfway", str(store), **options)
     server.down.clear()
-    write = store_module.atomic_write
-
-    def interrupted(path, *args):
-        if Path(path).name == "part-00000.parquet":
-            raise KeyboardInterrupt
-        return write(path, *args)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(store_module, "atomic_write", interrupted)
-        with pytest.raises(KeyboardInterrupt):
+    client.run(_fail_part_writes, True)
+    try:
+        with pytest.raises(StoreError, match="cannot write partition 0 to .*No space left"):
             extract(str(csv), "halfway", str(store), retry_failed=True, **options)
+    finally:
+        client.run(_fail_part_writes, False)
     halfway = zarr.open_array(store / "halfway" / "features.zarr", mode="r")
     assert not np.isnan(halfway[1]).any()  # coffee's features are in, its status is not
     finished = extract(str(csv), "halfway", str(store), resume=True, **options)
@@ -369,3 +364,20 @@ def test_retry_failed_refetches_only_transient_failures(
         pd.testing.assert_frame_equal(source.rows(), clean.rows())
         assert np.array_equal(source.features[:], clean.features[:], equal_nan=True)
     np.testing.assert_array_equal(again.features[:][[0, 5]], stored_ok)
+
+
+def _fail_part_writes(on: bool) -> None:
+    """On a worker: make writing part file 0 fail as a full disk does (or stop doing so)."""
+    from imgsim_dask import store as store_module
+
+    if not on:
+        store_module.atomic_write = store_module._real_atomic_write
+        return
+    store_module._real_atomic_write = store_module.atomic_write
+
+    def failing(path, *args):
+        if Path(str(path)).name == "part-00000.parquet":
+            raise OSError(28, "No space left on device")
+        return store_module._real_atomic_write(path, *args)
+
+    store_module.atomic_write = failing
