@@ -2,6 +2,7 @@
 
 from .about import VERSION
 from .driver import extract
+from .embeddings import import_features
 from .errors import ImgsimError
 from .match import match_features
 from .options import ClusterOptions, CsvOptions, ExtractOptions, FetchOptions, MatchOptions
@@ -10,6 +11,7 @@ from .store import Source, open_source
 from .workflow import run
 
 __all__ = [
+    "import_features",
     "ClusterOptions",
     "CsvOptions",
     "ExtractOptions",

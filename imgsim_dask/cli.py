@@ -352,6 +352,38 @@ def export(name: str, store: str, h5_path: str) -> None:
     click.echo(f"wrote {h5} and {fields}")
 
 
+@cli.command(name="import")
+@click.argument("name")
+@click.argument("features")
+@store_option
+@click.option(
+    "--rows", "rows_table", help="Fields of the vectors: .csv, .tsv or .parquet, one row each."
+)
+@click.option("--id-col", help="Column identifying a row [default: the first of --rows].")
+@click.option(
+    "--descriptor",
+    default="imported",
+    show_default=True,
+    help="What made the vectors (e.g. clip-vit-b32): only sources of one descriptor match.",
+)
+@click.option(
+    "--thresh", "threshold", type=click.FloatRange(-1, 1),
+    help="The source's default threshold [default: none; match then needs --thresh or --top-k].",
+)  # fmt: skip
+@click.option("--partition-rows", default=4096, show_default=True, type=click.IntRange(1))
+@click.option("--overwrite", is_flag=True, help="Replace an existing source of this name.")
+def import_vectors(name: str, features: str, store: str, rows_table: str | None, **kw: Any) -> None:
+    """Make a source from vectors you have: FEATURES is .npy, .zarr or .parquet, row i = row i."""
+    from .embeddings import import_features
+
+    source = import_features(name, features, store, rows=rows_table, **kw)
+    counts = ", ".join(f"{k} {v}" for k, v in source.meta.status_counts.items())
+    click.echo(
+        f"{name}: {source.meta.rows} rows ({counts}), {source.meta.dim}-d "
+        f"{source.meta.model} vectors -> {source.path}"
+    )
+
+
 @cli.command()
 @click.argument("name1")
 @click.argument("name2")

@@ -121,6 +121,11 @@ def match_sources(
     threshold_from = "given"
     if options.threshold is None and (options.top_k is None or self_match):
         # a pair within one source claims a near-duplicate
+        if first.meta.threshold is None:
+            raise OptionError(
+                f"{first.name} has no default threshold (its vectors were imported): pass "
+                f"{opt('threshold')}, or {opt('top_k')} between two sources"
+            )
         options = replace(options, threshold=first.meta.threshold)
         threshold_from = f"the default of {first.meta.model}"
     path = check_output_path(out, (first.meta.csv, second.meta.csv)) if out is not None else None
@@ -212,7 +217,8 @@ def _preview(first: Source, second: Source, prefixes: tuple[str, str]) -> list[s
     for source, prefix in ((first, prefixes[0]), (second, prefixes[1])):
         meta = source.meta
         others = [f for f in meta.fields if f not in (meta.id_col, meta.url_col)][:2]
-        columns += [prefix + f for f in [meta.id_col, *(others or [meta.url_col])]]
+        url = [meta.url_col] if meta.url_col in meta.fields else []
+        columns += [prefix + f for f in [meta.id_col, *(others or url)]]
     return [*dict.fromkeys(columns), "similarity", *(["group"] if second is first else [])]
 
 

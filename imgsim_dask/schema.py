@@ -82,7 +82,7 @@ class SourceMeta:
     name: str
     model: str
     dim: int
-    threshold: float  # the model's recommended threshold when the source was made
+    threshold: float | None  # the model's recommended threshold (None: imported, none given)
     weights: str  # a description: "file PATH", "keras cache PATH", "random (seed N)", ...
     weights_sha256: str
     csv: str
