@@ -2,7 +2,8 @@
 
 Two worker processes that can each fetch and run the model; one is killed once a few
 partitions are written. Dask recomputes its lost tasks on the other (`retries=`), the
-driver writes every partition exactly once, and the store equals an undisturbed run's.
+workers write every partition (a rewrite after a loss gives the same part file), and the
+store equals an undisturbed run's.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from distributed import Client
 
 from imgsim_dask import extract
 from imgsim_dask.cluster import cluster_workers
-from imgsim_dask.store import SourceWriter
 
 PARTITION_ROWS = 6
 ROWS = 120
@@ -38,30 +38,25 @@ def test_worker_killed_mid_run_job_completes_with_same_output(
     )
     options = dict(weights="random", partition_rows=PARTITION_ROWS, batch_size=6)
 
-    writes: list[int] = []
-    real_write = SourceWriter.write_partition
+    parts = tmp_path / "store" / "disturbed" / "rows.parquet"
 
-    def counting_write(self, index, features, rows):
-        writes.append(index)
-        real_write(self, index, features, rows)
-
-    monkeypatch.setattr(SourceWriter, "write_partition", counting_write)
+    def written() -> int:
+        return len(list(parts.glob("part-*.parquet"))) if parts.is_dir() else 0
 
     with Client(process_cluster.address) as client:
         client.wait_for_workers(2, timeout=60)
         clean = extract(str(csv), "clean", str(tmp_path / "store"), cluster=client, **options)
-        writes.clear()
 
         killed: dict = {}
 
         def kill_a_busy_worker_after_three_partitions():
-            while len(writes) < 3:
+            while written() < 3:
                 time.sleep(0.005)
             busy = {addr: keys for addr, keys in client.processing().items() if keys}
             address, keys = next(iter(busy.items()))
             pid = client.run(os.getpid, workers=[address])[address]
             os.kill(pid, signal.SIGKILL)
-            killed.update(tasks=list(keys), written=len(writes))
+            killed.update(tasks=list(keys), written=written())
 
         thread = threading.Thread(target=kill_a_busy_worker_after_three_partitions, daemon=True)
         thread.start()
@@ -73,7 +68,7 @@ def test_worker_killed_mid_run_job_completes_with_same_output(
         assert killed["written"] < ROWS // PARTITION_ROWS, "the kill landed mid-run"
         assert len(cluster_workers(client)) == 1
 
-    assert sorted(writes) == list(range(ROWS // PARTITION_ROWS))  # each partition once
+    assert written() == ROWS // PARTITION_ROWS
     assert np.array_equal(disturbed.features[:], clean.features[:], equal_nan=True)
     pd.testing.assert_frame_equal(disturbed.rows(), clean.rows())
     assert disturbed.meta.status_counts == {"ok": ROWS}
