@@ -385,7 +385,8 @@ def open_source(store: str | os.PathLike, name: str) -> Source:
 
 
 class SourceWriter:
-    """Creates (or resumes) a source, writes it one partition at a time, seals it with meta.json.
+    """Creates (or resumes) a source and seals it with meta.json; its `partitions` (a
+    `PartitionStore`) is what writes the partitions, on the workers.
 
     `plan` describes the extraction (row count, dim, partition size, model, weights, CSV);
     with `resume=True` an incomplete source started with the same plan is continued:
@@ -402,7 +403,6 @@ class SourceWriter:
         resume: bool = False,
     ):
         self.path = store_path(store) / check_name(name)
-        self.chunk_rows = plan.partition_rows
         self.partitions = PartitionStore.of(self.path, plan.partition_rows)
         self.done: set[int] = set()
         self.complete = False
@@ -434,7 +434,7 @@ class SourceWriter:
             zarr.create_array(
                 _zarr_location(self.path / FEATURES),
                 shape=(n_rows, dim),
-                chunks=(max(1, min(self.chunk_rows, n_rows)), dim),
+                chunks=(max(1, min(plan.partition_rows, n_rows)), dim),
                 dtype="float32",
                 fill_value=np.nan,
             )
