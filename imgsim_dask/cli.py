@@ -517,3 +517,10 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("imgsim: interrupted", err=True)
         sys.exit(130)
+    except RuntimeError as exc:
+        # a Ctrl-C inside threading's Condition.wait can leave its lock half released, and
+        # the wait then fails with "release unlocked lock" while handling the interrupt
+        if not isinstance(exc.__context__, KeyboardInterrupt):
+            raise
+        click.echo("imgsim: interrupted", err=True)
+        sys.exit(130)

@@ -8,6 +8,7 @@ while a remote cluster keeps running.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -118,7 +119,10 @@ def test_driver_killed_then_resumed_equals_clean_run(client, many_rows_csv, clea
         timeout=300,
     )
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming, {written} of {total} partitions already written" in resumed.stderr
+    # store tasks the dead driver had started may still have finished on the workers: each
+    # wrote a whole partition, which the resumed run keeps
+    kept = re.search(r"resuming, (\d+) of (\d+) partitions already written", resumed.stderr)
+    assert kept and written <= int(kept[1]) < total and int(kept[2]) == total, resumed.stderr
     assert_same_store(open_source(store, "books"), clean)
 
 
