@@ -267,7 +267,8 @@ def cluster_workers(client: Client) -> dict[str, dict]:
     calls with a 5 ms refresh interval, distributed 2026.8).
     """
     assert client.scheduler is not None, "the client is not connected"
-    return client.sync(client.scheduler.identity, n_workers=-1)["workers"]
+    with _hold_sigint():  # a Ctrl-C inside distributed's sync() logs tracebacks: raise it after
+        return client.sync(client.scheduler.identity, n_workers=-1)["workers"]
 
 
 def workers_with(client: Client, resource: str) -> list[str]:
