@@ -148,10 +148,12 @@ def test_ctrl_c_in_a_terminal_stops_in_one_line_then_resumes(many_rows_csv, clea
     written = written_parts(store)
     assert driver.returncode == 130, stderr
     assert 2 <= written < total, f"the Ctrl-C should land mid-run, {written} of {total} written"
-    assert (
-        f"interrupted with {written} of {total} partitions written; continue with --resume"
-        in stderr
+    # the count is what was on storage when the driver stopped; a store task already running
+    # on the worker then may still land its whole partition, which --resume keeps
+    said = re.search(
+        rf"interrupted with (\d+) of {total} partitions written; continue with", stderr
     )
+    assert said and 2 <= int(said[1]) <= written, stderr
     assert "Traceback" not in stderr and "Error" not in stderr, stderr
 
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
