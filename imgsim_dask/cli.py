@@ -166,7 +166,11 @@ store_option = click.option(
     help="Feature store: a directory, or a URL fsspec reaches (s3://bucket/prefix, gs://...).",
 )
 out_option = click.option(
-    "--out", type=click.Path(), help="Result table: .parquet, .csv or a directory."
+    "--out",
+    type=click.Path(),
+    help="Result: a .parquet or .csv file, or DIR/ (local or a URL such as s3://bucket/x/) "
+    "for a Parquet dataset that the workers write, a part per block: for results larger "
+    "than this process's memory.",
 )
 
 
@@ -307,11 +311,11 @@ def _list_store(store: str) -> None:
 def failures(name: str, store: str, status: str | None, examples: int, out: str | None) -> None:
     """Show the rows of a source that gave no image: counts by status, examples, errors."""
     from .errors import OptionError
-    from .pairs import check_output_path, write_table
+    from .pairs import check_output_file, write_table
     from .store import open_source
 
     source = open_source(store, name)
-    path = check_output_path(out) if out else None
+    path = check_output_file(out) if out else None
     failed = source.failures(status)
     if status == "ok":
         raise OptionError("rows of status 'ok' gave an image; name a failure status")
@@ -488,9 +492,11 @@ def _print_match(result: Any, show: int = 10) -> None:
     table = result.pairs
     if len(table) and show:
         click.echo(table[result.preview].head(show).to_string(index=False))
-        if len(table) > show:
+        if result.pair_count > min(show, len(table)):
+            shown = min(show, len(table))
+            which = f"{shown}" if result.complete else f"the {shown} most similar"
             rest = "; --out FILE writes them all" if result.path is None else ""
-            click.echo(f"(showing {show} of {len(table)} pairs{rest})")
+            click.echo(f"(showing {which} of {result.pair_count} pairs{rest})")
     click.echo(result.decision())
     click.echo(result.summary())
 

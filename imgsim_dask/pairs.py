@@ -1,62 +1,105 @@
 """Pairs: match two stored sources (or one against itself) and write the result table.
 
 Validates everything the user can get wrong before any scoring starts (names, stores of
-different models, threshold range, output path), runs the engine in `match.py`, then
-joins the fields of both rows to every pair.
+different models, threshold range, output path), then runs the engine (`match`) one of two
+ways:
+
+- into one table here (no `--out`, or a `.parquet`/`.csv` file): the pairs come back to
+  this process, which joins the fields of both rows, and stops with a one-line error when
+  they would not fit in its memory;
+- into a Parquet dataset (`--out DIR/`, a local or fsspec directory): each block's merge
+  task joins the fields on its worker and writes `part-NNNNN.parquet`; this process gets
+  counts and the best few pairs, then writes `_imgsim.json` (what was matched, how; last,
+  so a dataset without it is incomplete) and, for a self match, `_groups.parquet`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import psutil
+from upath import UPath
 
 from .cluster import Cluster, connect
 from .errors import InputError, StoreError
-from .match import connected_groups, match_features
+from .match import connected_groups, match_features, pairs_frame
+from .match.engine import prepared, scored_blocks
+from .match.kernel import Pairs
 from .options import DEFAULT_STORE, MatchOptions, OptionError, opt, with_overrides
 from .schema import OK, SourceMeta
-from .store import Source, atomic_write, check_store, open_source
+from .store import (
+    Location,
+    PartitionStore,
+    Source,
+    atomic_write,
+    check_store,
+    is_local,
+    open_source,
+    read_parquet,
+    store_path,
+)
+
+DATASET_RECORD = "_imgsim.json"  # written last: a pairs dataset without it is incomplete
+GROUPS = "_groups.parquet"  # beside the parts, not read as one of them
+PREVIEW_ROWS = 10  # pairs a dataset run brings back to show
+DRIVER_MEMORY_SHARE = 0.25  # of the memory available when a run starts, for a table held here
 
 
 @dataclass
 class MatchResult:
     """The pairs table, how it was decided, and what a summary needs."""
 
-    pairs: pd.DataFrame
+    pairs: pd.DataFrame  # all of them, or (written to a dataset) the most similar few
     name1: str
     name2: str
     rows1_matched: int
     rows2_matched: int
     seconds: float
-    path: Path | None = None
+    path: Location | None = None
     threshold: float | None = None
     threshold_from: str = ""  # "given", or "the default of MODEL"
     top_k: int | None = None
     rows1_ok: int = 0  # rows with features, of each side
     rows2_ok: int = 0
     preview: list[str] = field(default_factory=list)  # the columns a person reads first
+    pair_count: int = -1  # -1: len(pairs)
+    group_count: int | None = None  # of a self match: -1, the groups in `pairs`
+
+    def __post_init__(self) -> None:
+        if self.pair_count < 0:
+            self.pair_count = len(self.pairs)
+        if self.group_count is not None and self.group_count < 0:
+            self.group_count = int(self.pairs["group"].nunique())
 
     @property
     def self_match(self) -> bool:
-        return "group" in self.pairs
+        return self.group_count is not None
+
+    @property
+    def complete(self) -> bool:
+        """Whether `pairs` holds every pair (not only a dataset's preview)."""
+        return len(self.pairs) == self.pair_count
 
     def summary(self) -> str:
         where = f" -> {self.path}" if self.path else ""
         matched = f"{self.rows1_matched} of {self.rows1_ok} rows of {self.name1}"
         groups = ""
-        if self.self_match:  # rows1_matched counts both sides of pairs
-            count = self.pairs["group"].nunique()
+        if self.group_count is not None:  # rows1_matched counts both sides of pairs
+            count = self.group_count
             groups = f"; {count} groups, {self.rows1_matched - count} rows are extra copies"
         else:
             matched += f" and {self.rows2_matched} of {self.rows2_ok} rows of {self.name2}"
-        return f"{len(self.pairs)} pairs; {matched} matched{groups}; {self.seconds:.1f} s{where}"
+        return f"{self.pair_count} pairs; {matched} matched{groups}; {self.seconds:.1f} s{where}"
 
     def decision(self) -> str:
         """How pairs were kept: the threshold that applied and where it came from."""
@@ -67,15 +110,41 @@ class MatchResult:
         return f"{kept}, at most {best}" if best else kept
 
 
-def check_output_path(out: str | os.PathLike, inputs: tuple[str, ...] = ()) -> Path:
-    """The output path if its format is known, its directory takes a file and it is none of
-    `inputs` (the sources' CSVs), else a one-line error."""
+def is_dataset(out: str | os.PathLike) -> bool:
+    """Whether `--out` names a Parquet dataset (a directory: existing, ending in `/`, or an
+    fsspec URL) rather than one file."""
+    text = os.fspath(out)
+    return "://" in text or text.endswith(("/", os.sep)) or Path(text).is_dir()
+
+
+def check_output(out: str | os.PathLike, inputs: tuple[str, ...] = ()) -> Location:
+    """Where a match's pairs go: a directory for a Parquet dataset (`is_dataset`: new, empty,
+    or an earlier pairs dataset to replace), else one file (`check_output_file`)."""
+    if is_dataset(out):
+        return _check_dataset_path(out)
+    return check_output_file(out, inputs, dataset_too=True)
+
+
+def check_output_file(
+    out: str | os.PathLike, inputs: tuple[str, ...] = (), *, dataset_too: bool = False
+) -> Path:
+    """The output file if its format is known, it can be written and it is none of `inputs`
+    (the sources' CSVs), else a one-line error."""
     path = Path(out)
-    if path.suffix not in (".csv", ".parquet") and not path.is_dir():
+    if path.suffix not in (".csv", ".parquet"):
+        also = ", or a directory for a Parquet dataset (DIR/)" if dataset_too else ""
+        raise OptionError(f"{opt('out')} {out}: use a .csv or .parquet file{also}")
+    _check_writable_dir(out, path.parent)
+    if path.is_file() and any(
+        path.resolve() == Path(csv).resolve() for csv in inputs if csv and "://" not in csv
+    ):
         raise OptionError(
-            f"{opt('out')} {out}: use a .csv or .parquet file, or an existing directory"
+            f"{opt('out')} {out} is the CSV a source was extracted from; pick another file"
         )
-    parent = path if path.is_dir() else path.parent
+    return path
+
+
+def _check_writable_dir(out: str | os.PathLike, parent: Path) -> None:
     if not parent.is_dir():
         what = "is not a directory" if parent.exists() else "does not exist"
         raise OptionError(f"{opt('out')} {out}: {parent} {what}")
@@ -86,11 +155,26 @@ def check_output_path(out: str | os.PathLike, inputs: tuple[str, ...] = ()) -> P
         raise OptionError(
             f"{opt('out')} {out}: cannot write in {parent}: {exc.strerror or exc}"
         ) from None
-    if path.is_file() and any(
-        path.resolve() == Path(csv).resolve() for csv in inputs if csv and "://" not in csv
-    ):
+
+
+def _check_dataset_path(out: str | os.PathLike) -> Location:
+    text = os.fspath(out)
+    try:
+        path: Location = store_path(text.rstrip("/") or text)
+        if is_local(path):
+            local = Path(os.path.abspath(str(path)))
+            _check_writable_dir(out, local if local.is_dir() else local.parent)
+            path = local
+        exists = path.exists()
+        if exists and not path.is_dir():
+            raise OptionError(f"{opt('out')} {out} is a file, not a directory")
+        others = [p.name for p in path.iterdir()] if exists else []
+    except (OSError, ValueError, ImportError) as exc:
+        raise OptionError(f"{opt('out')} {out}: {exc}".split("\n")[0]) from None
+    if others and DATASET_RECORD not in others:
         raise OptionError(
-            f"{opt('out')} {out} is the CSV a source was extracted from; pick another file"
+            f"{opt('out')} {out} is a directory with other files in it; name a new or empty "
+            f"directory for the pairs dataset"
         )
     return path
 
@@ -128,13 +212,40 @@ def match_sources(
             )
         options = replace(options, threshold=first.meta.threshold)
         threshold_from = f"the default of {first.meta.model}"
-    path = check_output_path(out, (first.meta.csv, second.meta.csv)) if out is not None else None
+    inputs = (first.meta.csv, second.meta.csv)
+    path = check_output(out, inputs) if out is not None else None
     prefixes = _prefixes(first, second, self_match)
+    common: dict[str, Any] = dict(
+        name1=first.name,
+        name2=second.name,
+        threshold=options.threshold,
+        threshold_from=threshold_from,
+        top_k=options.top_k,
+        rows1_ok=first.meta.status_counts.get(OK, 0),
+        rows2_ok=second.meta.status_counts.get(OK, 0),
+        preview=_preview(first, second, prefixes),
+    )
+    if path is not None and out is not None and is_dataset(out):
+        if self_match and options.top_k is not None:
+            raise OptionError(
+                f"{opt('top_k')} within one source gives each pair once only in one table: "
+                f"{opt('out')} FILE.parquet, or {opt('threshold')} alone for a dataset"
+            )
+        started = time.perf_counter()
+        with connect(cluster) as active:
+            written = _write_dataset(first, second, options, active, prefixes, path)
+        return MatchResult(**written, **common, seconds=time.perf_counter() - started, path=path)
 
     started = time.perf_counter()
     with connect(cluster) as active:
         found = match_features(
-            first.features, second.features, options, client=active, self_match=self_match
+            first.on_workers,
+            second.on_workers,
+            options,
+            client=active,
+            self_match=self_match,
+            max_held=_pairs_that_fit(first, second),
+            too_many=f"; write a Parquet dataset instead: {opt('out')} DIR/",
         )
     table = _with_fields(found, first, second, prefixes)
     if self_match:  # a row of the one source matched whichever side of a pair it is on
@@ -144,21 +255,153 @@ def match_sources(
         counts = (found["row_a"].nunique(), found["row_b"].nunique())
     result = MatchResult(
         table,
-        first.name,
-        second.name,
-        int(counts[0]),
-        int(counts[1]),
-        time.perf_counter() - started,
-        threshold=options.threshold,
-        threshold_from=threshold_from,
-        top_k=options.top_k,
-        rows1_ok=first.meta.status_counts.get(OK, 0),
-        rows2_ok=second.meta.status_counts.get(OK, 0),
-        preview=_preview(first, second, prefixes),
+        rows1_matched=int(counts[0]),
+        rows2_matched=int(counts[1]),
+        seconds=time.perf_counter() - started,
+        group_count=-1 if self_match else None,
+        **common,
     )
     if path is not None:
-        result.path = write_table(table, path, f"{first.name}-{second.name}")
+        result.path = write_table(table, Path(str(path)), f"{first.name}-{second.name}")
     return result
+
+
+def _pairs_that_fit(first: Source, second: Source) -> int:
+    """How many pairs a table held here may have: a share of the memory available now, at
+    a generous guess of each pair's bytes once both rows' fields are joined."""
+    per_pair = 24 + 100 * (len(first.meta.fields) + len(second.meta.fields))
+    return int(psutil.virtual_memory().available * DRIVER_MEMORY_SHARE / per_pair)
+
+
+@dataclass(frozen=True)
+class PartCounts:
+    """What a worker reports of the part it wrote."""
+
+    pairs: int
+    rows_a: np.ndarray  # distinct rows of each side in the part (self: of both sides)
+    rows_b: np.ndarray
+    best: pd.DataFrame  # its most similar pairs, with fields
+
+
+@dataclass(frozen=True)
+class PairsDataset:
+    """Where the workers write a match's pairs: a part per block of A, each pair with the
+    fields of both rows. Small, so it travels in the tasks."""
+
+    url: str
+    storage_options: dict
+    first: PartitionStore
+    second: PartitionStore
+    fields: tuple[tuple[str, ...], tuple[str, ...]]
+    prefixes: tuple[str, str]
+    self_match: bool
+    run: str
+
+    @property
+    def path(self) -> UPath:
+        return UPath(self.url, **self.storage_options)
+
+    def write(self, block: int, pairs: Pairs) -> PartCounts:
+        """Write block `block`'s part (where the block was merged) and count it."""
+        found = pairs_frame(*pairs)
+        left = self.first.fields(found["row_a"].to_numpy(), list(self.fields[0]), self.run)
+        right = self.second.fields(found["row_b"].to_numpy(), list(self.fields[1]), self.run)
+        table = _joined(found, left, right, self.prefixes)
+        part = self.path / f"part-{block:05d}.parquet"
+        try:
+            atomic_write(part, lambda tmp: table.to_parquet(tmp, index=False))
+        except OSError as exc:
+            raise StoreError(f"cannot write {part}: {exc.strerror or exc}") from None
+        rows_a, rows_b = found["row_a"].to_numpy(), found["row_b"].to_numpy()
+        if self.self_match:
+            rows_a = rows_b = np.concatenate([rows_a, rows_b])
+        return PartCounts(
+            len(table),
+            np.unique(rows_a),
+            np.unique(rows_b),
+            table.nlargest(PREVIEW_ROWS, "similarity", keep="first"),
+        )
+
+
+def _write_dataset(
+    first: Source,
+    second: Source,
+    options: MatchOptions,
+    client: Any,
+    prefixes: tuple[str, str],
+    path: Location,
+) -> dict[str, Any]:
+    """Match into the Parquet dataset at `path` (blocks' parts written where they were
+    merged); the pair and row counts, the best pairs and, for a self match, the groups."""
+    self_match = second is first
+    a, b = first.on_workers, second.on_workers
+    options, b = prepared(a, b, options, self_match)
+    remote = path if not is_local(path) else None
+    sink = PairsDataset(
+        str(path),
+        dict(getattr(remote, "storage_options", {}) or {}),
+        a.store,
+        b.store,
+        (tuple(first.meta.fields), tuple(second.meta.fields)),
+        prefixes,
+        self_match,
+        uuid.uuid4().hex[:8],
+    )
+    _empty_dataset(path)
+    matched = np.zeros(first.meta.rows, dtype=bool), np.zeros(second.meta.rows, dtype=bool)
+    total, parts, best = 0, 0, pd.DataFrame()
+    for _, counts in scored_blocks(
+        a, b, options, client=client, self_match=self_match, finish=sink.write
+    ):
+        total, parts = total + counts.pairs, parts + 1
+        matched[0][counts.rows_a] = True
+        matched[1][counts.rows_b] = True
+        best = pd.concat([best, counts.best]).nlargest(PREVIEW_ROWS, "similarity", keep="first")
+    groups = None
+    if self_match:
+        groups = _write_groups(path, first.meta.rows, total)
+        if len(best):
+            best["group"] = groups.reindex(best["row_a"]).to_numpy()
+    record = {
+        "format": 1,
+        "store": str(first.path.parent),
+        "sources": [first.name, second.name],
+        "threshold": options.threshold,
+        "top_k": options.top_k,
+        "pairs": total,
+        "parts": parts,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    atomic_write(path / DATASET_RECORD, lambda tmp: Path(tmp).write_text(json.dumps(record)))
+    return dict(
+        pairs=best.sort_values("similarity", ascending=False, ignore_index=True),
+        rows1_matched=int(matched[0].sum()),
+        rows2_matched=int(matched[1].sum()),
+        pair_count=total,
+        group_count=None if groups is None else int(groups.nunique()),
+    )
+
+
+def _empty_dataset(path: Location) -> None:
+    """A new directory, or an earlier pairs dataset's emptied (record first: incomplete)."""
+    if path.exists():
+        (path / DATASET_RECORD).unlink(missing_ok=True)
+        for old in path.iterdir():
+            old.unlink()
+    elif is_local(path):
+        Path(str(path)).mkdir()
+
+
+def _write_groups(path: Location, rows: int, pairs: int) -> pd.Series:
+    """`_groups.parquet`: the near-duplicate group of every row in a pair (the smallest row id
+    of its connected component); only the dataset's row columns are read back here."""
+    empty = pd.DataFrame({"row_a": np.empty(0, np.int64), "row_b": np.empty(0, np.int64)})
+    found = read_parquet(path, columns=["row_a", "row_b"]) if pairs else empty
+    ids = connected_groups(found["row_a"].to_numpy(), found["row_b"].to_numpy(), rows)
+    members = np.unique(found[["row_a", "row_b"]].to_numpy())
+    groups = pd.Series(ids[members], index=pd.Index(members, name="row"), name="group")
+    atomic_write(path / GROUPS, lambda tmp: groups.reset_index().to_parquet(tmp, index=False))
+    return groups
 
 
 def _check_compatible(first: Source, second: Source) -> None:
@@ -227,19 +470,13 @@ def _with_fields(
 ) -> pd.DataFrame:
     """The pairs with every kept field of both rows, `NAME1_<field>` and `NAME2_<field>`."""
     self_match = second is first
-    prefix1, prefix2 = prefixes
     fields1 = first.rows(["row", *first.meta.fields]).set_index("row")
     fields2 = fields1 if self_match else second.rows(["row", *second.meta.fields]).set_index("row")
-    left = fields1.loc[found["row_a"].to_numpy()].add_prefix(prefix1).reset_index(drop=True)
-    right = fields2.loc[found["row_b"].to_numpy()].add_prefix(prefix2).reset_index(drop=True)
-    table = pd.concat(
-        [
-            found[["row_a", "row_b"]].reset_index(drop=True),
-            left,
-            right,
-            found[["similarity"]].reset_index(drop=True),
-        ],
-        axis=1,
+    table = _joined(
+        found,
+        fields1.loc[found["row_a"].to_numpy()],
+        fields2.loc[found["row_b"].to_numpy()],
+        prefixes,
     )
     if self_match:
         groups = connected_groups(
@@ -247,6 +484,22 @@ def _with_fields(
         )
         table["group"] = groups[found["row_a"].to_numpy()].astype(np.int64)
     return table
+
+
+def _joined(
+    found: pd.DataFrame, left: pd.DataFrame, right: pd.DataFrame, prefixes: tuple[str, str]
+) -> pd.DataFrame:
+    """`row_a`, `row_b`, the fields of both rows (`left`, `right`: one row per pair), then
+    `similarity`."""
+    return pd.concat(
+        [
+            found[["row_a", "row_b"]].reset_index(drop=True),
+            left.add_prefix(prefixes[0]).reset_index(drop=True),
+            right.add_prefix(prefixes[1]).reset_index(drop=True),
+            found[["similarity"]].reset_index(drop=True),
+        ],
+        axis=1,
+    )
 
 
 def write_table(table: pd.DataFrame, path: Path, stem: str) -> Path:

@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, cast
 
@@ -137,6 +137,13 @@ class Source:
         """The rows x dim float32 feature array (lazy, on disk)."""
         return zarr.open_array(_zarr_location(self.path / FEATURES), mode="r")
 
+    @property
+    def on_workers(self) -> StoredFeatures:
+        """The features as workers read them, straight from the store."""
+        return StoredFeatures(
+            PartitionStore.of(self.path, self.meta.partition_rows), (self.meta.rows, self.meta.dim)
+        )
+
     def rows(self, columns: list[str] | None = None) -> pd.DataFrame:
         """The row table, sorted by row id."""
         table = read_parquet(self.path / ROWS, columns=columns)
@@ -234,6 +241,23 @@ class PartitionStore:
     def part(self, index: int) -> UPath:
         return self.path / ROWS / f"part-{index:05d}.parquet"
 
+    def features(self) -> zarr.Array:
+        return zarr.open_array(_zarr_location(self.path / FEATURES), mode="r")
+
+    def fields(self, rows: np.ndarray, columns: list[str], run: str = "") -> pd.DataFrame:
+        """`columns` of rows `rows` (in that order, repeats allowed), read from the part files
+        that hold them; parts stay cached in this process for later calls of the same `run`."""
+        rows = np.asarray(rows, dtype=np.int64)
+        options = json.dumps(self.storage_options, sort_keys=True)
+        indexes = np.unique(rows // self.chunk_rows).tolist() or [0]  # none: part 0's types
+        table = pd.concat(
+            [
+                _cached_part(self.url, options, self.chunk_rows, k, tuple(columns), run)
+                for k in indexes
+            ]
+        )
+        return table.loc[rows].reset_index(drop=True)
+
     def write(self, index: int, features: np.ndarray, rows: pd.DataFrame) -> None:
         """Write partition `index` (rows [index*chunk_rows, ...)): its Zarr chunk, then its
         part file, which marks it done."""
@@ -265,6 +289,34 @@ class PartitionStore:
             chunk,
             merged.sort_values("row", ignore_index=True).astype(stored.dtypes.to_dict()),
         )
+
+
+@lru_cache(maxsize=256)
+def _cached_part(
+    url: str, options: str, chunk_rows: int, index: int, columns: tuple[str, ...], run: str
+) -> pd.DataFrame:
+    store = PartitionStore(url, json.loads(options), chunk_rows)
+    return read_parquet(store.part(index), columns=["row", *columns]).set_index("row")
+
+
+@dataclass(frozen=True)
+class StoredFeatures:
+    """A source's rows x dim features as the workers read them: small, so it travels in
+    tasks; `read(start, stop)` reads rows from the store where it runs."""
+
+    store: PartitionStore
+    shape: tuple[int, int]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows `start:stop`, C-contiguous and aligned float32 (what the kernel needs)."""
+        return np.array(self.store.features()[start:stop], dtype=np.float32, order="C")
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return np.asarray(self.store.features()[key])
+
+    @property
+    def oindex(self) -> Any:
+        return self.store.features().oindex
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from .options import (
     set_fields,
     with_overrides,
 )
-from .pairs import MatchResult, check_output_path, match_sources
+from .pairs import MatchResult, check_output, match_sources
 from .store import (
     PLAN,
     PlanMismatch,
@@ -78,7 +78,7 @@ def run(
     if len(set(names)) != len(names):
         raise OptionError(f"{opt('names')} must differ, got {', '.join(names)}")
     if out is not None:
-        check_output_path(out, tuple(csvs))
+        check_output(out, tuple(csvs))
     given = set(fields) | set_fields(options, csv_options)
     jobs = []
     for csv, name, per_csv in zip(csvs, names, csv_options_per_csv(csv_options, len(csvs))):

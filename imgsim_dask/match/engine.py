@@ -1,17 +1,21 @@
 """Engine: run the kernel over all of A and B, in this process or on the cluster's `GPU`
 workers, and estimate a run's pair count before it starts.
 
-The n x m similarity matrix never exists. On a cluster the driver reads B slice by slice
-and scatters the slices to the workers tagged `GPU`, where an aligned copy stays resident
-for the whole run; then it streams blocks of A through a bounded window of `score-NNNNN`
-tasks (`pipeline.bounded`) and collects their pairs as they complete. `client=None` runs
-the same kernel in-process, block after block.
+The n x m similarity matrix never exists. On a cluster, B is cut into slices that the
+`GPU` workers read themselves from the store (`bslice-NNNNN` tasks), spread over them so
+that no worker holds all of B; each slice stays resident on its worker for the whole run.
+Blocks of A (`ablock-NNNNN`) stream through a bounded window: each block is scored on every
+worker against the slices it holds (`score-NNNNN-WW`, only pairs leave the task), then one
+`pairs-NNNNN` task merges the block's pairs (top-k across all slices) and hands them to the
+driver, or writes them where the caller asked (`finish`) and returns only counts.
+`client=None` runs the same kernel in-process, block after block.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -27,9 +31,10 @@ from .device import release_device_slices
 from .kernel import (
     Pairs,
     as_float32,
+    canonical,
     concat_pairs,
     dedupe,
-    no_pairs,
+    merge_top_k,
     score_block,
     score_rows,
     valid_rows,
@@ -38,6 +43,9 @@ from .kernel import (
 logger = logging.getLogger(__name__)
 
 ESTIMATE_SAMPLE_ROWS = 256
+BLOCKS_IN_FLIGHT = 3  # blocks of A being scored at once, each on every scoring worker
+
+Finish = Callable[[int, Pairs], Any]  # (block number, its pairs) -> what the driver receives
 
 
 def match_features(
@@ -47,14 +55,40 @@ def match_features(
     *,
     client: Client | None = None,
     self_match: bool = False,
+    max_held: int | None = None,
+    too_many: str = "",
 ) -> pd.DataFrame:
     """Pairs of rows of `a` and `b` as a DataFrame `row_a`, `row_b`, `similarity`.
 
-    `a` and `b` are rows x dim arrays readable on the driver (zarr arrays, numpy arrays);
+    `a` and `b` are rows x dim arrays: numpy or zarr arrays, read here, or arrays with a
+    `read(start, stop)` method (`store.StoredFeatures`) that the workers read themselves.
     `self_match=True` matches `a` against itself (`b` may be None or `a`). With a
     `distributed.Client`, blocks are scored on its `GPU` workers; with `client=None` the same
-    kernel runs here, block after block (fine for small jobs).
+    kernel runs here, block after block (fine for small jobs). More than `max_held` pairs
+    stop the run with an OptionError ending in `too_many`, before this process runs short of
+    memory.
     """
+    options, b = prepared(a, b, options, self_match)
+    parts: list[Pairs] = []
+    held = 0
+    for _, pairs in scored_blocks(a, b, options, client=client, self_match=self_match):
+        parts.append(pairs)
+        held += len(pairs[0])
+        if max_held is not None and held > max_held:
+            raise OptionError(f"more than {max_held:,} pairs, more than fit here{too_many}")
+        if self_match and options.top_k is not None and len(parts) > 16:
+            parts = [dedupe(*concat_pairs(parts))]
+    pairs = concat_pairs(parts)
+    if self_match and options.top_k is not None:  # a pair chosen from two blocks
+        pairs = dedupe(*pairs)
+    return pairs_frame(*pairs)
+
+
+def prepared(
+    a: Any, b: Any, options: MatchOptions | None, self_match: bool
+) -> tuple[MatchOptions, Any]:
+    """The options a run of `a` against `b` goes by, and `b` (`a` for a self match), once
+    the inputs are checked: a top-k no larger than B, and a `max_pairs` the estimate keeps."""
     options = options or MatchOptions()
     if options.threshold is None and options.top_k is None:
         raise OptionError(
@@ -62,7 +96,7 @@ def match_features(
         )
     if self_match and b is None:
         b = a
-    n, m, _ = check_shapes(a, b, self_match)
+    _, m, _ = check_shapes(a, b, self_match)
     if options.top_k is not None:  # k past B's size buys nothing but memory
         options = replace(options, top_k=min(options.top_k, max(1, m - self_match)))
     if options.max_pairs is not None:
@@ -74,15 +108,29 @@ def match_features(
                 f"{'' if options.top_k else ' or use ' + opt('top_k')} (or raise "
                 f"{opt('max_pairs')})"
             )
+    return options, b
+
+
+def scored_blocks(
+    a: Any,
+    b: Any,
+    options: MatchOptions,
+    *,
+    client: Client | None,
+    self_match: bool,
+    finish: Finish | None = None,
+) -> Iterator[tuple[int, Any]]:
+    """`(block number, result)` for every block of `options.block_rows` rows of A, in
+    completion order: the block's pairs (self top-k: canonical, but a pair chosen from two
+    blocks comes from both), or what `finish(block, pairs)` returns, run where the block
+    was merged (a worker on a cluster). `options` as `prepared` made them."""
+    n, m, _ = check_shapes(a, b, self_match)
     if n == 0 or m == 0:
-        return pairs_frame(*no_pairs())
+        return
     if client is None:
-        pairs = _match_here(a, b, options, self_match, n, m)
+        yield from _scored_here(a, b, options, self_match, n, m, finish)
     else:
-        pairs = _match_on_cluster(client, a, b, options, self_match, n, m)
-    if self_match and options.top_k is not None:
-        pairs = dedupe(*pairs)
-    return pairs_frame(*pairs)
+        yield from _scored_on_cluster(client, a, b, options, self_match, n, m, finish)
 
 
 def check_shapes(a: Any, b: Any, self_match: bool = False) -> tuple[int, int, int]:
@@ -124,107 +172,150 @@ def _read(x: Any, start: int, stop: int) -> np.ndarray:
     return as_float32(x[start:stop])
 
 
-def _match_here(a: Any, b: Any, options: MatchOptions, self_match: bool, n: int, m: int) -> Pairs:
+def _scored_here(
+    a: Any, b: Any, options: MatchOptions, self_match: bool, n: int, m: int, finish: Finish | None
+) -> Iterator[tuple[int, Any]]:
     starts = _slice_starts(m, options.slice_rows)
     slices = [_read(b, s, min(s + options.slice_rows, m)) for s in starts]
     valids = [valid_rows(s) for s in slices]
     run = uuid.uuid4().hex[:8]
-    parts = []
     try:
         for start in range(0, n, options.block_rows):
             block = _read(a, start, min(start + options.block_rows, n))
-            parts.append(
-                score_block(
-                    block,
-                    start,
-                    slices,
-                    starts,
-                    options.threshold,
-                    options.top_k,
-                    self_match,
-                    b_valid=valids,
-                    threads=options.threads,
-                    scorer=options.scorer,
-                    device_run=run,
-                )
-            )
-    finally:
-        release_device_slices(run)
-    return concat_pairs(parts)
-
-
-def _match_on_cluster(
-    client: Client, a: Any, b: Any, options: MatchOptions, self_match: bool, n: int, m: int
-) -> Pairs:
-    gpu_workers = require_workers(client, fetch=False, stage="score")
-    run = uuid.uuid4().hex[:8]
-    starts = _slice_starts(m, options.slice_rows)
-    slice_futures, valid_futures = [], []
-    for j, start in enumerate(starts):  # one slice in driver memory at a time
-        raw_key = f"bslice-raw-{j:05d}-{run}"
-        raw = client.scatter(
-            {raw_key: _read(b, start, min(start + options.slice_rows, m))},
-            workers=gpu_workers,
-            hash=False,
-        )[raw_key]
-        # An aligned copy made on the worker becomes the resident slice (scattered arrays
-        # land misaligned); the scattered original is released once it is copied.
-        resident = client.submit(
-            as_float32, raw, key=f"bslice-{j:05d}-{run}", resources={GPU: 1}, pure=False
-        )
-        slice_futures.append(resident)
-        valid_futures.append(
-            client.submit(
-                valid_rows, resident, key=f"bvalid-{j:05d}-{run}", resources={GPU: 1}, pure=False
-            )
-        )
-        del raw
-    logger.debug("B resident on the GPU workers in %d slices", len(starts))
-
-    blocks: dict[int, Future] = {}  # A blocks scattered for score tasks still running
-
-    def submit(start: int) -> Future:
-        block = _read(a, start, min(start + options.block_rows, n))
-        i = start // options.block_rows
-        block_key = f"ablock-{i:05d}-{run}"
-        blocks[start] = client.scatter({block_key: block}, workers=gpu_workers, hash=False)[
-            block_key
-        ]
-        with span("match", "score"):
-            return client.submit(
-                score_block,
-                blocks[start],
+            pairs = score_block(
+                block,
                 start,
-                slice_futures,
+                slices,
                 starts,
                 options.threshold,
                 options.top_k,
                 self_match,
-                b_valid=valid_futures,
+                b_valid=valids,
                 threads=options.threads,
                 scorer=options.scorer,
                 device_run=run,
-                key=f"score-{i:05d}-{run}",
-                resources={GPU: 1},
+            )
+            i = start // options.block_rows
+            yield i, pairs if finish is None else finish(i, pairs)
+    finally:
+        release_device_slices(run)
+
+
+def _scored_on_cluster(
+    client: Client,
+    a: Any,
+    b: Any,
+    options: MatchOptions,
+    self_match: bool,
+    n: int,
+    m: int,
+    finish: Finish | None,
+) -> Iterator[tuple[int, Any]]:
+    workers = require_workers(client, fetch=False, stage="score")
+    run = uuid.uuid4().hex[:8]
+    starts = _slice_starts(m, options.slice_rows)
+    stops = [min(start + options.slice_rows, m) for start in starts]
+    # slice j lives on workers[j % W]: no worker holds more than its share of B
+    held: dict[str, list[int]] = {
+        w: list(range(k, len(starts), len(workers))) for k, w in enumerate(workers)
+    }
+    slices = [
+        _rows_on(client, b, start, stop, f"bslice-{j:05d}-{run}", workers[j % len(workers)])
+        for j, (start, stop) in enumerate(zip(starts, stops))
+    ]
+    valids = [
+        client.submit(
+            valid_rows,
+            s,
+            key=f"bvalid-{j:05d}-{run}",
+            workers=[workers[j % len(workers)]],
+            allow_other_workers=True,
+            resources={GPU: 1},
+            pure=False,
+        )
+        for j, s in enumerate(slices)
+    ]
+    logger.debug("B spread over %d scoring workers in %d slices", len(workers), len(starts))
+
+    def submit(start: int) -> Future:
+        i = start // options.block_rows
+        stop = min(start + options.block_rows, n)
+        block = _rows_on(client, a, start, stop, f"ablock-{i:05d}-{run}", workers[i % len(workers)])
+        scores = []
+        with span("match", "score"):
+            for w, (worker, mine) in enumerate(held.items()):
+                if self_match and options.top_k is None:  # only slices past the block's start
+                    mine = [j for j in mine if stops[j] > start + 1]
+                if not mine:
+                    continue
+                scores.append(
+                    client.submit(
+                        score_block,
+                        block,
+                        start,
+                        [slices[j] for j in mine],
+                        [starts[j] for j in mine],
+                        options.threshold,
+                        options.top_k,
+                        self_match,
+                        b_valid=[valids[j] for j in mine],
+                        threads=options.threads,
+                        scorer=options.scorer,
+                        device_run=run,
+                        slice_numbers=mine,
+                        directed=True,
+                        key=f"score-{i:05d}-{w:02d}-{run}",
+                        workers=[worker],
+                        allow_other_workers=True,
+                        resources={GPU: 1},
+                        retries=TASK_RETRIES,
+                        pure=False,
+                    )
+                )
+            return client.submit(
+                merge_block,
+                i,
+                scores,
+                options.top_k,
+                self_match,
+                finish,
+                key=f"pairs-{i:05d}-{run}",
                 retries=TASK_RETRIES,
                 pure=False,
             )
 
-    parts: list[Pairs] = []
     try:
-        with bounded(
-            client, range(0, n, options.block_rows), submit, 2 * len(gpu_workers) + 1
-        ) as scored:
-            for start, future in scored:
-                parts.append(future.result())
-                del blocks[start]  # releases the A block on the worker
-                if self_match and options.top_k is not None and len(parts) > 16:
-                    parts = [dedupe(*concat_pairs(parts))]
+        with bounded(client, range(0, n, options.block_rows), submit, BLOCKS_IN_FLIGHT) as done:
+            for start, future in done:
+                yield start // options.block_rows, future.result()
     finally:  # on an error, stop what is still queued; in any case free B on the workers
-        client.cancel([*blocks.values(), *slice_futures, *valid_futures])
+        client.cancel([*slices, *valids])
         # every worker: one that joined during the run may have scored (and copied B) too
         client.run(release_device_slices, run, on_error="ignore")
-    return concat_pairs(parts)
+
+
+def _rows_on(client: Client, x: Any, start: int, stop: int, key: str, worker: str) -> Future:
+    """A future of rows `start:stop` of `x` as an aligned float32 array, on `worker`: read
+    there when `x` can be read on the workers (`read`), else read here and sent."""
+    place = dict(workers=[worker], allow_other_workers=True, resources={GPU: 1}, pure=False)
+    read = getattr(x, "read", None)
+    if read is not None:
+        return client.submit(read, start, stop, key=key, **place)
+    raw = client.scatter({f"{key}-raw": x[start:stop]}, workers=[worker], hash=False)
+    # an aligned copy made on the worker is what the tasks use (scattered arrays land
+    # misaligned); the scattered original is released once it is copied
+    return client.submit(as_float32, raw[f"{key}-raw"], key=key, **place)
+
+
+def merge_block(
+    i: int, scores: list[Pairs], top_k: int | None, self_match: bool, finish: Finish | None
+) -> Any:
+    """Block `i`'s pairs from its score tasks (each against some of B's slices): every pair
+    kept, or each row's top k over all slices; then `finish(i, pairs)` if given."""
+    pairs = concat_pairs(scores) if top_k is None else merge_top_k(scores, top_k)
+    if self_match and top_k is not None:
+        pairs = canonical(*pairs)
+    return pairs if finish is None else finish(i, pairs)
 
 
 def estimate_pairs(

@@ -69,15 +69,20 @@ def score_block(
     threads: int | None = None,
     scorer: str = "auto",
     device_run: str | None = None,
+    slice_numbers: Sequence[int] | None = None,
+    directed: bool = False,
 ) -> Pairs:
     """Pairs of A rows `a_start ...` against every B slice: `(rows_a, rows_b, similarity)`.
 
     `b_slices[j]` holds the B rows starting at `b_starts[j]` (ascending, contiguous, the same
     for every block); `b_valid[j]` their `valid_rows` mask (computed here when not given).
     `scorer` is resolved here (`device.resolve_scorer`); on a device, the copies of B's
-    slices are kept for the next blocks of run `device_run` (without one, for this call).
+    slices are kept for the next blocks of run `device_run` (without one, for this call), by
+    their `slice_numbers` in B (default: their places in `b_slices`).
     Pairs follow the module's semantics; in self top-k mode they are already canonical
     (`row_a < row_b`) but a pair chosen from two blocks appears in both blocks' results.
+    `directed=True` leaves self top-k pairs as chosen, `row_a` the choosing row, for a merge
+    with the same rows' choices among other slices (`merge_top_k`).
     """
     a = as_float32(a_block)
     ids = np.arange(a_start, a_start + len(a), dtype=np.int64)
@@ -93,6 +98,8 @@ def score_block(
         threads,
         resolve_scorer(scorer),
         device_run,
+        slice_numbers,
+        directed,
     )
 
 
@@ -108,6 +115,8 @@ def score_rows(
     threads: int | None,
     scorer: str = "numpy",
     device_run: str | None = None,
+    slice_numbers: Sequence[int] | None = None,
+    directed: bool = False,
 ) -> Pairs:
     """`score_block` for A rows with global ids `ids` (ascending, not necessarily contiguous)."""
     if threshold is None and top_k is None:
@@ -126,17 +135,34 @@ def score_rows(
         return no_pairs()
     if top_k is not None:  # a row cannot have more neighbours than B has rows
         top_k = min(top_k, sum(len(s) for s in slices))
+    numbers = [int(slice_numbers[j]) if slice_numbers is not None else j for j in nonempty]
     if scorer == "keras":
         pairs = _score_on_device(
-            a, ids, slices, starts, valids, threshold, top_k, self_match, device_run, nonempty
+            a, ids, slices, starts, valids, threshold, top_k, self_match, device_run, numbers
         )
     else:
         pairs = _score_on_threads(
             a, ids, slices, starts, valids, threshold, top_k, self_match, threads
         )
-    if self_match and top_k is not None:
-        pairs = dedupe(*pairs)
+    if self_match and top_k is not None and not directed:
+        pairs = canonical(*pairs)
     return pairs
+
+
+def canonical(rows_a: np.ndarray, rows_b: np.ndarray, sims: np.ndarray) -> Pairs:
+    """Self-match pairs as `row_a < row_b`, each once (the larger similarity)."""
+    return dedupe(np.minimum(rows_a, rows_b), np.maximum(rows_a, rows_b), sims)
+
+
+def merge_top_k(parts: Sequence[Pairs], k: int) -> Pairs:
+    """Each A row's k best of the pairs of `parts` (each row's choices among some of B's
+    slices): similarity descending, then row of B ascending, as if scored in one pass."""
+    rows_a, rows_b, sims = concat_pairs(parts)
+    order = np.lexsort((rows_b, -sims, rows_a))
+    rows_a, rows_b, sims = rows_a[order], rows_b[order], sims[order]
+    rank = np.arange(len(rows_a)) - np.searchsorted(rows_a, rows_a, side="left")
+    take = rank < k
+    return rows_a[take], rows_b[take], sims[take]
 
 
 def _score_on_threads(
@@ -309,7 +335,7 @@ def _top_k_rows(
                 hits_buffer,
             )
 
-    return _best_pairs(best_sims, best_ids, ids, threshold, self_match)
+    return _best_pairs(best_sims, best_ids, ids, threshold)
 
 
 def _top_k_rows_on_device(
@@ -329,7 +355,7 @@ def _top_k_rows_on_device(
     for start, (values, cols) in zip(starts, found):
         r, c = np.nonzero(values > -np.inf)  # -inf: invalid columns, the row itself
         _merge_candidates(best_sims, best_ids, r, cols[r, c] + start, values[r, c])
-    return _best_pairs(best_sims, best_ids, ids, threshold, self_match)
+    return _best_pairs(best_sims, best_ids, ids, threshold)
 
 
 def _best_pairs(
@@ -337,17 +363,13 @@ def _best_pairs(
     best_ids: np.ndarray,
     ids: np.ndarray,
     threshold: float | None,
-    self_match: bool,
 ) -> Pairs:
-    """The pairs of each row's k best (those >= threshold, if given); self: canonical."""
+    """The pairs of each row's k best (those >= threshold, if given), `row_a` the row."""
     keep = best_ids >= 0
     if threshold is not None:
         keep &= best_sims >= np.float32(threshold)
     r, c = np.nonzero(keep)
-    rows_a, rows_b, values = ids[r], best_ids[r, c], best_sims[r, c]
-    if self_match:
-        rows_a, rows_b = np.minimum(rows_a, rows_b), np.maximum(rows_a, rows_b)
-    return rows_a, rows_b, values
+    return ids[r], best_ids[r, c], best_sims[r, c]
 
 
 def _merge_slice(
