@@ -376,6 +376,11 @@ def export(name: str, store: str, h5_path: str) -> None:
 )  # fmt: skip
 @click.option("--partition-rows", default=4096, show_default=True, type=click.IntRange(1))
 @click.option("--overwrite", is_flag=True, help="Replace an existing source of this name.")
+@click.option(
+    "--append",
+    is_flag=True,
+    help="Add the rows to the source NAME (ids continue): then match with --new-only.",
+)
 def import_vectors(name: str, features: str, store: str, rows_table: str | None, **kw: Any) -> None:
     """Make a source from vectors you have: FEATURES is .npy, .zarr or .parquet, row i = row i."""
     from .embeddings import import_features

@@ -50,12 +50,15 @@ from .store import (
     Location,
     PartitionStore,
     Source,
+    SourceAppender,
     SourceWriter,
     check_name,
     check_plan,
     check_store,
     check_writable,
     is_complete,
+    open_source,
+    read_appends,
     store_path,
     stored_plan,
 )
@@ -86,7 +89,8 @@ def extract(
     check_store(store)
     check_name(name)
     check_writable(store)
-    if options.resume or options.retry_failed:
+    if options.append or options.resume or options.retry_failed:
+        _check_no_append_pending(store_path(store) / name, options)
         options, csv_options = adopt_plan(
             store_path(store) / name,
             options,
@@ -94,6 +98,11 @@ def extract(
             set(fields) | set_fields(options, csv_options),
         )
     csv_file = inspect_csv(csv, csv_options)
+    if options.append:
+        weights = resolve_weights(options.model, options.weights)
+        _check_append(store_path(store) / name, csv_file, options, weights)
+        with connect(cluster) as client:
+            return extract_on(client, csv_file, name, store, options, weights)
     if (store_path(store) / name).exists() and not (
         options.overwrite or options.resume or options.retry_failed
     ):
@@ -133,7 +142,10 @@ def extract_on(
         logger.info("%s: already complete in %s, nothing to do", name, store)
         return Source(job.writer.path)
     check_workers_see(client, job.writer.partitions)
-    if job.writer.done and len(job.writer.done) < len(job.partitions):
+    if job.first_row:
+        last = job.first_row + job.plan.rows - 1
+        logger.info("%s: appending %d rows, rows %d-%d", name, job.plan.rows, job.first_row, last)
+    elif job.writer.done and len(job.writer.done) < len(job.partitions):
         logger.info(
             "%s: resuming, %d of %d partitions already written",
             name,
@@ -164,7 +176,8 @@ def extract_on(
                 if job.retry
                 else f"with {len(job.writer.written())} of {len(job.partitions)} partitions written"
             )
-            logger.warning("%s: interrupted %s; continue with --resume", name, done)
+            then = "run this append again" if options.append else "continue with --resume"
+            logger.warning("%s: interrupted %s; %s", name, done, then)
         raise
     finally:
         progress.close()
@@ -183,9 +196,10 @@ class ExtractionJob:
     plan: SourcePlan
     blocks: list  # the CSV's byte blocks, parsed lazily (`ingest.read_blocks`)
     partitions: list[list[Piece]]
-    writer: SourceWriter
+    writer: SourceWriter | SourceAppender
     retry: dict[int, list[int]]  # partition -> its rows to fetch again
-    done_rows: int  # rows already stored before this run
+    done_rows: int  # rows already stored before this run (an append: its own rows only)
+    first_row: int = 0  # an append's first row (its partitions start there)
     counts: dict[str, int] = field(default_factory=dict)  # status -> rows, stored so far
     stage_seconds: dict[str, float] = field(
         default_factory=lambda: {"fetch": 0.0, "embed": 0.0, "store": 0.0}
@@ -199,6 +213,13 @@ class ExtractionJob:
         return [k for k in range(len(self.partitions)) if k not in self.writer.done] + sorted(
             self.retry
         )
+
+    def merged(self, k: int) -> bool:
+        """Whether partition k's rows go into its stored part (a retry, an append's top-up)."""
+        return k in self.retry or k == getattr(self.writer, "top_up", None)
+
+    def first_row_of(self, k: int) -> int:
+        return max(k * self.options.partition_rows, self.first_row)
 
     @property
     def failed(self) -> int:
@@ -261,10 +282,19 @@ def plan_extraction(
     n_rows = sum(block_lengths)
     if n_rows == 0:
         raise InputError(f"{csv_file.path}: no data rows (only a header?)")
-    partitions = cut_partitions(block_lengths, options.partition_rows)
     plan = source_plan(csv_file, options, weights, n_rows, spec.dim)
-    resume = options.resume or options.retry_failed
-    writer = SourceWriter(store, name, plan, options.overwrite, resume)
+    writer: SourceWriter | SourceAppender
+    if options.append:
+        writer = SourceAppender(store, name, plan.csv, n_rows)
+        first_row = writer.first_row
+        writer.start()
+    else:
+        resume = options.resume or options.retry_failed
+        writer = SourceWriter(store, name, plan, options.overwrite, resume)
+        first_row = 0
+    # partition k holds rows [k * partition_rows, ...); those before the first are done
+    partitions: list[list[Piece]] = [[] for _ in range(first_row // options.partition_rows)]
+    partitions += cut_partitions(block_lengths, options.partition_rows, first_row)
     done_rows = writer.done_rows()
     retry: dict[int, list[int]] = {}
     if options.retry_failed or writer.retrying:  # (an interrupted retry goes on as one)
@@ -273,6 +303,7 @@ def plan_extraction(
             retry.setdefault(row // options.partition_rows, []).append(row)
         logger.info("%s: retrying %d row(s) with transient failures", name, len(failed))
         if retry:
+            assert isinstance(writer, SourceWriter)  # (an append excludes a retry)
             writer.reopen()
         done_rows = done_rows[~done_rows["row"].isin(failed)]
     fetch = replace(options.fetch, image_size=spec.image_size, base_dir=csv_file.base_dir)
@@ -288,6 +319,7 @@ def plan_extraction(
         writer,
         retry,
         len(done_rows),
+        first_row=first_row,
     )
     _count(job.counts, done_rows)
     job.ok_before = job.counts.get(OK, 0)
@@ -322,7 +354,7 @@ class _Submitter:
             slices.append((self.block_futures[block], start, stop))
             if self.last_use[block] == k:
                 self.block_futures.pop(block)  # the rows task keeps it alive as long as needed
-        first_row = k * job.options.partition_rows
+        first_row = job.first_row_of(k)
         with span("extract", job.name, "rows"):  # spans group the stages on the dashboard
             rows = client.submit(
                 assemble_partition,
@@ -363,7 +395,7 @@ class _Submitter:
                 embedded,
                 job.writer.partitions,
                 k,
-                k in job.retry,
+                job.merged(k),
                 key=f"store-{k:05d}-{self.token}",
                 retries=TASK_RETRIES,
             )
@@ -377,7 +409,7 @@ class _Progress:
     """Two progress bars, rows fetched and rows embedded; off where stderr is no terminal."""
 
     def __init__(self, enabled: bool, job: ExtractionJob):
-        total = job.plan.rows
+        total = job.plan.rows  # (an append: its own rows)
         self.fetched = _bar(enabled, total, f"fetch {job.name}", job.done_rows, 0)
         self.stored = _bar(enabled, total, f"embed {job.name}", job.done_rows, 1)
 
@@ -407,6 +439,8 @@ def seal(job: ExtractionJob, seconds: float) -> Source:
     """Write the source's meta.json: after this it opens as complete."""
     spec = get_spec(job.options.model)
     ok_new = job.counts.get(OK, 0) - job.ok_before
+    if isinstance(job.writer, SourceAppender):
+        return job.writer.finish(job.counts, seconds=round(seconds, 3))
     meta = SourceMeta(
         name=job.name,
         model=job.options.model,
@@ -449,6 +483,45 @@ def reuse_complete(
         plan = replace(plan, weights=stored_plan(path).get("weights", ""))
     check_plan(path, plan)
     return Source(path)
+
+
+def _check_no_append_pending(path: Location, options: ExtractOptions) -> None:
+    """`--append` needs a source to add to; `--resume` and `--retry-failed` cover the rows of
+    the CSV a source was made from, so they refuse one with an append in progress or done."""
+    if options.append and not (path / PLAN).is_file():
+        open_source(str(path.parent), path.name)  # no such source: its one-line error
+    appends = read_appends(path)
+    pending = [a for a in appends if not a.get("done")]
+    if options.append or not appends:
+        return
+    if pending:
+        raise StoreError(
+            f"an append to {path.name!r} of {pending[-1]['from']} was interrupted; finish it "
+            f"by running that append again ({opt('append')})"
+        )
+    if options.retry_failed:
+        raise StoreError(
+            f"{path.name!r} has rows appended; {opt('retry_failed')} does not cover them yet: "
+            f"extract the failed rows again as a source of their own"
+        )
+
+
+def _check_append(
+    path: Location, csv_file: CsvFile, options: ExtractOptions, weights: Weights
+) -> None:
+    """An append takes the options the source was made with (`adopt_plan`): a given one that
+    differs is refused in one line, before any cluster starts."""
+    stored = stored_plan(path)
+    plan = source_plan(csv_file, options, weights, stored["rows"], get_spec(options.model).dim)
+    check_plan(
+        path,
+        replace(
+            plan,
+            csv=stored["csv"],
+            csv_bytes=stored.get("csv_bytes"),
+            csv_mtime_ns=stored.get("csv_mtime_ns"),
+        ),
+    )
 
 
 def adopt_plan(

@@ -22,7 +22,15 @@ import zarr
 from .errors import InputError, OptionError, opt
 from .options import DEFAULT_STORE
 from .schema import OK, RESERVED_COLUMNS, ROW, STATUS_COLUMNS, SourceMeta, SourcePlan
-from .store import Source, SourceWriter, check_name, check_store, check_writable, read_parquet
+from .store import (
+    Source,
+    SourceAppender,
+    SourceWriter,
+    check_name,
+    check_store,
+    check_writable,
+    read_parquet,
+)
 
 BAD_VECTOR = "bad_vector"
 IMPORTED = "imported"  # the model name of a source made from vectors
@@ -40,13 +48,18 @@ def import_features(
     threshold: float | None = None,
     partition_rows: int = 4096,
     overwrite: bool = False,
+    append: bool = False,
 ) -> Source:
     """Make source `name` from the row vectors in `features` (and the fields in `rows`).
 
     `descriptor` names what made the vectors (`clip-vit-b32`): only sources of the same
     descriptor and dimension are matched together. `threshold` becomes the source's default
-    threshold; without one, `match` needs `threshold` or `top_k`.
+    threshold; without one, `match` needs `threshold` or `top_k`. `append=True` adds the
+    rows to the source `name` made before (ids continue after its last row), with its
+    descriptor, fields and partitions.
     """
+    if append:
+        return _append(name, features, store, rows, id_col, descriptor, threshold)
     check_store(store)
     check_name(name)
     if partition_rows < 1:
@@ -78,18 +91,8 @@ def import_features(
     counts: dict[str, int] = {}
     for k, start in enumerate(range(0, n, partition_rows)):
         stop = min(n, start + partition_rows)
-        block, status = normalised(np.asarray(array[start:stop], dtype=np.float32))
-        part = table.iloc[start:stop].reset_index(drop=True)
-        part["status"] = status
-        part["error"] = [None if s == OK else "not finite, or of length 0" for s in status]
-        for column in STATUS_COLUMNS[2:]:
-            part[column] = None
-        part["http_status"] = part["http_status"].astype("Int16")
-        for column in ("bytes", "width", "height"):
-            part[column] = part[column].astype("Int64")
+        block, part = _partition(array, table, start, stop, counts)
         writer.write_partition(k, block, part)
-        for value, count in zip(*np.unique(status, return_counts=True)):
-            counts[str(value)] = counts.get(str(value), 0) + int(count)
     seconds = time.perf_counter() - started
     return writer.finish(
         SourceMeta(
@@ -114,6 +117,68 @@ def import_features(
             versions={},
         )
     )
+
+
+def _append(
+    name: str,
+    features: str | os.PathLike,
+    store: str | os.PathLike,
+    rows: str | os.PathLike | None,
+    id_col: str | None,
+    descriptor: str,
+    threshold: float | None,
+) -> Source:
+    """`import_features(..., append=True)`: the rows added to source `name`."""
+    check_store(store)
+    array = open_vectors(features)
+    n, dim = array.shape
+    origin = str(Path(features).resolve()) if "://" not in str(features) else str(features)
+    appender = SourceAppender(store, name, origin, n)
+    meta = appender.before
+    if dim != meta.dim or descriptor not in (IMPORTED, meta.model):
+        raise InputError(
+            f"{name} holds {meta.dim}-d {meta.model} vectors; cannot append {dim}-d "
+            f"{descriptor if descriptor != IMPORTED else ''} vectors".replace("  ", " ")
+        )
+    if threshold is not None:
+        raise OptionError(f"an append keeps {name}'s threshold; leave out {opt('threshold')}")
+    table = _fields(rows, n, id_col)  # (the id column stays the source's)
+    fields = [c for c in table.columns if c != ROW]
+    if fields != meta.fields:
+        raise InputError(
+            f"{name} has the fields {', '.join(meta.fields)}; the rows to append have "
+            f"{', '.join(fields)}: give a table with the same columns"
+        )
+    table[ROW] += appender.first_row
+    if rows is None:  # the id is the row number
+        table[ID_COL] = table[ROW]
+    check_writable(store)
+    appender.start()
+    counts: dict[str, int] = {}
+    for k, start, stop in appender.pieces():
+        first = start - appender.first_row
+        block, part = _partition(array, table, first, first + stop - start, counts)
+        appender.write(k, block, part)
+    return appender.finish(counts)
+
+
+def _partition(
+    array: Any, table: pd.DataFrame, start: int, stop: int, counts: dict[str, int]
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Rows `start:stop` of the vectors, normalised, and their row table; adds their
+    statuses to `counts`."""
+    block, status = normalised(np.asarray(array[start:stop], dtype=np.float32))
+    part = table.iloc[start:stop].reset_index(drop=True)
+    part["status"] = status
+    part["error"] = [None if s == OK else "not finite, or of length 0" for s in status]
+    for column in STATUS_COLUMNS[2:]:
+        part[column] = None
+    part["http_status"] = part["http_status"].astype("Int16")
+    for column in ("bytes", "width", "height"):
+        part[column] = part[column].astype("Int64")
+    for value, count in zip(*np.unique(status, return_counts=True)):
+        counts[str(value)] = counts.get(str(value), 0) + int(count)
+    return block, part
 
 
 def normalised(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -221,6 +221,12 @@ class ExtractOptions:
         "429, connection errors), and only those; the other rows stay as they are, and "
         "an interrupted source is finished too.",
     )
+    append: bool = option(
+        False,
+        "Add the CSV's rows to the source of this name (ids continue, with the options it "
+        "was made with); match then with --new-only. Run an interrupted append again to "
+        "finish it.",
+    )
     progress: bool = option(
         True, "Show progress bars (in a terminal only).", flag="--progress/--no-progress"
     )
@@ -232,6 +238,11 @@ class ExtractOptions:
         if self.overwrite and (self.resume or self.retry_failed):
             raise OptionError(
                 f"{opt('overwrite')} excludes {opt('resume')} and {opt('retry_failed')}"
+            )
+        if self.append and (self.overwrite or self.resume or self.retry_failed):
+            raise OptionError(
+                f"{opt('append')} excludes {opt('overwrite')}, {opt('resume')} and "
+                f"{opt('retry_failed')} (run an interrupted append again to finish it)"
             )
 
 
@@ -261,6 +272,11 @@ class MatchOptions:
         None, "Stop early if the estimated pair count exceeds this.", minimum=0
     )
     threads: int | None = option(None, "Threads per score task.", cli=False, minimum=1)
+    new_only: bool = option(
+        False,
+        "Score only the rows added (--append) to either source since the last run into "
+        "the --out DIR/ dataset, and add their pairs to it.",
+    )
     scorer: str = option(
         "auto",
         "What scores on the GPU workers: auto is keras (Keras ops on the GPU) where "

@@ -15,6 +15,7 @@ ways:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -34,10 +35,11 @@ from .cluster import Cluster, connect
 from .errors import InputError, StoreError
 from .match import connected_groups, match_features, pairs_frame
 from .match.engine import prepared, scored_blocks
-from .match.kernel import Pairs
+from .match.kernel import Pairs, concat_pairs, dedupe, merge_top_k
 from .options import DEFAULT_STORE, MatchOptions, OptionError, opt, with_overrides
 from .schema import OK, SourceMeta
 from .store import (
+    PLAN,
     Location,
     PartitionStore,
     Source,
@@ -72,8 +74,9 @@ class MatchResult:
     rows1_ok: int = 0  # rows with features, of each side
     rows2_ok: int = 0
     preview: list[str] = field(default_factory=list)  # the columns a person reads first
-    pair_count: int = -1  # -1: len(pairs)
+    pair_count: int = -1  # -1: len(pairs); after --new-only, the pairs it added
     group_count: int | None = None  # of a self match: -1, the groups in `pairs`
+    total_pairs: int | None = None  # after --new-only, the dataset's pairs in all
 
     def __post_init__(self) -> None:
         if self.pair_count < 0:
@@ -99,6 +102,11 @@ class MatchResult:
             groups = f"; {count} groups, {self.rows1_matched - count} rows are extra copies"
         else:
             matched += f" and {self.rows2_matched} of {self.rows2_ok} rows of {self.name2}"
+        if self.total_pairs is not None:  # --new-only: counts of what it added
+            return (
+                f"{self.pair_count} pairs added ({self.total_pairs} in all); {matched} "
+                f"matched in them{groups}; {self.seconds:.1f} s{where}"
+            )
         return f"{self.pair_count} pairs; {matched} matched{groups}; {self.seconds:.1f} s{where}"
 
     def decision(self) -> str:
@@ -225,15 +233,23 @@ def match_sources(
         rows2_ok=second.meta.status_counts.get(OK, 0),
         preview=_preview(first, second, prefixes),
     )
-    if path is not None and out is not None and is_dataset(out):
+    dataset = path is not None and out is not None and is_dataset(out)
+    if options.new_only and not dataset:
+        raise OptionError(
+            f"{opt('new_only')} adds to the Parquet dataset of an earlier run: give "
+            f"{opt('out')} DIR/"
+        )
+    if dataset:
+        assert path is not None
         if self_match and options.top_k is not None:
             raise OptionError(
                 f"{opt('top_k')} within one source gives each pair once only in one table: "
                 f"{opt('out')} FILE.parquet, or {opt('threshold')} alone for a dataset"
             )
+        earlier = _earlier_run(path, first, second, options) if options.new_only else None
         started = time.perf_counter()
         with connect(cluster) as active:
-            written = _write_dataset(first, second, options, active, prefixes, path)
+            written = _write_dataset(first, second, options, active, prefixes, path, earlier)
         return MatchResult(**written, **common, seconds=time.perf_counter() - started, path=path)
 
     started = time.perf_counter()
@@ -277,6 +293,7 @@ def _pairs_that_fit(first: Source, second: Source) -> int:
 class PartCounts:
     """What a worker reports of the part it wrote."""
 
+    name: str
     pairs: int
     rows_a: np.ndarray  # distinct rows of each side in the part (self: of both sides)
     rows_b: np.ndarray
@@ -285,8 +302,9 @@ class PartCounts:
 
 @dataclass(frozen=True)
 class PairsDataset:
-    """Where the workers write a match's pairs: a part per block of A, each pair with the
-    fields of both rows. Small, so it travels in the tasks."""
+    """Where the workers write a match's pairs: a part per block of A (`names[block]`),
+    each pair with the fields of both rows; with `merge`, each row's top k of the part
+    there and the new pairs. Small, so it travels in the tasks."""
 
     url: str
     storage_options: dict
@@ -296,6 +314,8 @@ class PairsDataset:
     prefixes: tuple[str, str]
     self_match: bool
     run: str
+    names: tuple[str, ...] = ()
+    merge: int | None = None  # top k to keep of the part already there and the new pairs
 
     @property
     def path(self) -> UPath:
@@ -303,11 +323,15 @@ class PairsDataset:
 
     def write(self, block: int, pairs: Pairs) -> PartCounts:
         """Write block `block`'s part (where the block was merged) and count it."""
+        part = self.path / self.names[block]
+        if self.merge is not None:
+            stored = read_parquet(part, columns=["row_a", "row_b", "similarity"])
+            old = tuple(stored[c].to_numpy() for c in ("row_a", "row_b", "similarity"))
+            pairs = merge_top_k([dedupe(*concat_pairs([old, pairs]))], self.merge)
         found = pairs_frame(*pairs)
         left = self.first.fields(found["row_a"].to_numpy(), list(self.fields[0]), self.run)
         right = self.second.fields(found["row_b"].to_numpy(), list(self.fields[1]), self.run)
         table = _joined(found, left, right, self.prefixes)
-        part = self.path / f"part-{block:05d}.parquet"
         try:
             atomic_write(part, lambda tmp: table.to_parquet(tmp, index=False))
         except OSError as exc:
@@ -316,6 +340,7 @@ class PairsDataset:
         if self.self_match:
             rows_a = rows_b = np.concatenate([rows_a, rows_b])
         return PartCounts(
+            part.name,
             len(table),
             np.unique(rows_a),
             np.unique(rows_b),
@@ -330,12 +355,24 @@ def _write_dataset(
     client: Any,
     prefixes: tuple[str, str],
     path: Location,
+    earlier: dict | None = None,
 ) -> dict[str, Any]:
     """Match into the Parquet dataset at `path` (blocks' parts written where they were
-    merged); the pair and row counts, the best pairs and, for a self match, the groups."""
+    merged): the pair and row counts, the best pairs and, for a self match, the groups.
+    With the `earlier` run's record (`_earlier_run`), only the blocks with rows added to
+    either source since then, into the same dataset."""
     self_match = second is first
     a, b = first.on_workers, second.on_workers
+    given = options  # what the record keeps, for the next run to compare with
     options, b = prepared(a, b, options, self_match)
+    n, m = first.meta.rows, second.meta.rows
+    if earlier is None:
+        _empty_dataset(path)
+        earlier = {"rows": [0, 0], "parts": []}
+    else:
+        (path / DATASET_RECORD).unlink()  # incomplete until this run's record is written
+    (n0, m0), parts = earlier["rows"], list(earlier["parts"])
+    generation = 1 + max((int(p["name"].split("-")[1]) for p in parts), default=-1)
     remote = path if not is_local(path) else None
     sink = PairsDataset(
         str(path),
@@ -347,29 +384,51 @@ def _write_dataset(
         self_match,
         uuid.uuid4().hex[:8],
     )
-    _empty_dataset(path)
-    matched = np.zeros(first.meta.rows, dtype=bool), np.zeros(second.meta.rows, dtype=bool)
-    total, parts, best = 0, 0, pd.DataFrame()
-    for _, counts in scored_blocks(
-        a, b, options, client=client, self_match=self_match, finish=sink.write
-    ):
-        total, parts = total + counts.pairs, parts + 1
-        matched[0][counts.rows_a] = True
-        matched[1][counts.rows_b] = True
-        best = pd.concat([best, counts.best]).nlargest(PREVIEW_ROWS, "similarity", keep="first")
+    new_blocks = [(s, min(s + options.block_rows, n)) for s in range(n0, n, options.block_rows)]
+    old_blocks = [tuple(p["rows"]) for p in parts]
+    # each run: (A blocks, first row of B, whether old parts take the pairs)
+    runs = [(new_blocks, 0, False), (old_blocks, m0, options.top_k is not None)]
+    if self_match:  # a new pair has its larger row among the new ones
+        runs = [(old_blocks + new_blocks, n0, False)]
+    matched = np.zeros(n, dtype=bool), np.zeros(m, dtype=bool)
+    added, best = 0, pd.DataFrame()
+    counted = {p["name"]: p for p in parts}
+    for blocks, b_start, merge in runs:
+        first_new = len(counted)  # (names are taken before the run's parts are counted)
+        names = (
+            [p["name"] for p in parts]
+            if merge
+            else [f"part-{generation:03d}-{first_new + i:05d}.parquet" for i in range(len(blocks))]
+        )
+        run_sink = replace(sink, names=tuple(names), merge=options.top_k if merge else None)
+        for i, counts in scored_blocks(
+            a, b, options, client=client, self_match=self_match, finish=run_sink.write,
+            a_blocks=blocks, b_start=b_start,
+        ):  # fmt: skip
+            before = counted.get(counts.name, {}).get("pairs", 0)
+            counted[counts.name] = {"name": counts.name, "rows": list(blocks[i]),
+                                    "pairs": counts.pairs}  # fmt: skip
+            added += counts.pairs - before
+            matched[0][counts.rows_a] = True
+            matched[1][counts.rows_b] = True
+            best = pd.concat([best, counts.best]).nlargest(PREVIEW_ROWS, "similarity")
+    total = sum(p["pairs"] for p in counted.values())
     groups = None
     if self_match:
-        groups = _write_groups(path, first.meta.rows, total)
+        groups = _write_groups(path, n, total)
         if len(best):
             best["group"] = groups.reindex(best["row_a"]).to_numpy()
     record = {
         "format": 1,
         "store": str(first.path.parent),
         "sources": [first.name, second.name],
-        "threshold": options.threshold,
-        "top_k": options.top_k,
+        "plans": [_plan_hash(first), _plan_hash(second)],
+        "threshold": given.threshold,
+        "top_k": given.top_k,
+        "block_rows": options.block_rows,
+        "rows": [n, m],
         "pairs": total,
-        "parts": parts,
+        "parts": sorted(counted.values(), key=lambda p: p["name"]),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     atomic_write(path / DATASET_RECORD, lambda tmp: Path(tmp).write_text(json.dumps(record)))
@@ -377,9 +436,49 @@ def _write_dataset(
         pairs=best.sort_values("similarity", ascending=False, ignore_index=True),
         rows1_matched=int(matched[0].sum()),
         rows2_matched=int(matched[1].sum()),
-        pair_count=total,
+        pair_count=added,
+        total_pairs=total if given.new_only else None,
         group_count=None if groups is None else int(groups.nunique()),
     )
+
+
+def _plan_hash(source: Source) -> str:
+    """What identifies a source across appends: its plan.json (an append keeps it; making
+    the source anew writes another)."""
+    return hashlib.sha256((source.path / PLAN).read_bytes()).hexdigest()[:16]
+
+
+def _earlier_run(
+    path: Location, first: Source, second: Source, options: MatchOptions
+) -> dict | None:
+    """The record of the dataset's last run, if `--new-only` can add to it: the same
+    sources (grown or not) and options; None where there is none yet."""
+    if not (path / DATASET_RECORD).exists():
+        if path.exists() and any(path.iterdir()):
+            raise OptionError(
+                f"{opt('out')} {path} has no complete earlier run to add to (it was "
+                f"interrupted?); match again without {opt('new_only')}"
+            )
+        return None
+    record = json.loads((path / DATASET_RECORD).read_text())
+    if record.get("sources") != [first.name, second.name] or record.get("plans") != [
+        _plan_hash(first),
+        _plan_hash(second),
+    ]:
+        raise OptionError(
+            f"{opt('out')} {path} holds a match of {' and '.join(record.get('sources', []))} "
+            f"as they were then; {opt('new_only')} adds to the same sources only (made "
+            f"anew since? match again without {opt('new_only')})"
+        )
+    for key, value in (("threshold", options.threshold), ("top_k", options.top_k)):
+        if record.get(key) != value:
+            raise OptionError(
+                f"{opt('out')} {path} was matched with {opt(key)} {record.get(key)}, not "
+                f"{value}; {opt('new_only')} needs the same"
+            )
+    if record["rows"][0] > first.meta.rows or record["rows"][1] > second.meta.rows:
+        raise OptionError(f"{opt('out')} {path} was matched with more rows than the sources have")
+    return record
 
 
 def _empty_dataset(path: Location) -> None:

@@ -10,6 +10,7 @@ A store is a local or shared directory, or any place fsspec reaches (`s3://bucke
                     weights, CSV...); `--resume` continues only one with the same plan
     meta.json       `schema.SourceMeta`: model, weights, dim, counts, timings, versions and
                     the store format; written last, so a source without it is incomplete
+    appends.json    the rows each append added (ids continue) and where they came from
 
 Workers write each partition (`PartitionStore`): its Zarr chunk, then its part file, put
 in place whole (renamed on a filesystem, one PUT on object storage). Partitions are
@@ -20,6 +21,7 @@ meta.json, and never holds features.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -43,6 +45,7 @@ ROWS = "rows.parquet"
 META = "meta.json"
 PLAN = "plan.json"
 RETRYING = "retrying"  # present while rows of a source are being written again
+APPENDS = "appends.json"  # the rows each append added, and where they came from
 Location = Path | UPath  # a local path, or a place on any fsspec filesystem
 
 
@@ -279,11 +282,11 @@ class PartitionStore:
         next run rewrites again (the source's `retrying` mark is still set)."""
         stored = read_parquet(self.part(index))
         start = index * self.chunk_rows
-        array = zarr.open_array(_zarr_location(self.path / FEATURES), mode="r")
-        chunk = np.asarray(array[start : start + len(stored)])
-        chunk[rows["row"].to_numpy(np.int64) - start] = features
         kept = stored[~stored["row"].isin(rows["row"])]
         merged = pd.concat([kept, rows[stored.columns]], ignore_index=True)
+        array = zarr.open_array(_zarr_location(self.path / FEATURES), mode="r")
+        chunk = np.asarray(array[start : start + len(merged)])  # rows beyond: appended ones
+        chunk[rows["row"].to_numpy(np.int64) - start] = features
         self.write(
             index,
             chunk,
@@ -486,7 +489,7 @@ class SourceWriter:
             zarr.create_array(
                 _zarr_location(self.path / FEATURES),
                 shape=(n_rows, dim),
-                chunks=(max(1, min(plan.partition_rows, n_rows)), dim),
+                chunks=(plan.partition_rows, dim),  # (not fewer: appends stay chunk-aligned)
                 dtype="float32",
                 fill_value=np.nan,
             )
@@ -512,7 +515,7 @@ class SourceWriter:
 
     def written(self) -> set[int]:
         """The partitions whose part file is in place (written by whichever worker)."""
-        return {int(part.stem.split("-")[1]) for part in (self.path / ROWS).glob("part-*.parquet")}
+        return _written(self.path)
 
     def reopen(self) -> None:
         """Unseal a source so that some of its rows can be written again. Until it is sealed,
@@ -550,6 +553,126 @@ class SourceWriter:
                 f"then continue with {opt('resume')}"
             ) from None
         return Source(self.path)
+
+
+class SourceAppender:
+    """Adds rows to a complete source: their ids continue after its last row, in new
+    partitions (the first tops up a partial last partition). `start` records the append
+    in appends.json, with the meta it had, and unseals the source; `finish` seals it again.
+    An append interrupted before `finish` is continued by the same append (same origin and
+    row count), rewriting what it had written; any other is refused until then."""
+
+    def __init__(self, store: str | os.PathLike, name: str, origin: str, rows: int):
+        self.path = store_path(store) / check_name(name)
+        self.record = read_appends(self.path)
+        pending = [a for a in self.record if not a.get("done")]
+        if pending:
+            last = pending[-1]
+            if (last["from"], last["rows"]) != (origin, rows):
+                raise StoreError(
+                    f"an append to {name!r} of {last['rows']} rows from {last['from']} was "
+                    f"interrupted; run that append again to finish it first"
+                )
+            self.before = SourceMeta.from_json(json.dumps(last["before"]), str(self.path))
+            self.first_row = int(last["first_row"])
+        else:
+            self.before = open_source(store, name).meta
+            self.first_row = self.before.rows
+            self.record.append(
+                {
+                    "first_row": self.first_row,
+                    "rows": rows,
+                    "from": origin,
+                    "before": json.loads(self.before.to_json()),
+                }  # fmt: skip
+            )
+        self.rows = rows
+        self.partitions = PartitionStore.of(self.path, self.before.partition_rows)
+        self.complete = self.retrying = False  # (as a `SourceWriter` says)
+        chunk = self.partitions.chunk_rows
+        first = self.first_row // chunk
+        # partitions not to write: the earlier ones, and those an interrupted try of this
+        # append wrote (not a top-up of the last earlier one, which is written again)
+        self.top_up = first if self.first_row % chunk else None
+        self.done = set(range(first)) | {k for k in _written(self.path) if k != self.top_up}
+
+    def start(self) -> None:
+        """Record the append and grow the feature array; the source is incomplete until
+        `finish`."""
+        self._write_record()
+        (self.path / META).unlink(missing_ok=True)
+        location = _zarr_location(self.path / FEATURES)
+        array = zarr.open_array(location, mode="r+")
+        chunk, dim = self.partitions.chunk_rows, array.shape[1]
+        if array.chunks[0] != chunk:  # a source smaller than a partition had one short chunk
+            earlier = np.asarray(array[: self.first_row])
+            array = zarr.create_array(
+                location, shape=array.shape, chunks=(chunk, dim), dtype="float32",
+                fill_value=np.nan, overwrite=True,
+            )  # fmt: skip
+            array[: self.first_row] = earlier
+        array.resize((self.first_row + self.rows, dim))
+
+    def written(self) -> set[int]:
+        return _written(self.path)
+
+    def done_rows(self) -> pd.DataFrame:
+        """`row` and `status` of the appended rows written before an interruption."""
+        parts = [
+            self.partitions.part(k)
+            for k in sorted(self.done)
+            if k * self.partitions.chunk_rows >= self.first_row
+        ]
+        empty = pd.DataFrame({"row": pd.Series(dtype="int64"), "status": pd.Series(dtype=str)})
+        return pd.concat(
+            [empty, *(read_parquet(p, columns=["row", "status"]) for p in parts)], ignore_index=True
+        )
+
+    def pieces(self) -> list[tuple[int, int, int]]:
+        """`(partition, first row, stop row)` of the rows appended, in order."""
+        chunk = self.partitions.chunk_rows
+        stop = self.first_row + self.rows
+        starts = [self.first_row, *range((self.first_row // chunk + 1) * chunk, stop, chunk)]
+        return [(s // chunk, s, min(stop, (s // chunk + 1) * chunk)) for s in starts if s < stop]
+
+    def write(self, index: int, features: np.ndarray, rows: pd.DataFrame) -> None:
+        """Write appended rows of partition `index`: merged into its part when it holds
+        earlier rows (or an interrupted try of this append), else a new part."""
+        if self.partitions.part(index).exists():
+            self.partitions.rewrite(index, features, rows)
+        else:
+            self.partitions.write(index, features, rows)
+
+    def finish(self, counts: dict[str, int], **changes: Any) -> Source:
+        """Seal the source with the rows appended: `counts` are their statuses."""
+        total = dict(self.before.status_counts)
+        for status, count in counts.items():
+            total[status] = total.get(status, 0) + count
+        meta = dataclasses.replace(
+            self.before,
+            rows=self.first_row + self.rows,
+            status_counts=dict(sorted(total.items())),
+            **changes,
+        )
+        self.record[-1]["done"] = True
+        self._write_record()
+        atomic_write(self.path / META, lambda tmp: Path(tmp).write_text(meta.to_json()))
+        return Source(self.path)
+
+    def _write_record(self) -> None:
+        atomic_write(
+            self.path / APPENDS, lambda tmp: Path(tmp).write_text(_dumps({"appends": self.record}))
+        )
+
+
+def _written(path: Location) -> set[int]:
+    """The partitions of the source at `path` whose part file is in place."""
+    return {int(part.stem.split("-")[1]) for part in (path / ROWS).glob("part-*.parquet")}
+
+
+def read_appends(path: Location) -> list[dict]:
+    """appends.json of the source at `path` (empty when it never had rows appended)."""
+    return json.loads((path / APPENDS).read_text())["appends"] if (path / APPENDS).is_file() else []
 
 
 def stored_plan(path: Location) -> dict:

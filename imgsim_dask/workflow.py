@@ -68,6 +68,8 @@ def run(
         csv_options or CsvOptions(),
         match_options or MatchOptions(),
     )
+    if options.append:
+        raise OptionError(f"{opt('append')} adds one CSV to a source: use extract")
     if not options.overwrite:
         options = replace(options, resume=True)
     check_store(store)

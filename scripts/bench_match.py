@@ -2,22 +2,29 @@
 
 Random unit vectors plus planted near-duplicates (similarity ~0.9-0.99). Three runs on the
 same data, each timed alone: the dense reference (`A @ B.T` in float32, then `np.nonzero`
-at the threshold), `match_features` in-process (`client=None`), and `match_features` on a
-warm local cluster (the model worker, tagged GPU, does the scoring). Peak memory is the
-peak RSS increase of the process doing the scoring, sampled every few milliseconds (for the
-cluster run: the GPU worker process), against the size of the dense float32 matrix.
+at the threshold), `match_features` in-process (`client=None`, arrays in memory), and
+`match_features` on a warm local cluster over the same rows imported into a Zarr store
+(`imgsim import`): the `GPU` workers read B's slices from the store and keep them, spread
+over `--gpu-workers` workers (each with `--memory-limit`), and A's blocks stream to them.
+Peak memory is the peak RSS increase of the process doing the scoring, sampled every few
+milliseconds (for the cluster run: the largest over the GPU workers), against the size of
+the dense float32 matrix.
 
     python scripts/bench_match.py                       # 13501 x 21221 x 1024, with dense
     python scripts/bench_match.py --n 100000 --m 100000 --out bench-100k.json
+    python scripts/bench_match.py --n 100000 --m 100000 --gpu-workers 4 --memory-limit 300MB
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -91,6 +98,21 @@ def make_data(
     return a, b, set(zip(rows_a.tolist(), rows_b.tolist()))
 
 
+def scoring_cluster(workers: int, memory_limit: str):
+    """A local cluster of `workers` scoring workers (tagged GPU, 1 thread each)."""
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    from imgsim_dask.cluster import GPU
+
+    options = {"host": "127.0.0.1", "dashboard": False, "nthreads": 1,
+               "resources": {GPU: 1}, "memory_limit": memory_limit}  # fmt: skip
+    return SpecCluster(
+        workers={f"score-{i}": {"cls": Nanny, "options": options} for i in range(workers)},
+        scheduler={"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": False}},
+        silence_logs=logging.ERROR,
+    )
+
+
 def best_of(repeat: int, run) -> tuple[float, object, int]:
     """Fastest wall time of `repeat` runs, the last result, and the largest RSS increase."""
     seconds, result, increase = [], None, 0
@@ -129,6 +151,10 @@ def main() -> None:
         default="numpy",
         choices=SCORERS,
         help="kernel of our runs (keras: Keras ops on the backend's device)",
+    )
+    parser.add_argument("--gpu-workers", type=int, default=1, help="scoring workers (cluster)")
+    parser.add_argument(
+        "--memory-limit", default="auto", help="each scoring worker's Dask memory limit"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the figures as JSON here")
@@ -181,25 +207,32 @@ def main() -> None:
     if not args.skip_cluster:
         from distributed import Client
 
-        from imgsim_dask.cluster import GPU, local_cluster, workers_with
+        from imgsim_dask import import_features, open_source
 
-        with (
-            local_cluster(fetch_workers=1, dashboard_address="127.0.0.1:0") as cluster,
-            Client(cluster) as client,
-        ):
-            client.wait_for_workers(2, timeout=120)
-            model = workers_with(client, GPU)
-            match_features(a[:256], b[:1024], options, client=client)  # warm-up
-            times, increases, driver_increases = [], [], []
-            for _ in range(args.repeat):
-                client.run(_worker_sampler_start, workers=model)
-                with RssSampler() as driver:
-                    started = time.perf_counter()
-                    found = match_features(a, b, options, client=client)
-                    times.append(time.perf_counter() - started)
-                worker = client.run(_worker_sampler_stop, workers=model)[model[0]]
-                increases.append(worker["peak"] - worker["base"])
-                driver_increases.append(driver.increase)
+        with tempfile.TemporaryDirectory(prefix="bench-match-") as tmp:
+            store = Path(tmp) / "store"
+            for name, x in (("a", a), ("b", b)):
+                np.save(Path(tmp) / f"{name}.npy", x)
+                import_features(name, Path(tmp) / f"{name}.npy", store, threshold=args.threshold)
+            stored_a = open_source(store, "a").on_workers
+            stored_b = open_source(store, "b").on_workers
+            with (
+                scoring_cluster(args.gpu_workers, args.memory_limit) as cluster,
+                Client(cluster) as client,
+            ):
+                client.wait_for_workers(args.gpu_workers, timeout=120)
+                model = list(client.scheduler_info()["workers"])
+                match_features(a[:256], b[:1024], options, client=client)  # warm-up
+                times, increases, driver_increases = [], [], []
+                for _ in range(args.repeat):
+                    client.run(_worker_sampler_start, workers=model)
+                    with RssSampler() as driver:
+                        started = time.perf_counter()
+                        found = match_features(stored_a, stored_b, options, client=client)
+                        times.append(time.perf_counter() - started)
+                    peaks = client.run(_worker_sampler_stop, workers=model).values()
+                    increases.append(max(w["peak"] - w["base"] for w in peaks))
+                    driver_increases.append(driver.increase)
         pair_sets["ours, cluster"] = set(zip(found["row_a"].tolist(), found["row_b"].tolist()))
         results["ours, cluster"] = {
             "seconds": min(times),

@@ -107,7 +107,7 @@ def test_a_dataset_out_holds_the_same_pairs_as_one_table(
         )
     out = tmp_path / "pairs"
     assert sorted(p.name for p in out.glob("part-*")) == [
-        f"part-{i:05d}.parquet" for i in range(BLOCKS)
+        f"part-000-{i:05d}.parquet" for i in range(BLOCKS)
     ]
     merged_on_workers = [t for t in stream.data if str(t["key"]).startswith("pairs-")]
     assert len(merged_on_workers) == BLOCKS  # each part was written by such a task

@@ -10,14 +10,17 @@ from ..schema import INGEST_ERROR, ROW
 Piece = tuple[int, int, int]  # (block index, start row in block, stop row in block)
 
 
-def cut_partitions(block_lengths: list[int], partition_rows: int) -> list[list[Piece]]:
+def cut_partitions(
+    block_lengths: list[int], partition_rows: int, first_row: int = 0
+) -> list[list[Piece]]:
     """Cut the concatenated blocks into partitions of `partition_rows` rows (the last may be short).
 
-    Partition k holds global rows [k * partition_rows, (k + 1) * partition_rows).
+    Partition k holds global rows [k * partition_rows, (k + 1) * partition_rows); the blocks'
+    rows are numbered from `first_row` (an append's), so the first partition may be short.
     """
     partitions: list[list[Piece]] = []
     current: list[Piece] = []
-    room = partition_rows
+    room = partition_rows - first_row % partition_rows
     for block, length in enumerate(block_lengths):
         start = 0
         while start < length:

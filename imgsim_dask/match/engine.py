@@ -119,18 +119,25 @@ def scored_blocks(
     client: Client | None,
     self_match: bool,
     finish: Finish | None = None,
+    a_blocks: list[tuple[int, int]] | None = None,
+    b_start: int = 0,
 ) -> Iterator[tuple[int, Any]]:
-    """`(block number, result)` for every block of `options.block_rows` rows of A, in
-    completion order: the block's pairs (self top-k: canonical, but a pair chosen from two
+    """`(block number, result)` for every block of A, in completion order: the block's pairs
+    against B's rows from `b_start` on (self top-k: canonical, but a pair chosen from two
     blocks comes from both), or what `finish(block, pairs)` returns, run where the block
-    was merged (a worker on a cluster). `options` as `prepared` made them."""
+    was merged (a worker on a cluster). The blocks are `a_blocks` (row ranges; default: all
+    of A in blocks of `options.block_rows`). `options` as `prepared` made them."""
     n, m, _ = check_shapes(a, b, self_match)
-    if n == 0 or m == 0:
+    if a_blocks is None:
+        a_blocks = [(s, min(s + options.block_rows, n)) for s in range(0, n, options.block_rows)]
+    a_blocks = [(start, stop) for start, stop in a_blocks if stop > start]
+    if not a_blocks or m <= b_start:
         return
+    run = (a, b, options, self_match, a_blocks, range(b_start, m, options.slice_rows), m, finish)
     if client is None:
-        yield from _scored_here(a, b, options, self_match, n, m, finish)
+        yield from _scored_here(*run)
     else:
-        yield from _scored_on_cluster(client, a, b, options, self_match, n, m, finish)
+        yield from _scored_on_cluster(client, *run)
 
 
 def check_shapes(a: Any, b: Any, self_match: bool = False) -> tuple[int, int, int]:
@@ -164,24 +171,26 @@ def pairs_frame(rows_a: np.ndarray, rows_b: np.ndarray, sims: np.ndarray) -> pd.
     )
 
 
-def _slice_starts(m: int, slice_rows: int) -> list[int]:
-    return list(range(0, m, slice_rows))
-
-
 def _read(x: Any, start: int, stop: int) -> np.ndarray:
     return as_float32(x[start:stop])
 
 
 def _scored_here(
-    a: Any, b: Any, options: MatchOptions, self_match: bool, n: int, m: int, finish: Finish | None
+    a: Any,
+    b: Any,
+    options: MatchOptions,
+    self_match: bool,
+    a_blocks: list[tuple[int, int]],
+    starts: range,
+    m: int,
+    finish: Finish | None,
 ) -> Iterator[tuple[int, Any]]:
-    starts = _slice_starts(m, options.slice_rows)
     slices = [_read(b, s, min(s + options.slice_rows, m)) for s in starts]
     valids = [valid_rows(s) for s in slices]
     run = uuid.uuid4().hex[:8]
     try:
-        for start in range(0, n, options.block_rows):
-            block = _read(a, start, min(start + options.block_rows, n))
+        for i, (start, stop) in enumerate(a_blocks):
+            block = _read(a, start, stop)
             pairs = score_block(
                 block,
                 start,
@@ -195,7 +204,6 @@ def _scored_here(
                 scorer=options.scorer,
                 device_run=run,
             )
-            i = start // options.block_rows
             yield i, pairs if finish is None else finish(i, pairs)
     finally:
         release_device_slices(run)
@@ -207,13 +215,13 @@ def _scored_on_cluster(
     b: Any,
     options: MatchOptions,
     self_match: bool,
-    n: int,
+    a_blocks: list[tuple[int, int]],
+    starts: range,
     m: int,
     finish: Finish | None,
 ) -> Iterator[tuple[int, Any]]:
     workers = require_workers(client, fetch=False, stage="score")
     run = uuid.uuid4().hex[:8]
-    starts = _slice_starts(m, options.slice_rows)
     stops = [min(start + options.slice_rows, m) for start in starts]
     # slice j lives on workers[j % W]: no worker holds more than its share of B
     held: dict[str, list[int]] = {
@@ -237,9 +245,8 @@ def _scored_on_cluster(
     ]
     logger.debug("B spread over %d scoring workers in %d slices", len(workers), len(starts))
 
-    def submit(start: int) -> Future:
-        i = start // options.block_rows
-        stop = min(start + options.block_rows, n)
+    def submit(i: int) -> Future:
+        start, stop = a_blocks[i]
         block = _rows_on(client, a, start, stop, f"ablock-{i:05d}-{run}", workers[i % len(workers)])
         scores = []
         with span("match", "score"):
@@ -285,11 +292,14 @@ def _scored_on_cluster(
             )
 
     try:
-        with bounded(client, range(0, n, options.block_rows), submit, BLOCKS_IN_FLIGHT) as done:
-            for start, future in done:
-                yield start // options.block_rows, future.result()
-    finally:  # on an error, stop what is still queued; in any case free B on the workers
-        client.cancel([*slices, *valids])
+        with bounded(client, range(len(a_blocks)), submit, BLOCKS_IN_FLIGHT) as done:
+            for i, future in done:
+                yield i, future.result()
+    finally:  # `bounded` cancelled the blocks in flight on an error; now free B
+        # by releasing it, not cancelling: a cancel recurses into the score tasks, which no
+        # client holds, and fails the scheduler's `assert ts.who_wants` (stimulus_cancel)
+        slices.clear()
+        valids.clear()
         # every worker: one that joined during the run may have scored (and copied B) too
         client.run(release_device_slices, run, on_error="ignore")
 
@@ -345,7 +355,7 @@ def estimate_pairs(
     picked = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
     rows = _take(a, picked)
     count = 0
-    for start in _slice_starts(m, slice_rows):
+    for start in range(0, m, slice_rows):
         b_slice = _read(b, start, min(start + slice_rows, m))
         # self: count both orientations (without the diagonal) and halve below
         found = score_rows(
