@@ -333,7 +333,7 @@ def failures(name: str, store: str, status: str | None, examples: int, out: str 
         if len(sample):
             click.echo(sample.to_string(index=False, max_colwidth=80))
     if path is not None:
-        written = write_table(failed, path, f"{name}-failures")
+        written = write_table(failed, path)
         click.echo(f"wrote {len(failed)} rows -> {written}")
 
 

@@ -252,7 +252,8 @@ class MatchOptions:
 
     `block_rows` rows of A per task against slices of `slice_rows` rows of B: a task needs
     about `block_rows * slice_rows * 5` bytes besides its inputs (40 MiB by default).
-    `threads` (default: the CPUs this process may use) split a block's rows inside a task;
+    `threads` (default: the CPUs this process may use; on a cluster, each scoring worker's
+    share of its host's CPUs) split a block's rows inside a task;
     each thread runs its own sgemm, so the kernel uses every core even where BLAS is limited
     to one thread (Dask's nanny sets OPENBLAS_NUM_THREADS=1 in workers). `max_pairs` stops a
     run before scoring when the estimated pair count exceeds it. `scorer` picks the kernel

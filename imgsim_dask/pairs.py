@@ -278,7 +278,7 @@ def match_sources(
         **common,
     )
     if path is not None:
-        result.path = write_table(table, Path(str(path)), f"{first.name}-{second.name}")
+        result.path = write_table(table, Path(str(path)))
     return result
 
 
@@ -393,13 +393,14 @@ def _write_dataset(
     matched = np.zeros(n, dtype=bool), np.zeros(m, dtype=bool)
     added, best = 0, pd.DataFrame()
     counted = {p["name"]: p for p in parts}
+    made = 0  # new parts of this generation so far
     for blocks, b_start, merge in runs:
-        first_new = len(counted)  # (names are taken before the run's parts are counted)
         names = (
             [p["name"] for p in parts]
             if merge
-            else [f"part-{generation:03d}-{first_new + i:05d}.parquet" for i in range(len(blocks))]
+            else [f"part-{generation:03d}-{made + i:05d}.parquet" for i in range(len(blocks))]
         )
+        made += 0 if merge else len(blocks)
         run_sink = replace(sink, names=tuple(names), merge=options.top_k if merge else None)
         for i, counts in scored_blocks(
             a, b, options, client=client, self_match=self_match, finish=run_sink.write,
@@ -601,10 +602,8 @@ def _joined(
     )
 
 
-def write_table(table: pd.DataFrame, path: Path, stem: str) -> Path:
-    """Write Parquet or CSV (by suffix; a directory gets `stem.parquet`), atomically."""
-    if path.is_dir():
-        path = path / f"{stem}.parquet"
+def write_table(table: pd.DataFrame, path: Path) -> Path:
+    """Write Parquet or CSV (by suffix), atomically."""
     try:
         if path.suffix == ".csv":
             atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))

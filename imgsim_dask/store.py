@@ -294,7 +294,7 @@ class PartitionStore:
         )
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=1024)  # row-table parts a worker keeps while it joins fields to pairs
 def _cached_part(
     url: str, options: str, chunk_rows: int, index: int, columns: tuple[str, ...], run: str
 ) -> pd.DataFrame:

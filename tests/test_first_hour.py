@@ -17,7 +17,7 @@ import pytest
 
 from imgsim_dask import extract
 
-from support.cli import assert_usage_error, imgsim
+from support.cli import assert_usage_error, default_sigint, imgsim
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ["chelsea", "coffee", "rocket", "astronaut", "camera", "missing", "coins"]
@@ -185,7 +185,7 @@ def test_keep_cluster_keeps_the_dashboard_up_after_the_job(store):
         [sys.executable, "-m", "imgsim_dask", "dedupe", "products", "--store", "store",
          "--dashboard-address", f"127.0.0.1:{port}", "--keep-cluster", "120"],
         cwd=store, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=default_sigint,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120

@@ -19,7 +19,7 @@ from imgsim_dask.options import MatchOptions
 from imgsim_dask.store import APPENDS, SourceAppender, read_parquet
 
 from support.cli import imgsim
-from support.matching import quantized
+from support.matching import exact_units, quantized
 
 SMALL = dict(block_rows=32, slice_rows=48)
 
@@ -31,16 +31,6 @@ def vectors(path, x):
 
 def unit(x):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def exact_units(rng: np.random.Generator, rows: int, dim: int = 8) -> np.ndarray:
-    """Unit rows of four entries +-1/2 (dot products exact in float32, and importing, which
-    normalises, leaves them as they are), with repeated rows: ties."""
-    x = np.zeros((rows, dim), dtype=np.float32)
-    for row in x:
-        row[rng.choice(dim, 4, replace=False)] = rng.choice([-0.5, 0.5], 4)
-    x[rng.integers(0, rows, rows // 4)] = x[rng.integers(0, rows)]
-    return x
 
 
 def scored_area(tasks: list[dict], dim: int = 8) -> int:

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from support.cli import default_sigint
+
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 
@@ -36,6 +38,7 @@ def test_ctrl_c_during_the_csv_scan_is_one_line(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_sigint,
     )
     seen = ""
     while "dashboard:" not in seen:  # the cluster is up: the scan starts now

@@ -13,15 +13,15 @@ import numpy as np
 import pandas as pd
 import pytest
 from distributed import Client, get_task_stream
-from upath import UPath
 
 from imgsim_dask import match_sources, pairs
 from imgsim_dask.errors import OptionError
+from imgsim_dask.match import available_cpus, engine
 from imgsim_dask.options import MatchOptions
 from imgsim_dask.store import read_parquet
 
 from support.cli import imgsim
-from support.matching import assert_same, quantized, reference
+from support.matching import assert_same, exact_units, quantized, reference
 from support.store import make_source
 
 N, M = 300, 500
@@ -81,6 +81,10 @@ def test_b_is_spread_over_the_workers_and_stays_where_it_was_read(
             scores = [key for key, _ in ran if key.startswith("score-")]
             if not (self_match and top_k is None):  # (self threshold skips slices before it)
                 assert len(scores) == BLOCKS * 3, scores
+        # three scoring workers on one host split its CPUs rather than each taking all
+        workers = list(client.scheduler_info()["workers"])
+        shares = engine._threads_per_worker(client, workers, None)
+        assert set(shares.values()) == {max(1, available_cpus() // 3)}
         moved = [k for keys in client.run(incoming_keys).values() for k in keys]
         assert not [k for k in moved if "bslice-" in k], moved
         assert [k for k in moved if "ablock-" in k], "A's blocks travel to the slices"
@@ -168,14 +172,18 @@ def test_a_table_too_big_for_this_process_stops_with_the_remedy(
 
 @pytest.mark.slow
 @pytest.mark.cluster
-def test_match_from_and_into_object_storage(s3, features, tmp_path):
+def test_match_from_and_into_object_storage(s3, tmp_path):
     """Sources on S3 and `--out s3://.../pairs/`: the workers read the features and write the
-    dataset there; the CLI says how many pairs and shows the most similar."""
+    dataset there; the CLI says how many pairs and shows the most similar. (All through
+    the CLI: s3fs sessions left in this process would outlive the test's server.)"""
     s3.bucket("imgsim")
     store = "s3://imgsim/st"
-    a, b = features
-    make_source(store, "left", a)
-    make_source(store, "right", b)
+    rng = np.random.default_rng(12)
+    a, b = exact_units(rng, N), exact_units(rng, M)  # unit rows: imported as they are
+    for name, x in (("left", a), ("right", b)):
+        np.save(tmp_path / f"{name}.npy", x)
+        made = imgsim("import", name, f"{name}.npy", "--store", store, cwd=tmp_path)
+        assert made.returncode == 0, made.stderr
     done = imgsim(
         "match", "left", "right", "--store", store, "--thresh", "0.25",
         "--out", "s3://imgsim/pairs/", cwd=tmp_path,
@@ -186,9 +194,13 @@ def test_match_from_and_into_object_storage(s3, features, tmp_path):
     assert f"{len(expected)} pairs;" in done.stdout and "-> s3://imgsim/pairs" in done.stdout
     fs = s3.filesystem()
     assert fs.exists("imgsim/pairs/_imgsim.json")
-    got = read_parquet(UPath("s3://imgsim/pairs"), columns=["row_a", "row_b", "similarity"])
+    parts = sorted(p for p in fs.ls("imgsim/pairs") if p.rsplit("/", 1)[1].startswith("part-"))
+    assert len(parts) == math.ceil(N / MatchOptions().block_rows)  # (the CLI's blocks)
+    got = pd.concat(pd.read_parquet(fs.open(p)) for p in parts)
     assert_same(
-        got.sort_values(["row_a", "similarity", "row_b"], ascending=[True, False, True],
-                        ignore_index=True), expected,
-    )  # fmt: skip
+        got[["row_a", "row_b", "similarity"]].sort_values(
+            ["row_a", "similarity", "row_b"], ascending=[True, False, True], ignore_index=True
+        ),
+        expected,
+    )
     assert not (tmp_path / "s3:").exists()

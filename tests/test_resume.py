@@ -25,6 +25,8 @@ from imgsim_dask import ExtractOptions, extract, open_source
 from imgsim_dask.errors import StoreError
 from imgsim_dask.options import FetchOptions
 
+from support.cli import default_sigint
+
 PARTITION_ROWS = 8
 ROWS = 160
 
@@ -138,7 +140,12 @@ def test_ctrl_c_in_a_terminal_stops_in_one_line_then_resumes(many_rows_csv, clea
     command.remove("--scheduler")
     command.remove("")
     driver = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=default_sigint,
     )
     deadline = time.monotonic() + 180
     while written_parts(store) < 2 and driver.poll() is None and time.monotonic() < deadline:

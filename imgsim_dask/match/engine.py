@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from distributed import Client, Future, span
+from distributed.comm import get_address_host
 
 from ..cluster import GPU, require_workers
 from ..errors import InputError
@@ -31,6 +33,7 @@ from .device import release_device_slices
 from .kernel import (
     Pairs,
     as_float32,
+    available_cpus,
     canonical,
     concat_pairs,
     dedupe,
@@ -221,6 +224,7 @@ def _scored_on_cluster(
     finish: Finish | None,
 ) -> Iterator[tuple[int, Any]]:
     workers = require_workers(client, fetch=False, stage="score")
+    threads = _threads_per_worker(client, workers, options.threads)
     run = uuid.uuid4().hex[:8]
     stops = [min(start + options.slice_rows, m) for start in starts]
     # slice j lives on workers[j % W]: no worker holds more than its share of B
@@ -266,7 +270,7 @@ def _scored_on_cluster(
                         options.top_k,
                         self_match,
                         b_valid=[valids[j] for j in mine],
-                        threads=options.threads,
+                        threads=threads[worker],
                         scorer=options.scorer,
                         device_run=run,
                         slice_numbers=mine,
@@ -302,6 +306,16 @@ def _scored_on_cluster(
         valids.clear()
         # every worker: one that joined during the run may have scored (and copied B) too
         client.run(release_device_slices, run, on_error="ignore")
+
+
+def _threads_per_worker(client: Client, workers: list[str], threads: int | None) -> dict:
+    """Kernel threads of each scoring worker's tasks: `threads` if given, else its share of
+    its host's CPUs (scoring workers on one host split them, rather than each taking all)."""
+    if threads is not None:
+        return dict.fromkeys(workers, threads)
+    cpus = client.run(available_cpus, workers=workers)
+    per_host = Counter(get_address_host(w) for w in workers)
+    return {w: max(1, cpus[w] // per_host[get_address_host(w)]) for w in workers}
 
 
 def _rows_on(client: Client, x: Any, start: int, stop: int, key: str, worker: str) -> Future:

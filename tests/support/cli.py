@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -17,6 +18,13 @@ def imgsim(*args, cwd=None, env=None):
         timeout=300,
         env={**os.environ, **(env or {})},
     )
+
+
+def default_sigint() -> None:
+    """`preexec_fn` for a child that a test interrupts: Ctrl-C as in a terminal. A child
+    inherits an ignored SIGINT (a test run started in the background of a non-interactive
+    shell has one), and Python then installs no KeyboardInterrupt handler at all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def assert_usage_error(result, fragment):

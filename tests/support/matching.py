@@ -61,6 +61,16 @@ def quantized(rng: np.random.Generator, rows: int, dim: int = 8) -> np.ndarray:
     return x
 
 
+def exact_units(rng: np.random.Generator, rows: int, dim: int = 8) -> np.ndarray:
+    """Unit rows of four entries +-1/2 (dot products exact in float32, and importing, which
+    normalises, leaves them as they are), with repeated rows: ties."""
+    x = np.zeros((rows, dim), dtype=np.float32)
+    for row in x:
+        row[rng.choice(dim, 4, replace=False)] = rng.choice([-0.5, 0.5], 4)
+    x[rng.integers(0, rows, rows // 4)] = x[rng.integers(0, rows)]
+    return x
+
+
 MODES = [(0.25, None), (None, 3), (0.1, 4), (-1.0, None), (None, 1)]
 
 

@@ -26,7 +26,11 @@ class LoopbackS3:
         }
 
     def __enter__(self) -> LoopbackS3:
+        import requests
+
         self.server.start()
+        # moto keeps its buckets in this process, across servers: start from none
+        requests.post(f"{self.endpoint}/moto-api/reset", timeout=30).raise_for_status()
         return self
 
     def __exit__(self, *exc) -> None:
