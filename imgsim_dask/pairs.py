@@ -385,7 +385,12 @@ def _write_dataset(
         uuid.uuid4().hex[:8],
     )
     new_blocks = [(s, min(s + options.block_rows, n)) for s in range(n0, n, options.block_rows)]
-    old_blocks = [tuple(p["rows"]) for p in parts]
+    if options.top_k is not None:  # each earlier part takes its rows' new candidates
+        old_blocks = [tuple(p["rows"]) for p in parts]
+    else:  # new parts: blocks as tall as the few new rows of B allow, in the same memory
+        added_b = max(1, (n if self_match else m) - (n0 if self_match else m0))
+        size = max(options.block_rows, options.block_rows * options.slice_rows // added_b)
+        old_blocks = [(s, min(s + size, n0)) for s in range(0, n0, size)]
     # each run: (A blocks, first row of B, whether old parts take the pairs)
     runs = [(new_blocks, 0, False), (old_blocks, m0, options.top_k is not None)]
     if self_match:  # a new pair has its larger row among the new ones

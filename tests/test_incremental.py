@@ -115,7 +115,7 @@ def test_new_only_adds_what_a_full_match_of_the_grown_sources_has(
     pairs with the same similarities (top-k: the old rows' lists merged with new
     candidates), while --new-only scores only blocks with added rows."""
     rng = np.random.default_rng(5)
-    a, b = exact_units(rng, 200), exact_units(rng, 230)
+    a, b = exact_units(rng, 220), exact_units(rng, 250)
     store = tmp_path / "store"
     import_features("a", vectors(tmp_path / "a0.npy", a[:150]), store, partition_rows=16)
     import_features("b", vectors(tmp_path / "b0.npy", b[:200]), store, partition_rows=16)
@@ -126,8 +126,8 @@ def test_new_only_adds_what_a_full_match_of_the_grown_sources_has(
         options = replace(options, threshold=0.5)
     match_sources("a", second, store, out=out, cluster=client, options=options)
 
-    import_features("a", vectors(tmp_path / "a1.npy", a[150:]), store, append=True)
-    import_features("b", vectors(tmp_path / "b1.npy", b[200:]), store, append=True)
+    import_features("a", vectors(tmp_path / "a1.npy", a[150:200]), store, append=True)
+    import_features("b", vectors(tmp_path / "b1.npy", b[200:230]), store, append=True)
     new_only = replace(options, new_only=True)
     with get_task_stream(client) as stream:
         added = match_sources("a", second, store, out=out, cluster=client, options=new_only)
@@ -150,6 +150,13 @@ def test_new_only_adds_what_a_full_match_of_the_grown_sources_has(
             pd.read_parquet(tmp_path / "pairs" / "_groups.parquet"),
             pd.read_parquet(tmp_path / "full" / "_groups.parquet"),
         )
+
+    # a second append and --new-only: the earlier rows are not scored twice
+    import_features("a", vectors(tmp_path / "a2.npy", a[200:]), store, append=True)
+    import_features("b", vectors(tmp_path / "b2.npy", b[230:]), store, append=True)
+    match_sources("a", second, store, out=out, cluster=client, options=new_only)
+    match_sources("a", second, store, out=f"{tmp_path}/full/", cluster=client, options=options)
+    pd.testing.assert_frame_equal(pairs_of(tmp_path / "pairs"), pairs_of(tmp_path / "full"))
 
 
 @pytest.mark.cluster

@@ -25,7 +25,7 @@ import pandas as pd
 from distributed import Client, Future, span
 from distributed.comm import get_address_host
 
-from ..cluster import GPU, require_workers
+from ..cluster import require_workers
 from ..errors import InputError
 from ..options import TASK_RETRIES, MatchOptions, OptionError, opt
 from ..pipeline import bounded
@@ -242,7 +242,6 @@ def _scored_on_cluster(
             key=f"bvalid-{j:05d}-{run}",
             workers=[workers[j % len(workers)]],
             allow_other_workers=True,
-            resources={GPU: 1},
             pure=False,
         )
         for j, s in enumerate(slices)
@@ -278,7 +277,6 @@ def _scored_on_cluster(
                         key=f"score-{i:05d}-{w:02d}-{run}",
                         workers=[worker],
                         allow_other_workers=True,
-                        resources={GPU: 1},
                         retries=TASK_RETRIES,
                         pure=False,
                     )
@@ -318,10 +316,16 @@ def _threads_per_worker(client: Client, workers: list[str], threads: int | None)
     return {w: max(1, cpus[w] // per_host[get_address_host(w)]) for w in workers}
 
 
+# The tasks pinned to a scoring worker carry no `resources`: with `allow_other_workers`,
+# distributed places a task whose pinned worker is not running (paused, gone) on any worker,
+# resources or not, and a worker without the resource then fails (`KeyError: 'GPU'` in its
+# state machine). Pinned loosely, they run on their GPU worker, or anywhere if it is lost.
+
+
 def _rows_on(client: Client, x: Any, start: int, stop: int, key: str, worker: str) -> Future:
     """A future of rows `start:stop` of `x` as an aligned float32 array, on `worker`: read
     there when `x` can be read on the workers (`read`), else read here and sent."""
-    place = dict(workers=[worker], allow_other_workers=True, resources={GPU: 1}, pure=False)
+    place = dict(workers=[worker], allow_other_workers=True, pure=False)
     read = getattr(x, "read", None)
     if read is not None:
         return client.submit(read, start, stop, key=key, **place)
