@@ -54,6 +54,7 @@ from .store import (
 DATASET_RECORD = "_imgsim.json"  # written last: a pairs dataset without it is incomplete
 GROUPS = "_groups.parquet"  # beside the parts, not read as one of them
 PREVIEW_ROWS = 10  # pairs a dataset run brings back to show
+TALLEST_BLOCK = 16  # --new-only: old rows per block against few new ones, in block_rows
 DRIVER_MEMORY_SHARE = 0.25  # of the memory available when a run starts, for a table held here
 
 
@@ -389,7 +390,8 @@ def _write_dataset(
         old_blocks = [tuple(p["rows"]) for p in parts]
     else:  # new parts: blocks as tall as the few new rows of B allow, in the same memory
         added_b = max(1, (n if self_match else m) - (n0 if self_match else m0))
-        size = max(options.block_rows, options.block_rows * options.slice_rows // added_b)
+        tall = options.block_rows * options.slice_rows // added_b
+        size = min(max(options.block_rows, tall), TALLEST_BLOCK * options.block_rows)
         old_blocks = [(s, min(s + size, n0)) for s in range(0, n0, size)]
     # each run: (A blocks, first row of B, whether old parts take the pairs)
     runs = [(new_blocks, 0, False), (old_blocks, m0, options.top_k is not None)]
