@@ -34,6 +34,8 @@ from typing import Any, cast
 import fsspec
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import zarr
 from upath import UPath
 
@@ -85,12 +87,32 @@ def _zarr_location(path: Location) -> Any:
 
 def read_parquet(path: Location, columns: list[str] | None = None) -> pd.DataFrame:
     """A Parquet file or directory of part files, local or not (names starting with `.` or
-    `_`, such as temporary files, are left out)."""
+    `_`, such as temporary files, are left out).
+
+    Remote files are fetched whole (concurrently) and parsed from memory. Handing pyarrow
+    the fsspec filesystem instead lets its scan threads drop the last reference to that
+    Python object later, and one that does so while the interpreter exits aborts the
+    process ("terminate called without an active exception").
+    """
     if is_local(path):
         return pd.read_parquet(path, columns=columns)
-    return pd.read_parquet(
-        str(path), columns=columns, storage_options=getattr(path, "storage_options", {})
-    )
+    remote = cast(UPath, path)
+    fs = remote.fs
+    if fs.isdir(remote.path):
+        files = sorted(
+            name
+            for name in fs.ls(remote.path, detail=False)
+            if not name.rsplit("/", 1)[-1].startswith((".", "_"))
+        )
+    else:
+        files = [remote.path]
+    blobs = fs.cat(files) if files else {}  # a list in, a dict out: fetched concurrently
+    tables = [
+        pq.read_table(pa.BufferReader(blob), columns=columns) for _, blob in sorted(blobs.items())
+    ]
+    if not tables:
+        raise FileNotFoundError(f"no Parquet files in {path}")
+    return pa.concat_tables(tables, promote_options="permissive").to_pandas()
 
 
 def atomic_write(path: Location, write) -> None:
