@@ -26,6 +26,7 @@ from .options import (
     CsvOptions,
     ExtractOptions,
     MatchOptions,
+    ReviewOptions,
     flag_of,
 )
 from .quiet import quiet_native_logs
@@ -156,6 +157,7 @@ DEDUPE = OptionGroup(
         "mobilenet; -1 with --top-k: plain nearest neighbours]."
     },
 )
+REVIEW = OptionGroup(ReviewOptions)
 CLUSTER = OptionGroup(ClusterOptions)
 # matching runs on the GPU workers only: the local cluster's fetch workers do not apply
 SCORING_CLUSTER = OptionGroup(ClusterOptions, leave_out=("workers",))
@@ -164,6 +166,12 @@ store_option = click.option(
     default=DEFAULT_STORE,
     show_default=True,
     help="Feature store: a directory, or a URL fsspec reaches (s3://bucket/prefix, gs://...).",
+)
+review_option = click.option(
+    "--review",
+    "review_out",
+    type=click.Path(),
+    help="Also write the review page of the result: FILE.html, or DIR/ for a folder.",
 )
 out_option = click.option(
     "--out",
@@ -399,17 +407,19 @@ def import_vectors(name: str, features: str, store: str, rows_table: str | None,
 @store_option
 @MATCH
 @out_option
+@review_option
+@REVIEW
 @SCORING_CLUSTER
 def match(name1: str, name2: str, store: str, out: str | None, **kw: Any) -> None:
     """Match source NAME1 against NAME2 (the same name: near-duplicates within it)."""
     from .pairs import match_sources
 
-    options = MATCH.pop(kw)
-    _print_match(
-        match_sources(
-            name1, name2, store, out=out, cluster=SCORING_CLUSTER.pop(kw), options=options
-        )
+    options, review = MATCH.pop(kw), _review_target(kw)
+    result = match_sources(
+        name1, name2, store, out=out, cluster=SCORING_CLUSTER.pop(kw), options=options
     )
+    _print_match(result)
+    _write_review(result, review)
 
 
 @cli.command()
@@ -417,15 +427,19 @@ def match(name1: str, name2: str, store: str, out: str | None, **kw: Any) -> Non
 @store_option
 @DEDUPE
 @out_option
+@review_option
+@REVIEW
 @SCORING_CLUSTER
 def dedupe(name: str, store: str, out: str | None, **kw: Any) -> None:
     """Find near-duplicate groups within one source (each pair once, with a group id)."""
     from .pairs import match_sources
 
-    options = DEDUPE.pop(kw)
-    _print_match(
-        match_sources(name, name, store, out=out, cluster=SCORING_CLUSTER.pop(kw), options=options)
+    options, review = DEDUPE.pop(kw), _review_target(kw)
+    result = match_sources(
+        name, name, store, out=out, cluster=SCORING_CLUSTER.pop(kw), options=options
     )
+    _print_match(result)
+    _write_review(result, review)
 
 
 @cli.command()
@@ -441,6 +455,8 @@ def dedupe(name: str, store: str, out: str | None, **kw: Any) -> None:
 @EXTRACT
 @MATCH
 @out_option
+@review_option
+@REVIEW
 @CLUSTER
 def run(
     csv1: str, csv2: str | None, names: str | None, store: str, out: str | None, **kw: Any
@@ -450,6 +466,7 @@ def run(
 
     typed: dict[str, Any] = {}
     csv_options, options, match_options = CSV.pop(kw, typed), EXTRACT.pop(kw, typed), MATCH.pop(kw)
+    review = _review_target(kw)
     split = _split(names)
     result = run_job(
         csv1,
@@ -464,6 +481,47 @@ def run(
         **typed,
     )
     _print_match(result)
+    _write_review(result, review)
+
+
+@cli.command()
+@click.argument("pairs")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(),
+    help="The page: FILE.html (thumbnails inside), or DIR/ (index.html and thumbs/).",
+)
+@REVIEW
+def review(pairs: str, out: str, **kw: Any) -> None:
+    """Write an HTML page to look at the pairs file PAIRS (.parquet or DIR/ of a match)."""
+    from .review import review_pairs
+
+    _report_review(review_pairs(pairs, out, REVIEW.pop(kw)))
+
+
+def _review_target(kw: dict[str, Any]) -> tuple[Any, ReviewOptions] | None:
+    """`--review`'s page, checked before any work starts, and its options."""
+    from .review import check_review_output
+
+    out, options = kw.pop("review_out"), REVIEW.pop(kw)
+    if out is None:
+        return None
+    check_review_output(out)
+    return out, options
+
+
+def _write_review(result: Any, target: tuple[Any, ReviewOptions] | None) -> None:
+    if target is not None:
+        from .review import review_result
+
+        _report_review(review_result(result, *target))
+
+
+def _report_review(written: Any) -> None:
+    for warning in written.warnings:
+        click.echo(f"imgsim: warning: {warning}", err=True)
+    click.echo(written.summary())
 
 
 @cli.command()
@@ -486,6 +544,9 @@ def demo(workdir: str, workers: int | None, progress: bool) -> None:
     )
     _print_match(result, show=len(result.pairs))
     click.echo(verdict(result))
+    from .review import review_result
+
+    _report_review(review_result(result, Path(workdir) / "review.html"))
     click.echo(
         f"next: {workdir}/uploads.csv and catalogue.csv list the images' paths, to try commands "
         f"on (imgsim run {workdir}/uploads.csv {workdir}/catalogue.csv --model "

@@ -2,7 +2,8 @@
 
 Only the format the first bytes name is ever tried, an image over the pixel cap is refused
 from its header, and a JPEG is decoded at the smallest DCT scale that still covers the
-model input (Pillow's `draft`).
+model input (Pillow's `draft`). A small JPEG thumbnail of the same decoded image can come
+with it, for the review page (the URL is never fetched again).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from .safehttp import plain
 from .schema import RowFailure
 
 SNIFF_BYTES = 12  # enough for every signature in `sniff_format`
+THUMBNAIL_PX = 128  # the long side of a stored thumbnail
+THUMBNAIL_QUALITY = 80  # its JPEG quality
 NOT_IMAGE = "not a JPEG, PNG, GIF, WebP, BMP, TIFF or AVIF image (by its first bytes)"
 
 
@@ -51,9 +54,10 @@ _REPR = re.compile(r" ?<[^<>]* at 0x[0-9a-fA-F]+>")  # "<_io.BytesIO object at 0
 
 
 def decode_image(
-    data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> tuple[np.ndarray, int, int]:
-    """Decode image bytes to uint8 RGB `size` x `size`; return it with the original width, height.
+    data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, thumbnail: bool = False
+) -> tuple[np.ndarray, int, int, bytes | None]:
+    """Decode image bytes to uint8 RGB `size` x `size`; return it with the original width,
+    height and, with `thumbnail`, a JPEG of at most `THUMBNAIL_PX` a side (else None).
 
     Only the format its magic bytes name is tried (no other Pillow decoder sees the bytes),
     and an image over `max_pixels` is refused from its header, before any pixel is decoded.
@@ -70,10 +74,10 @@ def decode_image(
                 )
             image.draft("RGB", (size, size))  # JPEG: decode at a reduced DCT scale
             ImageOps.exif_transpose(image, in_place=True)
-            resized = _to_rgb(image).resize(
-                (size, size), Image.Resampling.BILINEAR, reducing_gap=3.0
-            )
-            return np.asarray(resized, dtype=np.uint8), width, height
+            rgb = _to_rgb(image)
+            resized = rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+            small = _thumbnail(rgb) if thumbnail else None
+            return np.asarray(resized, dtype=np.uint8), width, height, small
     except RowFailure:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -90,6 +94,17 @@ def _undecodable(image_format: str, exc: Exception) -> str:
     else:
         detail = plain(_REPR.sub("", str(exc))) or "no reason given"
     return f"cannot decode the {format_name(image_format)} image: {detail}"[:300]
+
+
+def _thumbnail(image: Image.Image) -> bytes:
+    """A JPEG of `image` at most `THUMBNAIL_PX` on its long side, aspect kept."""
+    scale = THUMBNAIL_PX / max(image.size)
+    if scale < 1:
+        target = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(target, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=THUMBNAIL_QUALITY)
+    return out.getvalue()
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

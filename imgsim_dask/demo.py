@@ -180,4 +180,5 @@ def run_demo(
             match_options=MatchOptions(top_k=1, threshold=get_spec(DEMO_MODEL).threshold),
         )
     result.threshold_from = f"the default of {DEMO_MODEL}"  # given as such, for top_k
+    result.about["threshold_from"] = result.threshold_from
     return result

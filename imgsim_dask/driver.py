@@ -44,7 +44,7 @@ from .options import (
     with_overrides,
 )
 from .pipeline import bounded, compute_all
-from .schema import OK, TRANSIENT_STATUSES, SourceMeta, SourcePlan
+from .schema import FETCH_KEYS_ADDED, OK, TRANSIENT_STATUSES, SourceMeta, SourcePlan
 from .store import (
     PLAN,
     Location,
@@ -541,7 +541,7 @@ def adopt_plan(
     fetch_fields = {f.name for f in dataclasses.fields(FetchOptions)}
     fetch: dict[str, Any] = {
         key: tuple(value) if isinstance(value, list) else value
-        for key, value in stored.get("fetch", {}).items()
+        for key, value in {**FETCH_KEYS_ADDED, **stored.get("fetch", {})}.items()
         if key in fetch_fields and key not in given
     }
     csv = {
@@ -570,7 +570,15 @@ def source_plan(
         csv, size, mtime = str(Path(csv_file.path).resolve()), stat.st_size, stat.st_mtime_ns
     fetch = {
         key: getattr(options.fetch, key)
-        for key in ("schemes", "public_only", "allow_link_local", "root", "max_bytes", "max_pixels")
+        for key in (
+            "schemes",
+            "public_only",
+            "allow_link_local",
+            "root",
+            "max_bytes",
+            "max_pixels",
+            "thumbnails",
+        )  # fmt: skip
     }
     weights_file = None
     if weights is not None and weights.data is not None and options.weights not in (None, RANDOM):

@@ -25,6 +25,7 @@ from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 import certifi
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from urllib3 import BaseHTTPResponse, Retry, Timeout
 from urllib3.exceptions import (
     HTTPError,
@@ -53,7 +54,7 @@ from .safehttp import (
     plain,
     watched_deadline,
 )
-from .schema import INGEST_ERROR, OK, STATUS_COLUMNS, RowFailure
+from .schema import INGEST_ERROR, OK, STATUS_COLUMNS, THUMBNAIL, RowFailure
 
 _USER_AGENT = f"{PACKAGE}/{VERSION} (+https://pypi.org/project/{PACKAGE}/)"
 _HEADERS = {"User-Agent": _USER_AGENT, "Accept": "image/*,*/*;q=0.8"}
@@ -491,9 +492,11 @@ def _fetch_one(
             raise RowFailure("not_image", NOT_IMAGE)
         record["bytes"] = len(data)
         record["sha256"] = hashlib.sha256(data).hexdigest()
-        pixels, record["width"], record["height"] = decode_image(
-            data, options.image_size, options.max_pixels
+        pixels, record["width"], record["height"], thumbnail = decode_image(
+            data, options.image_size, options.max_pixels, thumbnail=options.thumbnails
         )
+        if options.thumbnails:
+            record[THUMBNAIL] = thumbnail
         return pixels, record
     except RowFailure as failure:
         record["status"] = failure.status
@@ -516,6 +519,10 @@ def fetch_partition(rows: pd.DataFrame, url_col: str, options: FetchOptions) -> 
     records = pd.DataFrame([record for _, record in results], index=table.index)
     for column in STATUS_COLUMNS:
         table[column] = records[column]
+    if options.thumbnails:  # bytes of ok rows, None (null) of the others
+        found = records[THUMBNAIL] if THUMBNAIL in records else pd.Series(None, index=table.index)
+        kept = found.where(table["status"] == OK, None)  # binary even when all are null
+        table[THUMBNAIL] = pd.array(kept.tolist(), dtype=pd.ArrowDtype(pa.binary()))
     table["http_status"] = table["http_status"].astype("Int16")
     for column in ("bytes", "width", "height"):
         table[column] = table[column].astype("Int64")

@@ -167,6 +167,11 @@ class FetchOptions:
     root: str = option(
         "", "When set, local paths must resolve to a file under this directory.", cli=False
     )
+    thumbnails: bool = option(
+        True,
+        "Store a small JPEG of each ok row in the source, for `imgsim review`.",
+        flag="--thumbnails/--no-thumbnails",
+    )
     # set by the extraction from the model and the CSV
     image_size: int = option(
         get_spec(DEFAULT_MODEL).image_size, "Model input size.", cli=False, minimum=1
@@ -294,6 +299,18 @@ class MatchOptions:
 
 
 @dataclass(frozen=True)
+class ReviewOptions:
+    """What the review page of a match shows (`imgsim review`, `--review`)."""
+
+    max_pairs_shown: int = option(
+        2000,
+        "Pairs on the page at most: the most similar, the borderline band around the "
+        "threshold, and a random sample (the full table stays in the pairs file).",
+        minimum=1,
+    )
+
+
+@dataclass(frozen=True)
 class ClusterOptions:
     """Where a job runs and how it is watched.
 
@@ -350,7 +367,14 @@ class ClusterOptions:
             )
 
 
-OPTION_CLASSES = (CsvOptions, FetchOptions, ExtractOptions, MatchOptions, ClusterOptions)
+OPTION_CLASSES = (
+    CsvOptions,
+    FetchOptions,
+    ExtractOptions,
+    MatchOptions,
+    ReviewOptions,
+    ClusterOptions,
+)
 
 
 def with_overrides(fields: dict[str, Any], *options: Any) -> tuple[Any, ...]:

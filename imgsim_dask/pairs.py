@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
 from upath import UPath
 
 from .cluster import Cluster, connect
@@ -51,6 +53,7 @@ from .store import (
     store_path,
 )
 
+PAIRS_RECORD = b"imgsim"  # a pairs .parquet file's metadata key: what `_about` says
 DATASET_RECORD = "_imgsim.json"  # written last: a pairs dataset without it is incomplete
 GROUPS = "_groups.parquet"  # beside the parts, not read as one of them
 PREVIEW_ROWS = 10  # pairs a dataset run brings back to show
@@ -78,6 +81,7 @@ class MatchResult:
     pair_count: int = -1  # -1: len(pairs); after --new-only, the pairs it added
     group_count: int | None = None  # of a self match: -1, the groups in `pairs`
     total_pairs: int | None = None  # after --new-only, the dataset's pairs in all
+    about: dict = field(default_factory=dict)  # what the pairs file records (`_about`)
 
     def __post_init__(self) -> None:
         if self.pair_count < 0:
@@ -233,6 +237,7 @@ def match_sources(
         rows1_ok=first.meta.status_counts.get(OK, 0),
         rows2_ok=second.meta.status_counts.get(OK, 0),
         preview=_preview(first, second, prefixes),
+        about=_about(first, second, options, threshold_from),
     )
     dataset = path is not None and out is not None and is_dataset(out)
     if options.new_only and not dataset:
@@ -250,7 +255,10 @@ def match_sources(
         earlier = _earlier_run(path, first, second, options) if options.new_only else None
         started = time.perf_counter()
         with connect(cluster) as active:
-            written = _write_dataset(first, second, options, active, prefixes, path, earlier)
+            written = _write_dataset(
+                first, second, options, active, prefixes, path, earlier,
+                about=common["about"],
+            )  # fmt: skip
         return MatchResult(**written, **common, seconds=time.perf_counter() - started, path=path)
 
     started = time.perf_counter()
@@ -279,8 +287,23 @@ def match_sources(
         **common,
     )
     if path is not None:
-        result.path = write_table(table, Path(str(path)))
+        result.path = write_table(table, Path(str(path)), about=result.about)
     return result
+
+
+def _about(first: Source, second: Source, options: MatchOptions, threshold_from: str) -> dict:
+    """What a pairs file records of its making (`PAIRS_RECORD`), so that `imgsim review`
+    needs only the file: where the sources are, and how pairs were kept."""
+    store = first.path.parent
+    return {
+        "store": str(Path(str(store)).absolute()) if is_local(store) else str(store),
+        "sources": [first.name, second.name],
+        "threshold": options.threshold,
+        "threshold_from": threshold_from,
+        "top_k": options.top_k,
+        "self_match": second is first,
+        "prefixes": list(_prefixes(first, second, second is first)),
+    }
 
 
 def _pairs_that_fit(first: Source, second: Source) -> int:
@@ -357,6 +380,7 @@ def _write_dataset(
     prefixes: tuple[str, str],
     path: Location,
     earlier: dict | None = None,
+    about: dict | None = None,
 ) -> dict[str, Any]:
     """Match into the Parquet dataset at `path` (blocks' parts written where they were
     merged): the pair and row counts, the best pairs and, for a self match, the groups.
@@ -438,6 +462,7 @@ def _write_dataset(
         "pairs": total,
         "parts": sorted(counted.values(), key=lambda p: p["name"]),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "about": about or {},
     }
     atomic_write(path / DATASET_RECORD, lambda tmp: Path(tmp).write_text(json.dumps(record)))
     return dict(
@@ -609,13 +634,22 @@ def _joined(
     )
 
 
-def write_table(table: pd.DataFrame, path: Path) -> Path:
-    """Write Parquet or CSV (by suffix), atomically."""
+def write_table(table: pd.DataFrame, path: Path, about: dict | None = None) -> Path:
+    """Write Parquet or CSV (by suffix), atomically; `about` goes in a Parquet file's
+    metadata (`PAIRS_RECORD`, JSON)."""
+
+    def parquet(tmp: str) -> None:
+        arrow = pa.Table.from_pandas(table, preserve_index=False)
+        if about is not None:
+            metadata = {**(arrow.schema.metadata or {}), PAIRS_RECORD: json.dumps(about)}
+            arrow = arrow.replace_schema_metadata(metadata)
+        pq.write_table(arrow, tmp)
+
     try:
         if path.suffix == ".csv":
             atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
         else:
-            atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
+            atomic_write(path, parquet)
     except OSError as exc:
         raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path

@@ -18,7 +18,11 @@ FORMAT_VERSION = 2  # of a stored source; 1: the stores written before it was re
 ROW = "row"  # the fixed row id, 0..n-1 in CSV order
 INGEST_ERROR = "_ingest_error"  # travels from ingest to fetch, never to the outputs
 STATUS_COLUMNS = ("status", "error", "http_status", "bytes", "sha256", "width", "height")
-RESERVED_COLUMNS = (ROW, *STATUS_COLUMNS, INGEST_ERROR)
+THUMBNAIL = "thumbnail"  # a small JPEG of an ok row (`FetchOptions.thumbnails`), for review
+RESERVED_COLUMNS = (ROW, *STATUS_COLUMNS, THUMBNAIL, INGEST_ERROR)
+# plan.json `fetch` keys added since stores were first written, with the value that a store
+# written before the key existed had in effect (a plan without the key means that value)
+FETCH_KEYS_ADDED = {"thumbnails": False}
 
 OK = "ok"
 # Failures worth fetching again later (the server or network may do better next time).
@@ -71,6 +75,7 @@ class SourcePlan:
     def differences(self, stored: dict[str, Any]) -> list[str]:
         """The plan keys where `stored` (a plan.json document) differs from this plan."""
         mine = self.to_json()
+        stored = {**stored, "fetch": {**FETCH_KEYS_ADDED, **stored.get("fetch", {})}}
         keys = (set(mine) | set(stored)) - {"weights_file"}
         return [key for key in sorted(keys) if stored.get(key) != mine.get(key)]
 

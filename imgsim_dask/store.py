@@ -40,7 +40,7 @@ import zarr
 from upath import UPath
 
 from .errors import OptionError, StoreError, opt
-from .schema import OK, SourceMeta, SourcePlan
+from .schema import OK, THUMBNAIL, SourceMeta, SourcePlan
 
 FEATURES = "features.zarr"
 ROWS = "rows.parquet"
@@ -170,9 +170,35 @@ class Source:
         )
 
     def rows(self, columns: list[str] | None = None) -> pd.DataFrame:
-        """The row table, sorted by row id."""
+        """The row table, sorted by row id (every column but the thumbnails by default)."""
+        if columns is None:
+            columns = [c for c in self.row_columns() if c != THUMBNAIL]
         table = read_parquet(self.path / ROWS, columns=columns)
         return table.sort_values("row", ignore_index=True) if "row" in table else table
+
+    def row_columns(self) -> list[str]:
+        """The row table's columns, as its first part file has them."""
+        first = PartitionStore.of(self.path, self.meta.partition_rows).part(0)
+        with first.open("rb") as f:
+            return list(pq.read_schema(f).names)
+
+    @property
+    def has_thumbnails(self) -> bool:
+        return THUMBNAIL in self.row_columns()
+
+    def thumbnails(self, rows: np.ndarray) -> list[bytes | None]:
+        """The stored thumbnail JPEG of each of `rows` (None: a failed row, or a source made
+        without thumbnails)."""
+        if not self.has_thumbnails:
+            return [None] * len(rows)
+        rows = np.asarray(rows, np.int64)
+        store = PartitionStore.of(self.path, self.meta.partition_rows)
+        parts = np.unique(rows // self.meta.partition_rows).tolist()
+        stored = pd.concat(  # each part once, uncached: thumbnails are the bulk of a part
+            [read_parquet(store.part(k), columns=["row", THUMBNAIL]) for k in parts]
+            or [pd.DataFrame({"row": [], THUMBNAIL: []})]
+        ).set_index("row")[THUMBNAIL]
+        return [v if isinstance(v, bytes) else None for v in stored.reindex(rows).tolist()]
 
     def status_counts(self) -> dict[str, int]:
         counts = self.rows(["status"])["status"].value_counts()

@@ -150,6 +150,55 @@ def run_imgsim(client, csv: Path, store: Path, name: str, options: dict) -> floa
     return seconds
 
 
+def thumbnails_ab(args, options: dict, paths: list[Path], work: Path) -> None:
+    """Thumbnails on and off, side by side: decode CPU per image, whole extractions
+    interleaved (on, off, on, off, ...), and the thumbnails' bytes per row."""
+    from dataclasses import replace
+
+    from distributed import Client
+
+    from imgsim_dask import open_source
+    from imgsim_dask.cluster import local_cluster
+    from imgsim_dask.decode import decode_image
+
+    blobs = [p.read_bytes() for p in paths]
+    decode = {}
+    for _ in range(3):
+        for flag in (True, False):
+            started = time.process_time()
+            for blob in blobs:
+                decode_image(blob, 224, thumbnail=flag)
+            ms = (time.process_time() - started) * 1000 / len(blobs)
+            decode[flag] = min(decode.get(flag, ms), ms)
+    seconds: dict[bool, list[float]] = {True: [], False: []}
+    csv = write_csv(work / "local.csv", [str(p) for p in paths])
+    with (
+        local_cluster(fetch_workers=1, dashboard_address="127.0.0.1:0") as cluster,
+        Client(cluster) as client,
+    ):
+        client.wait_for_workers(2)
+        for _ in range(args.thumbnails_ab):
+            for flag in (True, False):
+                fetch = replace(options["fetch"], thumbnails=flag)
+                name = f"thumbs-{flag}"
+                seconds[flag].append(
+                    run_imgsim(client, csv, work / "store", name, {**options, "fetch": fetch})
+                )
+    source = open_source(str(work / "store"), "thumbs-True")
+    sizes = [len(t) for t in source.thumbnails(source.rows(["row"])["row"].to_numpy()) if t]
+    report = {
+        "images": len(paths),
+        "decode_ms_per_image": {"thumbnails": decode[True], "none": decode[False]},
+        "extract_seconds": {"thumbnails": seconds[True], "none": seconds[False]},
+        "slower": min(seconds[True]) / min(seconds[False]) - 1,
+        "thumbnail_bytes_per_row": sum(sizes) / len(sizes),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out = args.out.with_name("extract-thumbnails.json")
+    out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
 def write_csv(path: Path, urls: list[str]) -> Path:
     pd.DataFrame({"id": range(len(urls)), "url": urls}).to_csv(path, index=False)
     return path
@@ -165,6 +214,14 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("bench-results/images"))
     parser.add_argument("--out", type=Path, default=Path("bench-results/extract.json"))
     parser.add_argument("--skip-original", action="store_true")
+    parser.add_argument(
+        "--thumbnails-ab",
+        type=int,
+        default=0,
+        metavar="R",
+        help="only compare thumbnails on and off: R interleaved rounds of local-file extraction, "
+        "plus decode time per image and thumbnail bytes per row",
+    )
     parser.add_argument("--partition-rows", type=int, default=ExtractOptions.partition_rows)
     parser.add_argument("--fetch-threads", type=int, default=FetchOptions.threads)
     parser.add_argument(
@@ -216,6 +273,9 @@ def main() -> None:
         for predictor in predictors
     ]
 
+    if args.thumbnails_ab:
+        thumbnails_ab(args, options, paths, work)
+        return
     with (
         local_cluster(fetch_workers=1, dashboard_address="127.0.0.1:0") as cluster,
         Client(cluster) as client,

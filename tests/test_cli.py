@@ -218,6 +218,9 @@ def test_demo_command_finds_every_edited_copy_and_nothing_else(tmp_path):
     assert "kept pairs with similarity >= 0.7 (the default of efficientnet-lite0)" in result.stdout
     # the CSVs left behind list the images' paths, so they work after the demo's server is gone
     assert all((tmp_path / "demo" / path).is_file() for path in uploads["url"])
+    page = tmp_path / "demo" / "review.html"
+    assert f"-> {page}" in result.stdout  # make demo says where its review page is
+    assert page.read_text().count("data:image/jpeg;base64,") >= 2 * len(copies)
 
 
 @pytest.mark.slow

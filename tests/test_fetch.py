@@ -206,7 +206,7 @@ def test_decode_modes_to_rgb(mode):
     )
     buffer = io.BytesIO()
     image.save(buffer, format="TIFF" if mode in ("CMYK", "I;16") else "PNG")
-    pixels, width, height = decode_image(buffer.getvalue(), 224)
+    pixels, width, height, _ = decode_image(buffer.getvalue(), 224)
     assert pixels.shape == (224, 224, 3) and pixels.dtype == np.uint8
     assert (width, height) == (300, 200)
 
@@ -214,7 +214,7 @@ def test_decode_modes_to_rgb(mode):
 def test_sixteen_bit_greyscale_is_scaled_not_clipped():
     buffer = io.BytesIO()
     Image.new("I;16", (300, 200), 32896).save(buffer, format="PNG")  # mid-grey in 16 bits
-    pixels, _, _ = decode_image(buffer.getvalue(), 224)
+    pixels, _, _, _ = decode_image(buffer.getvalue(), 224)
     assert np.all(pixels == 128)
 
 
@@ -225,7 +225,7 @@ def test_sniffed_formats_decode(image_format):
     buffer = io.BytesIO()
     Image.new("RGB", (120, 80), (200, 30, 60)).save(buffer, format=image_format)
     assert sniff_format(buffer.getvalue()) == image_format
-    pixels, width, height = decode_image(buffer.getvalue(), 224)
+    pixels, width, height, _ = decode_image(buffer.getvalue(), 224)
     assert (width, height) == (120, 80) and pixels.shape == (224, 224, 3)
 
 
@@ -233,7 +233,7 @@ def test_animated_gif_decodes_its_first_frame():
     frames = [Image.new("RGB", (64, 64), color) for color in ((255, 0, 0), (0, 0, 255))]
     buffer = io.BytesIO()
     frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=100)
-    pixels, _, _ = decode_image(buffer.getvalue(), 224)
+    pixels, _, _, _ = decode_image(buffer.getvalue(), 224)
     assert pixels[..., 0].mean() > 200 and pixels[..., 2].mean() < 50
 
 
@@ -284,7 +284,7 @@ def test_exif_orientation_applied():
     exif[0x0112] = 6  # rotate 90 CW on display: the white half ends on top
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", exif=exif)
-    pixels, _, _ = decode_image(buffer.getvalue(), 224)
+    pixels, _, _, _ = decode_image(buffer.getvalue(), 224)
     assert pixels[:100].mean() > 200 and pixels[124:].mean() < 50
 
 
