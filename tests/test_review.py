@@ -72,6 +72,19 @@ def _open(driver, page: Path) -> None:
         time.sleep(0.1)
 
 
+def _loaded_thumbnails(driver, expected: int) -> int:
+    """Thumbnails in #pairs that the browser has decoded, once `expected` or after 10 s."""
+    deadline = time.monotonic() + 10
+    while True:
+        loaded = driver.execute_script(
+            "return [...document.querySelectorAll('#pairs img.thumb')]"
+            ".filter(i => i.complete && i.naturalWidth > 0).length"
+        )
+        if loaded >= expected or time.monotonic() > deadline:
+            return loaded
+        time.sleep(0.1)
+
+
 def _console_errors(driver) -> list[str]:
     return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
 
@@ -118,11 +131,7 @@ def test_the_page_shows_the_match_and_filters_it_in_the_browser(matched, tmp_pat
     try:
         _open(driver, page)
         assert _console_errors(driver) == []
-        thumbs = driver.execute_script(
-            "return [...document.querySelectorAll('#pairs img.thumb')]"
-            ".filter(i => i.complete && i.naturalWidth > 0).length"
-        )
-        assert thumbs == 2 * len(result.pairs)  # every pair, both sides
+        assert _loaded_thumbnails(driver, 2 * len(result.pairs)) == 2 * len(result.pairs)
         bars = driver.execute_script("return document.querySelectorAll('#histogram rect.kept')")
         heights = [float(b.get_attribute("height")) for b in bars]
         assert len(bars) == 50 and sum(h > 0 for h in heights) >= 1
@@ -261,3 +270,41 @@ def test_unusable_pairs_files_are_one_line(tmp_path, matched):
         assert fragment in done.stderr
     done = imgsim("review", pairs, "--out", tmp_path / "review.txt")
     assert done.returncode == 2 and "name it .html" in done.stderr
+
+
+def test_a_folder_page_loads_its_thumbnails_from_beside_it(matched, tmp_path):
+    _, _, pairs, result = matched
+    written = review_pairs(pairs, f"{tmp_path / 'page'}/")
+    assert written.path == tmp_path / "page" / "index.html"
+    files = sorted(p.name for p in (tmp_path / "page" / "thumbs").iterdir())
+    assert files and all(name.endswith(".jpg") for name in files)
+    assert "data:image/jpeg" not in written.path.read_text()
+    driver = chromium()
+    try:
+        _open(driver, written.path)
+        assert _loaded_thumbnails(driver, 2 * len(result.pairs)) == 2 * len(result.pairs)
+        assert _console_errors(driver) == []  # the CSP lets images beside the page load
+    finally:
+        driver.quit()
+
+
+def test_a_dataset_match_gives_the_same_page_as_its_file(matched, tmp_path, client):
+    """`imgsim review DIR/`: the page reads the dataset's record, parts and groups."""
+    _, store, pairs, from_file = matched
+    dataset = f"{tmp_path / 'pairs'}/"
+    match_sources("products", store=str(store), out=dataset, cluster=client, threshold=0.2)
+    page = review_pairs(dataset, tmp_path / "dataset.html")
+    assert page.total_pairs == page.pairs_shown == len(from_file.pairs)
+    driver = chromium()
+    try:
+        _open(driver, page.path)
+        shown = driver.execute_script(
+            "return [...document.querySelectorAll('#pairs .pair .sim')].map(s => s.textContent)"
+        )
+        groups = driver.execute_script("return document.querySelectorAll('#groups .group').length")
+        expected = sorted(from_file.pairs["similarity"], reverse=True)
+        assert shown == [f"{round(float(s), 4):.3f}" for s in expected]
+        assert groups == from_file.pairs["group"].nunique()
+        assert _loaded_thumbnails(driver, 2 * len(shown)) == 2 * len(shown)
+    finally:
+        driver.quit()
