@@ -10,6 +10,7 @@ import json
 import os
 import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,18 @@ def matched(tmp_path_factory, http_server, client):
     pairs = root / "pairs.parquet"
     result = match_sources("products", store=str(store), out=pairs, cluster=client, threshold=0.2)
     return root, store, pairs, result
+
+
+@contextmanager
+def opened(page: Path):
+    """Headless Chromium on `page` once its script has run; no console errors by the end."""
+    driver = chromium()
+    try:
+        _open(driver, page)
+        yield driver
+        assert _console_errors(driver) == []
+    finally:
+        driver.quit()
 
 
 def _open(driver, page: Path) -> None:
@@ -127,17 +140,14 @@ def test_the_page_shows_the_match_and_filters_it_in_the_browser(matched, tmp_pat
     assert not re.search(r"""(src|href)=["']?https?:""", text)  # nothing loads from elsewhere
     assert "Content-Security-Policy" in text and "default-src 'none'" in text
 
-    driver = chromium()
-    try:
-        _open(driver, page)
-        assert _console_errors(driver) == []
+    with opened(page) as driver:
         assert _loaded_thumbnails(driver, 2 * len(result.pairs)) == 2 * len(result.pairs)
         bars = driver.execute_script("return document.querySelectorAll('#histogram rect.kept')")
         heights = [float(b.get_attribute("height")) for b in bars]
         assert len(bars) == 50 and sum(h > 0 for h in heights) >= 1
 
         similarities = result.pairs["similarity"].to_numpy()
-        for value in (0.2, float(np.median(similarities)), 0.99):
+        for value in (0.2, round(float(np.median(similarities)), 3), 0.99):  # the 0.001 steps
             driver.execute_script(
                 "const s = document.getElementById('threshold'); s.value = arguments[0];"
                 "s.dispatchEvent(new Event('input'));",
@@ -160,17 +170,13 @@ def test_the_page_shows_the_match_and_filters_it_in_the_browser(matched, tmp_pat
             "s.dispatchEvent(new Event('input'));"
         )
         assert driver.save_screenshot(str(ARTIFACTS / "review.png"))
-    finally:
-        driver.quit()
 
 
 def test_dedupe_groups_and_borderline_band(matched, tmp_path):
     _, store, pairs, result = matched
     page = tmp_path / "groups.html"
     written = review_pairs(pairs, page)
-    driver = chromium()
-    try:
-        _open(driver, page)
+    with opened(page) as driver:
         groups = driver.execute_script(
             "return [...document.querySelectorAll('#groups .group')]"
             ".map(g => g.querySelectorAll('.member').length)"
@@ -184,9 +190,6 @@ def test_dedupe_groups_and_borderline_band(matched, tmp_path):
             ".map(c => Number(c.dataset.s))"
         )
         assert all(abs(s - 0.2) <= 0.03 + 1e-6 for s in band)
-        assert _console_errors(driver) == []
-    finally:
-        driver.quit()
     assert written.pairs_shown == len(result.pairs)
 
 
@@ -214,16 +217,11 @@ def test_a_large_table_gives_a_bounded_page_quickly(tmp_path, client):
     warnings = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(warnings) == 2 and all("no thumbnails" in w for w in warnings), done.stderr
     assert "2000 of 100000 pairs shown" in done.stdout
-    driver = chromium()
-    try:
-        _open(driver, page)
+    with opened(page) as driver:
         cards = driver.execute_script("return document.querySelectorAll('.pair').length")
         assert cards <= 2000
         assert driver.execute_script("return document.querySelectorAll('img.thumb').length") == 0
         assert driver.execute_script("return document.querySelectorAll('.placeholder').length")
-        assert _console_errors(driver) == []
-    finally:
-        driver.quit()
 
 
 def test_sources_missing_from_the_store_still_give_a_page(matched, tmp_path):
@@ -241,17 +239,12 @@ def test_sources_missing_from_the_store_still_give_a_page(matched, tmp_path):
     assert done.returncode == 0, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "not in the store" in lines[0], done.stderr
-    driver = chromium()
-    try:
-        _open(driver, page)
+    with opened(page) as driver:
         placeholders = driver.execute_script(
             "return document.querySelectorAll('#pairs .placeholder').length"
         )
         assert placeholders == 2 * len(result.pairs)
         assert "sku-" in driver.find_element("tag name", "body").text  # fields from the table
-        assert _console_errors(driver) == []
-    finally:
-        driver.quit()
 
 
 def test_unusable_pairs_files_are_one_line(tmp_path, matched):
@@ -279,13 +272,8 @@ def test_a_folder_page_loads_its_thumbnails_from_beside_it(matched, tmp_path):
     files = sorted(p.name for p in (tmp_path / "page" / "thumbs").iterdir())
     assert files and all(name.endswith(".jpg") for name in files)
     assert "data:image/jpeg" not in written.path.read_text()
-    driver = chromium()
-    try:
-        _open(driver, written.path)
+    with opened(written.path) as driver:
         assert _loaded_thumbnails(driver, 2 * len(result.pairs)) == 2 * len(result.pairs)
-        assert _console_errors(driver) == []  # the CSP lets images beside the page load
-    finally:
-        driver.quit()
 
 
 def test_a_dataset_match_gives_the_same_page_as_its_file(matched, tmp_path, client):
@@ -295,9 +283,7 @@ def test_a_dataset_match_gives_the_same_page_as_its_file(matched, tmp_path, clie
     match_sources("products", store=str(store), out=dataset, cluster=client, threshold=0.2)
     page = review_pairs(dataset, tmp_path / "dataset.html")
     assert page.total_pairs == page.pairs_shown == len(from_file.pairs)
-    driver = chromium()
-    try:
-        _open(driver, page.path)
+    with opened(page.path) as driver:
         shown = driver.execute_script(
             "return [...document.querySelectorAll('#pairs .pair .sim')].map(s => s.textContent)"
         )
@@ -306,5 +292,3 @@ def test_a_dataset_match_gives_the_same_page_as_its_file(matched, tmp_path, clie
         assert shown == [f"{round(float(s), 4):.3f}" for s in expected]
         assert groups == from_file.pairs["group"].nunique()
         assert _loaded_thumbnails(driver, 2 * len(shown)) == 2 * len(shown)
-    finally:
-        driver.quit()
