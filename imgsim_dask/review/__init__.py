@@ -472,7 +472,7 @@ def _group_card(group: dict, side: _Side, index: dict, table: pd.DataFrame) -> d
     rows = np.array(group["rows"], np.int64)
     fields = side.fields(rows, table, "row_a")
     members = [
-        {"image": index.get(("a", int(r))), "fields": f, "s": None} for r, f in zip(rows, fields)
+        {"image": index.get(("a", int(r))), "fields": f} for r, f in zip(rows, fields)
     ]
     return {"id": group["id"], "size": group["size"], "members": members}
 

@@ -126,9 +126,6 @@ function applyThreshold() {
   for (const card of document.querySelectorAll("#borderline-pairs .pair")) {
     card.classList.toggle("below", Number(card.dataset.s) < value);
   }
-  for (const card of document.querySelectorAll(".member")) {
-    card.hidden = Number(card.dataset.s) < value && card.dataset.s !== "";
-  }
   document.getElementById("visible").textContent = visible;
 }
 function render() {
@@ -140,7 +137,6 @@ function render() {
     for (const member of group.members) {
       const card = el("div", {class: "member"}, thumb(member.image));
       for (const [name, value] of member.fields) card.append(el("div", {}, name + ": " + value));
-      card.dataset.s = member.s === null ? "" : member.s;
       members.append(card);
     }
     const more = group.size > group.members.length
