@@ -471,9 +471,7 @@ def _groups(table: pd.DataFrame, limit: int) -> list[dict]:
 def _group_card(group: dict, side: _Side, index: dict, table: pd.DataFrame) -> dict:
     rows = np.array(group["rows"], np.int64)
     fields = side.fields(rows, table, "row_a")
-    members = [
-        {"image": index.get(("a", int(r))), "fields": f} for r, f in zip(rows, fields)
-    ]
+    members = [{"image": index.get(("a", int(r))), "fields": f} for r, f in zip(rows, fields)]
     return {"id": group["id"], "size": group["size"], "members": members}
 
 
