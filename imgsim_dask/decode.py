@@ -14,6 +14,7 @@ import re
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .descriptor import uniform_border_box
 from .options import DEFAULT_MAX_PIXELS
 from .safehttp import plain
 from .schema import RowFailure
@@ -21,6 +22,7 @@ from .schema import RowFailure
 SNIFF_BYTES = 12  # enough for every signature in `sniff_format`
 THUMBNAIL_PX = 128  # the long side of a stored thumbnail
 THUMBNAIL_QUALITY = 80  # its JPEG quality
+TRIM_SCAN_PX = 64  # borders are looked for on a copy about this many pixels on its short side
 NOT_IMAGE = "not a JPEG, PNG, GIF, WebP, BMP, TIFF or AVIF image (by its first bytes)"
 
 
@@ -54,10 +56,16 @@ _REPR = re.compile(r" ?<[^<>]* at 0x[0-9a-fA-F]+>")  # "<_io.BytesIO object at 0
 
 
 def decode_image(
-    data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, thumbnail: bool = False
+    data: bytes,
+    size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    thumbnail: bool = False,
+    trim_borders: bool = False,
 ) -> tuple[np.ndarray, int, int, bytes | None]:
     """Decode image bytes to uint8 RGB `size` x `size`; return it with the original width,
     height and, with `thumbnail`, a JPEG of at most `THUMBNAIL_PX` a side (else None).
+    `trim_borders`: uniform edges (frames, letterbox bars) are cut off before the resize
+    (`descriptor.uniform_border_box`); the thumbnail keeps them.
 
     Only the format its magic bytes name is tried (no other Pillow decoder sees the bytes),
     and an image over `max_pixels` is refused from its header, before any pixel is decoded.
@@ -75,7 +83,8 @@ def decode_image(
             image.draft("RGB", (size, size))  # JPEG: decode at a reduced DCT scale
             ImageOps.exif_transpose(image, in_place=True)
             rgb = _to_rgb(image)
-            resized = rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+            framed = rgb.crop(_content_box(rgb)) if trim_borders else rgb
+            resized = framed.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
             small = _thumbnail(rgb) if thumbnail else None
             return np.asarray(resized, dtype=np.uint8), width, height, small
     except RowFailure:
@@ -84,6 +93,31 @@ def decode_image(
         raise RowFailure("bomb", str(exc)[:300]) from None
     except Exception as exc:  # any error while parsing untrusted bytes means a corrupt image
         raise RowFailure("decode_error", _undecodable(image_format, exc)) from None
+
+
+def _content_box(image: Image.Image) -> tuple[int, int, int, int]:
+    """The box of `image` inside its uniform edges, found on a copy of about `TRIM_SCAN_PX` a
+    side (box-averaged, which also evens out JPEG noise): each edge lies in the middle of the
+    copy's first pixel off the border, within half of its width of the true edge."""
+    factor = max(1, min(image.size) // TRIM_SCAN_PX)
+    small = image.reduce(factor) if factor > 1 else image
+    left, top, right, bottom = uniform_border_box(np.asarray(small))
+    if (left, top, right, bottom) == (0, 0, *small.size):
+        return 0, 0, *image.size
+    half = factor // 2
+
+    def start(scan: int) -> int:  # the copy's first pixel inside
+        return 0 if scan == 0 else scan * factor + half
+
+    def end(scan: int, last: int, full: int) -> int:  # one past the copy's last pixel inside
+        return full if scan == last else min(full, (scan - 1) * factor + half)
+
+    return (
+        start(left),
+        start(top),
+        end(right, small.width, image.width),
+        end(bottom, small.height, image.height),
+    )
 
 
 def _undecodable(image_format: str, exc: Exception) -> str:

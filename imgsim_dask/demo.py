@@ -179,6 +179,7 @@ def run_demo(
             options=options,
             match_options=MatchOptions(top_k=1, threshold=get_spec(DEMO_MODEL).threshold),
         )
-    result.threshold_from = f"the default of {DEMO_MODEL}"  # given as such, for top_k
+    spec = get_spec(DEMO_MODEL)  # its threshold is given as such, for top_k
+    result.threshold_from = f"the default of {DEMO_MODEL} ({spec.default_descriptor})"
     result.about["threshold_from"] = result.threshold_from
     return result

@@ -44,7 +44,14 @@ from .options import (
     with_overrides,
 )
 from .pipeline import bounded, compute_all
-from .schema import FETCH_KEYS_ADDED, OK, TRANSIENT_STATUSES, SourceMeta, SourcePlan
+from .schema import (
+    FETCH_KEYS_ADDED,
+    OK,
+    PLAN_KEYS_ADDED,
+    TRANSIENT_STATUSES,
+    SourceMeta,
+    SourcePlan,
+)
 from .store import (
     PLAN,
     Location,
@@ -152,7 +159,7 @@ def extract_on(
             len(job.writer.done),
             len(job.partitions),
         )
-    plugin = ModelPlugin(weights, options.runtime)
+    plugin = ModelPlugin(weights, options.runtime, options.resolved_descriptor().pooling)
     client.register_plugin(plugin)
     fetch_resources = {NET: 1} if workers_with(client, NET) else None
     progress = _Progress(options.progress, job)
@@ -306,7 +313,12 @@ def plan_extraction(
             assert isinstance(writer, SourceWriter)  # (an append excludes a retry)
             writer.reopen()
         done_rows = done_rows[~done_rows["row"].isin(failed)]
-    fetch = replace(options.fetch, image_size=spec.image_size, base_dir=csv_file.base_dir)
+    fetch = replace(
+        options.fetch,
+        image_size=spec.image_size,
+        trim_borders=options.resolved_descriptor().trim_borders,
+        base_dir=csv_file.base_dir,
+    )
     job = ExtractionJob(
         csv_file,
         name,
@@ -441,11 +453,13 @@ def seal(job: ExtractionJob, seconds: float) -> Source:
     ok_new = job.counts.get(OK, 0) - job.ok_before
     if isinstance(job.writer, SourceAppender):
         return job.writer.finish(job.counts, seconds=round(seconds, 3))
+    descriptor = job.options.resolved_descriptor()
     meta = SourceMeta(
         name=job.name,
         model=job.options.model,
         dim=spec.dim,
-        threshold=spec.threshold,
+        threshold=spec.thresholds.get(descriptor.name),
+        descriptor=descriptor.key,
         weights=job.weights.description,
         weights_sha256=job.weights.sha256,
         csv=job.plan.csv,
@@ -534,6 +548,7 @@ def adopt_plan(
         return options, csv_options
     stored = stored_plan(path)
     made = {key: stored[key] for key in ("model", "partition_rows") if key in stored}
+    made["descriptor"] = {**PLAN_KEYS_ADDED, **stored}["descriptor"].split("/")[0]
     if "weights" not in given and "model" not in given:
         made["weights"] = stored.get("weights_file") or (
             RANDOM if str(stored.get("weights", "")).startswith(RANDOM) else None
@@ -600,6 +615,7 @@ def source_plan(
         id_col=csv_file.id_col,
         delimiter=csv_file.delimiter,
         header=csv_file.header,
+        descriptor=options.resolved_descriptor().key,
         csv_bytes=size,
         csv_mtime_ns=mtime,
         weights_file=weights_file,

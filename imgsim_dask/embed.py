@@ -25,12 +25,13 @@ from .schema import OK
 class ModelPlugin(WorkerPlugin):
     """Carries the weights to every worker and holds the model once built."""
 
-    idempotent = True  # registering the same weights and runtime again is a no-op
+    idempotent = True  # registering the same weights, runtime and pooling again is a no-op
 
-    def __init__(self, weights: Weights, runtime: str = "auto"):
+    def __init__(self, weights: Weights, runtime: str = "auto", pooling: str = "avg"):
         self.weights = weights
         self.runtime = runtime
-        self.name = f"imgsim-model-{weights.token}-{runtime}"
+        self.pooling = pooling
+        self.name = f"imgsim-model-{weights.token}-{runtime}-{pooling}"
         self._unbuilt()
 
     def _unbuilt(self) -> None:
@@ -39,7 +40,12 @@ class ModelPlugin(WorkerPlugin):
         self._workdir = ""
 
     def __getstate__(self) -> dict:
-        return {"weights": self.weights, "runtime": self.runtime, "name": self.name}
+        return {
+            "weights": self.weights,
+            "runtime": self.runtime,
+            "pooling": self.pooling,
+            "name": self.name,
+        }
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -53,7 +59,7 @@ class ModelPlugin(WorkerPlugin):
         with self._lock:
             if self._predictor is None:
                 with filtered_native_stderr():  # TensorFlow's start-up chatter
-                    model = build_model(self.weights, self._workdir)
+                    model = build_model(self.weights, self._workdir, self.pooling)
                     self._predictor = make_predictor(model, self.runtime)
             return self._predictor
 

@@ -100,6 +100,7 @@ def import_features(
             model=descriptor,
             dim=dim,
             threshold=threshold,  # None: no default threshold
+            descriptor=IMPORTED,  # what made the vectors is `model`
             weights=f"{IMPORTED}: {descriptor}",
             weights_sha256="",
             csv=plan.csv,

@@ -493,7 +493,11 @@ def _fetch_one(
         record["bytes"] = len(data)
         record["sha256"] = hashlib.sha256(data).hexdigest()
         pixels, record["width"], record["height"], thumbnail = decode_image(
-            data, options.image_size, options.max_pixels, thumbnail=options.thumbnails
+            data,
+            options.image_size,
+            options.max_pixels,
+            thumbnail=options.thumbnails,
+            trim_borders=options.trim_borders,
         )
         if options.thumbnails:
             record[THUMBNAIL] = thumbnail

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .descriptor import DESCRIPTORS, Descriptor
 from .errors import OptionError, opt
 from .models import MODELS, get_spec
 
@@ -172,9 +173,12 @@ class FetchOptions:
         "Store a small JPEG of each ok row in the source, for `imgsim review`.",
         flag="--thumbnails/--no-thumbnails",
     )
-    # set by the extraction from the model and the CSV
+    # set by the extraction from the model, its descriptor and the CSV
     image_size: int = option(
         get_spec(DEFAULT_MODEL).image_size, "Model input size.", cli=False, minimum=1
+    )
+    trim_borders: bool = option(
+        False, "Cut uniform borders off before the resize (the descriptor's).", cli=False
     )
     base_dir: str = option("", "Relative local paths are resolved against this.", cli=False)
 
@@ -207,6 +211,13 @@ class ExtractOptions:
         DEFAULT_MODEL, "Model that turns images into features.", choices=tuple(MODELS)
     )
     weights: str | None = option(None, "Weights file, or 'random' (tests/benchmarks only).")
+    descriptor: str | None = option(
+        None,
+        "How the model's last feature map becomes the stored vector: avg (average pooling, "
+        "as the original), gem, rmac (regional GeM), rmac-trim (uniform borders trimmed "
+        "first) [default: the model's: avg for mobilenet, rmac-trim for efficientnet-lite0].",
+        choices=tuple(DESCRIPTORS),
+    )
     batch_size: int = option(64, "Images per model call.", minimum=1)
     runtime: str = option(
         "auto",
@@ -235,6 +246,10 @@ class ExtractOptions:
     progress: bool = option(
         True, "Show progress bars (in a terminal only).", flag="--progress/--no-progress"
     )
+
+    def resolved_descriptor(self) -> Descriptor:
+        """The descriptor asked for, or the model's default."""
+        return DESCRIPTORS[self.descriptor or get_spec(self.model).default_descriptor]
 
     def __post_init__(self) -> None:
         if isinstance(self.fetch, dict):

@@ -218,13 +218,14 @@ def match_sources(
     threshold_from = "given"
     if options.threshold is None and (options.top_k is None or self_match):
         # a pair within one source claims a near-duplicate
-        if first.meta.threshold is None:
+        threshold, threshold_from = default_threshold(first)
+        if threshold is None:
             raise OptionError(
-                f"{first.name} has no default threshold (its vectors were imported): pass "
-                f"{opt('threshold')}, or {opt('top_k')} between two sources"
+                f"{first.name} has no default threshold ({threshold_from}): pass "
+                f"{opt('threshold')}, run imgsim calibrate {first.name} --save, or "
+                f"{opt('top_k')} between two sources"
             )
-        options = replace(options, threshold=first.meta.threshold)
-        threshold_from = f"the default of {first.meta.model}"
+        options = replace(options, threshold=threshold)
     inputs = (first.meta.csv, second.meta.csv)
     path = check_output(out, inputs) if out is not None else None
     prefixes = _prefixes(first, second, self_match)
@@ -536,12 +537,33 @@ def _write_groups(path: Location, rows: int, pairs: int) -> pd.Series:
     return groups
 
 
+def default_threshold(source: Source) -> tuple[float | None, str]:
+    """The threshold a match of `source` takes when none is given, and where it comes from:
+    its saved calibration, else the model's measured threshold for its descriptor."""
+    meta = source.meta
+    if meta.calibration:
+        return float(meta.calibration["threshold"]), f"imgsim calibrate of {source.name}"
+    if meta.threshold is None:
+        reason = "its vectors were imported" if meta.descriptor == "imported" else (
+            f"none was measured for {meta.model} with descriptor {meta.descriptor}"
+        )  # fmt: skip
+        return None, reason
+    return meta.threshold, f"the default of {meta.model} ({meta.descriptor.split('/')[0]})"
+
+
 def _check_compatible(first: Source, second: Source) -> None:
     a, b = first.meta, second.meta
     if (a.model, a.dim) != (b.model, b.dim):
         raise InputError(
             f"cannot match {first.name} ({a.model}, {a.dim}-d) with "
             f"{second.name} ({b.model}, {b.dim}-d): extract both with one model"
+        )
+    if a.descriptor != b.descriptor:
+        raise InputError(
+            f"cannot match {first.name} (descriptor {a.descriptor}) with {second.name} "
+            f"(descriptor {b.descriptor}): extract one again with {opt('descriptor')} "
+            f"{b.descriptor.split('/')[0]} (or the other with {a.descriptor.split('/')[0]}) "
+            f"and {opt('overwrite')}"
         )
     # where a side has no hash (random weights, or package weights stored before they had
     # one), the descriptions decide

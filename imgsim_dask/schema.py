@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .descriptor import LEGACY as LEGACY_DESCRIPTOR
 from .errors import StoreError, opt
 
 FORMAT_VERSION = 2  # of a stored source; 1: the stores written before it was recorded
@@ -23,6 +24,8 @@ RESERVED_COLUMNS = (ROW, *STATUS_COLUMNS, THUMBNAIL, INGEST_ERROR)
 # plan.json `fetch` keys added since stores were first written, with the value that a store
 # written before the key existed had in effect (a plan without the key means that value)
 FETCH_KEYS_ADDED = {"thumbnails": False}
+# plan.json keys added since, likewise
+PLAN_KEYS_ADDED = {"descriptor": LEGACY_DESCRIPTOR}
 
 OK = "ok"
 # Failures worth fetching again later (the server or network may do better next time).
@@ -60,6 +63,7 @@ class SourcePlan:
     id_col: str
     delimiter: str
     header: bool
+    descriptor: str = LEGACY_DESCRIPTOR  # `Descriptor.key`
     csv_bytes: int | None = None
     csv_mtime_ns: int | None = None
     weights_file: str | None = None
@@ -75,7 +79,11 @@ class SourcePlan:
     def differences(self, stored: dict[str, Any]) -> list[str]:
         """The plan keys where `stored` (a plan.json document) differs from this plan."""
         mine = self.to_json()
-        stored = {**stored, "fetch": {**FETCH_KEYS_ADDED, **stored.get("fetch", {})}}
+        stored = {
+            **PLAN_KEYS_ADDED,
+            **stored,
+            "fetch": {**FETCH_KEYS_ADDED, **stored.get("fetch", {})},
+        }
         keys = (set(mine) | set(stored)) - {"weights_file"}
         return [key for key in sorted(keys) if stored.get(key) != mine.get(key)]
 
@@ -104,6 +112,8 @@ class SourceMeta:
     created: str
     versions: dict[str, str]
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    descriptor: str = LEGACY_DESCRIPTOR  # `Descriptor.key`; "imported" for imported vectors
+    calibration: dict[str, Any] | None = None  # `imgsim calibrate --save`: its threshold, how
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:

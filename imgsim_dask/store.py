@@ -40,7 +40,7 @@ import zarr
 from upath import UPath
 
 from .errors import OptionError, StoreError, opt
-from .schema import OK, THUMBNAIL, SourceMeta, SourcePlan
+from .schema import OK, PLAN_KEYS_ADDED, THUMBNAIL, SourceMeta, SourcePlan
 
 FEATURES = "features.zarr"
 ROWS = "rows.parquet"
@@ -732,6 +732,7 @@ def stored_plan(path: Location) -> dict:
 PLAN_OPTIONS = {
     "model": "model",
     "weights": "weights",
+    "descriptor": "descriptor",
     "partition_rows": "partition_rows",
     "fields": "cols",
     "url_col": "url_col",
@@ -753,7 +754,7 @@ class PlanMismatch(StoreError):
 def check_plan(path: Location, plan: SourcePlan) -> None:
     """A one-line `PlanMismatch` unless the source at `path` was made with `plan`: it names
     the option and both values, or says how the CSV changed."""
-    before, now = stored_plan(path), plan.to_json()
+    before, now = {**PLAN_KEYS_ADDED, **stored_plan(path)}, plan.to_json()
     changed = plan.differences(before)
     if not changed:
         return

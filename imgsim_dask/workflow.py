@@ -139,15 +139,16 @@ def csv_options_per_csv(csv_options: CsvOptions, count: int) -> list[CsvOptions]
 
 
 def _same_model(jobs: list, store: str, given: set[str]) -> list:
-    """A source to be made anew takes the model and weights of the other, stored one when the
-    caller named neither, so that the two can be matched."""
+    """A source to be made anew takes the model, weights and descriptor of the other, stored
+    one when the caller named none of them, so that the two can be matched."""
     made = [options for _, name, options, _ in jobs if (store_path(store) / name / PLAN).is_file()]
-    if not made or given & {"model", "weights"}:
+    if not made or given & {"model", "weights", "descriptor"}:
         return jobs
+    taken = {key: getattr(made[0], key) for key in ("model", "weights", "descriptor")}
     return [
         (csv, name, options, per_csv)
         if (store_path(store) / name / PLAN).is_file()
-        else (csv, name, replace(options, model=made[0].model, weights=made[0].weights), per_csv)
+        else (csv, name, replace(options, **taken), per_csv)
         for csv, name, options, per_csv in jobs
     ]
 

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from imgsim_dask import open_source
+from imgsim_dask.models import get_spec
 
 from support.cli import assert_usage_error, imgsim
 from support.http import jpeg_bytes
@@ -209,13 +210,17 @@ def test_demo_command_finds_every_edited_copy_and_nothing_else(tmp_path):
     assert 0 < len(copies) < len(uploads)  # edited copies and unrelated photos
     matches = pd.read_csv(tmp_path / "demo" / "matches.csv")
     assert dict(zip(matches["uploads_id"], matches["catalogue_id"])) == copies
-    assert (matches["similarity"] >= 0.70).all()
+    threshold = get_spec("efficientnet-lite0").threshold
+    assert (matches["similarity"] >= threshold).all()
     assert f"{len(copies)} pairs" in result.stdout
     assert (
         f"{len(copies)} of {len(copies)} edited copies found their original; the "
         f"{len(uploads) - len(copies)} unrelated uploads correctly have no match"
     ) in result.stdout
-    assert "kept pairs with similarity >= 0.7 (the default of efficientnet-lite0)" in result.stdout
+    assert (
+        f"kept pairs with similarity >= {threshold:g} (the default of efficientnet-lite0 "
+        "(rmac-trim))" in result.stdout
+    )
     # the CSVs left behind list the images' paths, so they work after the demo's server is gone
     assert all((tmp_path / "demo" / path).is_file() for path in uploads["url"])
     page = tmp_path / "demo" / "review.html"

@@ -14,6 +14,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from imgsim_dask.models import get_spec
+
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -103,6 +105,10 @@ def test_the_python_snippet_as_a_script(tmp_path, image_server):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert f"kept pairs with similarity >= 0.7 (the default of {OFFLINE_MODEL})" in done.stdout
+    threshold = get_spec(OFFLINE_MODEL).threshold
+    assert (
+        f"kept pairs with similarity >= {threshold:g} (the default of {OFFLINE_MODEL} "
+        "(rmac-trim))" in done.stdout
+    )
     assert re.search(r"\d of 2 rows of uploads and \d of 4 rows of products matched", done.stdout)
     assert "/chelsea.jpg" in done.stdout  # the smaller cat found its original

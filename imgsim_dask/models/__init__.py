@@ -55,6 +55,7 @@ def resolve_weights(model: str, weights: str | None) -> Weights:
     return resolve(get_spec(model), weights)
 
 
-def build_model(weights: Weights, workdir: str) -> keras.Model:
-    """Build the Keras model for `weights` (on a worker); file weights are written to `workdir`."""
-    return build(get_spec(weights.model), weights, workdir)
+def build_model(weights: Weights, workdir: str, pooling: str = "avg") -> keras.Model:
+    """Build the Keras model for `weights` and `pooling` (on a worker); file weights are
+    written to `workdir`."""
+    return build(get_spec(weights.model), weights, workdir, pooling)

@@ -16,10 +16,11 @@ if TYPE_CHECKING:
     from .spec import ModelSpec
 
 
-def build(spec: ModelSpec, weights: Weights, workdir: str) -> keras.Model:
-    """Build `spec`'s Keras model with `weights`; file weights are written to `workdir`."""
+def build(spec: ModelSpec, weights: Weights, workdir: str, pooling: str = "avg") -> keras.Model:
+    """Build `spec`'s Keras model with `weights` and `pooling`; file weights are written to
+    `workdir`."""
     quiet_native_logs()  # before TensorFlow loads: its C++ start-up chatter
-    model = spec.build()
+    model = spec.build(pooling)
     if weights.is_random:
         set_seeded_weights(model)
     else:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import WeightsError
+from .pooling import pooling_layer
 from .spec import ModelSpec
 from .torch_checkpoint import load_torch_checkpoint
 from .weights import KERAS3, TORCH, Weights, keras_cache_dir
@@ -131,11 +132,11 @@ def _relu6(x, name: str):
     return layers.ReLU(max_value=6.0, name=name)(x)
 
 
-def build_efficientnet_lite0(include_top: bool = False) -> keras.Model:
+def build_efficientnet_lite0(include_top: bool = False, pooling: str = "avg") -> keras.Model:
     """Build (unweighted) EfficientNet-Lite0 for raw 0..255 RGB 224x224 input.
 
-    Output: 1280-d global-average-pooled features, or 1000 ImageNet logits
-    when ``include_top`` is true.
+    Output: 1280-d features, the last feature map pooled by `pooling` (`models.pooling`),
+    or 1000 ImageNet logits when ``include_top`` is true (average pooling).
     """
     import keras
     from keras import layers
@@ -169,7 +170,7 @@ def build_efficientnet_lite0(include_top: bool = False) -> keras.Model:
     x = layers.Conv2D(HEAD_CHANNELS, 1, use_bias=False, name="head_conv")(x)
     x = _bn(x, "head_bn")
     x = _relu6(x, "head_relu")
-    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    x = pooling_layer("avg" if include_top else pooling)(x)
     if include_top:
         x = layers.Dense(NUM_CLASSES, name="predictions")(x)
     name = "efficientnet_lite0" if include_top else "efficientnet_lite0_notop"
@@ -384,11 +385,12 @@ SPEC = ModelSpec(
     name="efficientnet-lite0",
     dim=FEATURE_DIM,
     image_size=IMAGE_SIZE,
-    threshold=0.70,
+    default_descriptor="rmac-trim",
+    thresholds={"avg": 0.70, "rmac-trim": 0.65},  # measured: docs/accuracy.md
     summary="EfficientNet-Lite0, ImageNet; weights install offline with the package",
     weight_shapes=weight_shapes,
     default_weights=default_weights,
-    build=build_efficientnet_lite0,
+    build=lambda pooling: build_efficientnet_lite0(pooling=pooling),
     load_weights=_load_weights,
     check_torch_checkpoint=check_torch_checkpoint,
 )

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import WeightsError, opt
+from .pooling import pooling_layer
 from .spec import ModelSpec
 from .weights import Weights, keras_cache_dir, read_weights_file
 
@@ -29,8 +30,9 @@ WEIGHTS_URL = (
 _BLOCK_CHANNELS = (64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024)
 
 
-def build_mobilenet(weights_path: str | None = None) -> keras.Model:
-    """A model taking raw RGB pixels 0..255 (float32, 224x224) and returning 1024-d features.
+def build_mobilenet(weights_path: str | None = None, pooling: str = "avg") -> keras.Model:
+    """A model taking raw RGB pixels 0..255 (float32, 224x224) and returning 1024-d features,
+    its last feature map pooled by `pooling` (`models.pooling`).
 
     MobileNet's preprocessing (scale to [-1, 1]) is the model's first layer, so workers
     can ship uint8 pixels and never hold float copies. `weights_path=None` keeps the
@@ -44,14 +46,17 @@ def build_mobilenet(weights_path: str | None = None) -> keras.Model:
         alpha=1.0,
         include_top=False,
         weights=None,
-        pooling="avg",
+        pooling="avg" if pooling == "avg" else None,  # avg: the original's model, exactly
         name=BACKBONE,
     )
     if weights_path is not None:
         backbone.load_weights(weights_path)
     pixels = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3), name="pixels")
     scaled = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="mobilenet_preprocess")(pixels)
-    return keras.Model(pixels, backbone(scaled), name="imgsim_mobilenet")
+    features = backbone(scaled)
+    if pooling != "avg":
+        features = pooling_layer(pooling)(features)
+    return keras.Model(pixels, features, name="imgsim_mobilenet")
 
 
 def weight_shapes() -> list[tuple[int, ...]]:
@@ -103,10 +108,11 @@ SPEC = ModelSpec(
     name="mobilenet",
     dim=FEATURE_DIM,
     image_size=IMAGE_SIZE,
-    threshold=0.845,
+    default_descriptor="avg",
+    thresholds={"avg": 0.845},  # the original's; other descriptors: measure (calibrate)
     summary="MobileNet v1, ImageNet, global average pooling (as the original)",
     weight_shapes=weight_shapes,
     default_weights=default_weights,
-    build=build_mobilenet,
+    build=lambda pooling: build_mobilenet(pooling=pooling),
     load_weights=_load_weights,
 )

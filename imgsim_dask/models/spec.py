@@ -22,14 +22,17 @@ class ModelSpec:
     name: str
     dim: int  # feature dimension
     image_size: int  # input pixels a side (square)
-    threshold: float  # recommended cosine threshold for "same image"
+    default_descriptor: str  # a name in `descriptor.DESCRIPTORS`
+    thresholds: dict[str, float]
+    """The cosine threshold for "same image" measured for each descriptor (docs/accuracy.md);
+    a descriptor without one has no default threshold (calibrate, or pass one)."""
     summary: str
     weight_shapes: Callable[[], list[tuple[int, ...]]]
     """Every weight shape of the Keras model (no top), in order, computed without Keras."""
     default_weights: Callable[[ModelSpec], Weights]
     """The weights used when none are named, found on the driver."""
-    build: Callable[[], keras.Model]
-    """The Keras model, unweighted (on a worker)."""
+    build: Callable[[str], keras.Model]
+    """The Keras model, unweighted, for a pooling (`models.pooling`), on a worker."""
     load_weights: Callable[[keras.Model, str | None, str], None]
     """Load into a built model the weights file at a path, in the format its suffix names
     (`weights.HDF5`, `weights.KERAS3`, `weights.TORCH`); None: the default weights, which
@@ -37,3 +40,8 @@ class ModelSpec:
     check_torch_checkpoint: Callable[[Path], None] | None = None
     """Takes PyTorch checkpoints too: raise WeightsError unless the one at a path fits the
     model. None: the model takes Keras HDF5 weights only."""
+
+    @property
+    def threshold(self) -> float:
+        """The threshold of the model's default descriptor."""
+        return self.thresholds[self.default_descriptor]
