@@ -262,7 +262,8 @@ def info(name: str | None, store: str) -> None:
     meta = source.meta
     click.echo(
         f"name      {meta.name}\npath      {source.path}\nmodel     {meta.model} "
-        f"({meta.dim}-d, weights: {meta.weights})\nrows      {meta.rows}"
+        f"({meta.dim}-d, weights: {meta.weights})\ndescriptor {meta.descriptor}\n"
+        f"threshold {_threshold_shown(source)}\nrows      {meta.rows}"
     )
     for status, count in source.status_counts().items():
         click.echo(f"  {status:<20} {count}")
@@ -270,6 +271,15 @@ def info(name: str | None, store: str) -> None:
         f"csv       {meta.csv} (url column {meta.url_col!r})\n"
         f"extracted {meta.created} in {meta.seconds:.1f} s"
     )
+
+
+def _threshold_shown(source: Any) -> str:
+    from .pairs import default_threshold
+
+    threshold, where = default_threshold(source)
+    if threshold is None:
+        return f"none ({where}): pass --thresh, or run imgsim calibrate {source.name} --save"
+    return f"{threshold:.3f} ({where})"
 
 
 @cli.command(name="ls")
@@ -440,6 +450,52 @@ def dedupe(name: str, store: str, out: str | None, **kw: Any) -> None:
     )
     _print_match(result)
     _write_review(result, review)
+
+
+@cli.command()
+@click.argument("name")
+@store_option
+@click.option(
+    "--precision",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.95,
+    show_default=True,
+    help="The precision the recommended threshold must reach.",
+)
+@click.option(
+    "--sample",
+    type=click.IntRange(20),
+    default=200,
+    show_default=True,
+    help="Rows whose images are fetched again and edited (16 copies each).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Sample and edit seed.")
+@click.option(
+    "--save", is_flag=True, help="Store the threshold in the source: match and dedupe use it."
+)
+@CLUSTER
+def calibrate(name: str, store: str, precision: float, sample: int, seed: int, save: bool,
+              **kw: Any) -> None:  # fmt: skip
+    """Measure the threshold for source NAME on edited copies of its own images."""
+    from .calibrate import calibrate as run_calibration
+
+    result = run_calibration(
+        name, store, precision=precision, sample=sample, seed=seed, save=save,
+        cluster=CLUSTER.pop(kw),
+    )  # fmt: skip
+    click.echo(f"{'threshold':>9}  {'precision':>9}  {'recall':>6}  pairs kept")
+    for row in result.table.itertuples():
+        click.echo(f"{row.threshold:9.2f}  {row.precision:9.3f}  {row.recall:6.3f}  {row.pairs}")
+    click.echo(
+        f"{result.sampled} rows sampled, {result.fetched} fetched again; "
+        f"{result.positives} synthetic pairs, {result.negatives} pairs of different rows"
+    )
+    click.echo(
+        f"recommended threshold: {result.threshold:.3f} (precision {result.precision:.3f}, "
+        f"recall {result.recall:.3f} on {result.positives} synthetic pairs)"
+    )
+    if save:
+        click.echo(f"saved in {name}: match and dedupe use it unless --thresh is given")
 
 
 @cli.command()
