@@ -292,6 +292,7 @@ def list_store(store: str) -> None:
 def _list_store(store: str) -> None:
     import pandas as pd
 
+    from .descriptor import LEGACY
     from .store import list_sources
 
     listed = list_sources(store)
@@ -305,14 +306,15 @@ def _list_store(store: str) -> None:
         if meta is None:
             row.update(
                 rows=plan.get("rows", ""), ok="", failed="", model=plan.get("model", ""),
-                features="", made="",
+                descriptor=plan.get("descriptor", LEGACY).split("/")[0], features="", made="",
                 state="incomplete: --resume continues it" if plan else "damaged",
             )  # fmt: skip
         else:
             ok = meta.status_counts.get("ok", 0)
             row.update(
                 rows=meta.rows, ok=ok, failed=meta.rows - ok, model=meta.model,
-                features=f"{meta.dim}-d", made=meta.created[:16].replace("T", " "),
+                descriptor=meta.descriptor.split("/")[0], features=f"{meta.dim}-d",
+                made=meta.created[:16].replace("T", " "),
                 state="complete",
             )  # fmt: skip
         table.append(row)

@@ -180,6 +180,6 @@ def run_demo(
             match_options=MatchOptions(top_k=1, threshold=get_spec(DEMO_MODEL).threshold),
         )
     spec = get_spec(DEMO_MODEL)  # its threshold is given as such, for top_k
-    result.threshold_from = f"the default of {DEMO_MODEL} ({spec.default_descriptor})"
+    result.threshold_from = f"the default of {DEMO_MODEL}, {spec.default_descriptor}"
     result.about["threshold_from"] = result.threshold_from
     return result

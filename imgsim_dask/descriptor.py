@@ -18,7 +18,8 @@ GEM_P = 3.0  # the generalised-mean power (the retrieval literature's usual valu
 RMAC_LEVELS = 3  # regions of R-MAC: the whole map, then 2x2 and 3x3 overlapping windows
 
 GEM_EPSILON = 1e-6  # activations are clamped to this before the power (ReLU6 maps are >= 0)
-BORDER_STD = 10.0  # a row or column whose pixels vary less than this (0..255) is uniform
+BORDER_STD = 5.0  # a row or column whose pixels vary less than this (0..255) is uniform;
+# 5 rather than 10: dark or pale photo backgrounds are not borders (docs/accuracy.md)
 BORDER_KEEP = 0.2  # trimming never leaves less than this fraction of a side
 
 
@@ -119,3 +120,4 @@ DESCRIPTORS: dict[str, Descriptor] = {
     )
 }
 LEGACY = DESCRIPTORS["avg"].key  # sources written before descriptors were recorded
+IMPORTED = "imported"  # the descriptor of imported vectors (what made them is their `model`)

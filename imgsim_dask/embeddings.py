@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from .descriptor import IMPORTED as IMPORTED_DESCRIPTOR
 from .errors import InputError, OptionError, opt
 from .options import DEFAULT_STORE
 from .schema import OK, RESERVED_COLUMNS, ROW, STATUS_COLUMNS, SourceMeta, SourcePlan
@@ -100,7 +101,7 @@ def import_features(
             model=descriptor,
             dim=dim,
             threshold=threshold,  # None: no default threshold
-            descriptor=IMPORTED,  # what made the vectors is `model`
+            descriptor=IMPORTED_DESCRIPTOR,
             weights=f"{IMPORTED}: {descriptor}",
             weights_sha256="",
             csv=plan.csv,

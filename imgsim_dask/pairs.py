@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from upath import UPath
 
 from .cluster import Cluster, connect
+from .descriptor import IMPORTED
 from .errors import InputError, StoreError
 from .match import connected_groups, match_features, pairs_frame
 from .match.engine import prepared, scored_blocks
@@ -73,7 +74,7 @@ class MatchResult:
     seconds: float
     path: Location | None = None
     threshold: float | None = None
-    threshold_from: str = ""  # "given", or "the default of MODEL"
+    threshold_from: str = ""  # "given", "the default of MODEL, DESCRIPTOR", a calibration
     top_k: int | None = None
     rows1_ok: int = 0  # rows with features, of each side
     rows2_ok: int = 0
@@ -544,11 +545,13 @@ def default_threshold(source: Source) -> tuple[float | None, str]:
     if meta.calibration:
         return float(meta.calibration["threshold"]), f"imgsim calibrate of {source.name}"
     if meta.threshold is None:
-        reason = "its vectors were imported" if meta.descriptor == "imported" else (
+        reason = "its vectors were imported" if meta.descriptor == IMPORTED else (
             f"none was measured for {meta.model} with descriptor {meta.descriptor}"
         )  # fmt: skip
         return None, reason
-    return meta.threshold, f"the default of {meta.model} ({meta.descriptor.split('/')[0]})"
+    if meta.descriptor == IMPORTED:
+        return meta.threshold, f"the default of {meta.model}"  # given to `imgsim import`
+    return meta.threshold, f"the default of {meta.model}, {meta.descriptor.split('/')[0]}"
 
 
 def _check_compatible(first: Source, second: Source) -> None:

@@ -242,6 +242,7 @@ class Source:
                     "data", shape=(int(ok.sum()), features.shape[1]), dtype="float32"
                 )
                 h5.attrs["model"] = self.meta.model
+                h5.attrs["descriptor"] = self.meta.descriptor
                 h5.create_dataset("rows", data=rows.loc[ok, "row"].to_numpy(np.int64))
                 written, step = 0, features.chunks[0]
                 for start in range(0, features.shape[0], step):

@@ -150,52 +150,76 @@ def run_imgsim(client, csv: Path, store: Path, name: str, options: dict) -> floa
     return seconds
 
 
-def thumbnails_ab(args, options: dict, paths: list[Path], work: Path) -> None:
-    """Thumbnails on and off, side by side: decode CPU per image, whole extractions
-    interleaved (on, off, on, off, ...), and the thumbnails' bytes per row."""
-    from dataclasses import replace
-
+def side_by_side(
+    args, options: dict, paths: list[Path], work: Path, variants: dict[str, tuple[dict, dict]]
+) -> dict:
+    """Variants of the extraction side by side: each one's decode CPU per image, and whole
+    extractions interleaved (a, b, a, b, ...). `variants`: name -> (decode_image keyword
+    arguments, extract options)."""
     from distributed import Client
 
-    from imgsim_dask import open_source
     from imgsim_dask.cluster import local_cluster
     from imgsim_dask.decode import decode_image
 
     blobs = [p.read_bytes() for p in paths]
-    decode = {}
+    decode: dict[str, float] = {}
     for _ in range(3):
-        for flag in (True, False):
+        for name, (decode_args, _) in variants.items():
             started = time.process_time()
             for blob in blobs:
-                decode_image(blob, 224, thumbnail=flag)
+                decode_image(blob, 224, **decode_args)
             ms = (time.process_time() - started) * 1000 / len(blobs)
-            decode[flag] = min(decode.get(flag, ms), ms)
-    seconds: dict[bool, list[float]] = {True: [], False: []}
+            decode[name] = min(decode.get(name, ms), ms)
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
     csv = write_csv(work / "local.csv", [str(p) for p in paths])
     with (
         local_cluster(fetch_workers=1, dashboard_address="127.0.0.1:0") as cluster,
         Client(cluster) as client,
     ):
         client.wait_for_workers(2)
-        for _ in range(args.thumbnails_ab):
-            for flag in (True, False):
-                fetch = replace(options["fetch"], thumbnails=flag)
-                name = f"thumbs-{flag}"
-                seconds[flag].append(
-                    run_imgsim(client, csv, work / "store", name, {**options, "fetch": fetch})
+        for _ in range(args.rounds):
+            for name, (_, extract_options) in variants.items():
+                seconds[name].append(
+                    run_imgsim(client, csv, work / "store", name, {**options, **extract_options})
                 )
-    source = open_source(str(work / "store"), "thumbs-True")
-    sizes = [len(t) for t in source.thumbnails(source.rows(["row"])["row"].to_numpy()) if t]
-    report = {
+    first, second = variants
+    return {
         "images": len(paths),
-        "decode_ms_per_image": {"thumbnails": decode[True], "none": decode[False]},
-        "extract_seconds": {"thumbnails": seconds[True], "none": seconds[False]},
-        "slower": min(seconds[True]) / min(seconds[False]) - 1,
-        "thumbnail_bytes_per_row": sum(sizes) / len(sizes),
+        "decode_ms_per_image": decode,
+        "extract_seconds": seconds,
+        f"{first}_slower": min(seconds[first]) / min(seconds[second]) - 1,
     }
+
+
+def thumbnails_ab(args, options: dict, paths: list[Path], work: Path) -> None:
+    """Thumbnails on and off, and the thumbnails' bytes per row."""
+    from dataclasses import replace
+
+    from imgsim_dask import open_source
+
+    report = side_by_side(args, options, paths, work, {
+        "thumbnails": ({"thumbnail": True}, {"fetch": replace(options["fetch"], thumbnails=True)}),
+        "none": ({"thumbnail": False}, {"fetch": replace(options["fetch"], thumbnails=False)}),
+    })  # fmt: skip
+    source = open_source(str(work / "store"), "thumbnails")
+    sizes = [len(t) for t in source.thumbnails(source.rows(["row"])["row"].to_numpy()) if t]
+    report["thumbnail_bytes_per_row"] = sum(sizes) / len(sizes)
+    write_report(args, "extract-thumbnails.json", report)
+
+
+def descriptor_ab(args, options: dict, paths: list[Path], work: Path) -> None:
+    """efficientnet-lite0's default descriptor (rmac-trim) against plain average pooling."""
+    model = {"model": "efficientnet-lite0"}
+    report = side_by_side(args, options, paths, work, {
+        "rmac-trim": ({"trim_borders": True}, {**model, "descriptor": "rmac-trim"}),
+        "avg": ({"trim_borders": False}, {**model, "descriptor": "avg"}),
+    })  # fmt: skip
+    write_report(args, "extract-descriptor.json", report)
+
+
+def write_report(args, name: str, report: dict) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    out = args.out.with_name("extract-thumbnails.json")
-    out.write_text(json.dumps(report, indent=2))
+    args.out.with_name(name).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 
 
@@ -215,13 +239,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-results/extract.json"))
     parser.add_argument("--skip-original", action="store_true")
     parser.add_argument(
-        "--thumbnails-ab",
-        type=int,
-        default=0,
-        metavar="R",
-        help="only compare thumbnails on and off: R interleaved rounds of local-file extraction, "
-        "plus decode time per image and thumbnail bytes per row",
+        "--ab",
+        choices=("thumbnails", "descriptor"),
+        help="only compare two variants side by side: thumbnails on and off, or "
+        "efficientnet-lite0's rmac-trim descriptor and average pooling (local files, "
+        "--rounds interleaved rounds, and decode time per image)",
     )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of --ab")
     parser.add_argument("--partition-rows", type=int, default=ExtractOptions.partition_rows)
     parser.add_argument("--fetch-threads", type=int, default=FetchOptions.threads)
     parser.add_argument(
@@ -273,8 +297,10 @@ def main() -> None:
         for predictor in predictors
     ]
 
-    if args.thumbnails_ab:
-        thumbnails_ab(args, options, paths, work)
+    if args.ab:
+        {"thumbnails": thumbnails_ab, "descriptor": descriptor_ab}[args.ab](
+            args, options, paths, work
+        )
         return
     with (
         local_cluster(fetch_workers=1, dashboard_address="127.0.0.1:0") as cluster,

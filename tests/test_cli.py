@@ -218,8 +218,8 @@ def test_demo_command_finds_every_edited_copy_and_nothing_else(tmp_path):
         f"{len(uploads) - len(copies)} unrelated uploads correctly have no match"
     ) in result.stdout
     assert (
-        f"kept pairs with similarity >= {threshold:g} (the default of efficientnet-lite0 "
-        "(rmac-trim))" in result.stdout
+        f"kept pairs with similarity >= {threshold:g} (the default of efficientnet-lite0, "
+        "rmac-trim)" in result.stdout
     )
     # the CSVs left behind list the images' paths, so they work after the demo's server is gone
     assert all((tmp_path / "demo" / path).is_file() for path in uploads["url"])

@@ -50,12 +50,13 @@ def test_ls_lists_every_source_with_its_counts(store):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split() == [
-        "name", "rows", "ok", "failed", "model", "features", "made", "(UTC)", "state",
+        "name", "rows", "ok", "failed", "model", "descriptor", "features", "made", "(UTC)",
+        "state",
     ]  # fmt: skip
     half = next(line for line in lines if line.split()[0] == "half")
     assert "incomplete: --resume continues it" in half and "mobilenet" in half
     products = next(line for line in lines if line.split()[0] == "products").split()
-    assert products[1:6] == ["7", "5", "2", "mobilenet", "1024-d"]
+    assert products[1:7] == ["7", "5", "2", "mobilenet", "avg", "1024-d"]
     assert products[-1] == "complete"
     # `info` without a name lists the store too, instead of "Missing argument"
     info = imgsim("info", "--store", "store", cwd=store)
@@ -112,7 +113,7 @@ def test_the_result_says_what_decided_it(store):
     best = imgsim("dedupe", "products", "--store", "store", "--top-k", "1", cwd=store)
     assert best.returncode == 0, best.stderr
     assert (
-        "kept pairs with similarity >= 0.845 (the default of mobilenet), "
+        "kept pairs with similarity >= 0.845 (the default of mobilenet, avg), "
         "at most the 1 best per row of products"
     ) in best.stdout
 

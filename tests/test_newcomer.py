@@ -81,7 +81,7 @@ def test_the_quick_start_as_written(tmp_path, image_server):
         if verb in ("match", "dedupe", "run"):  # each says what rule kept its pairs
             assert re.search(
                 r"kept pairs with similarity >= [-\d.]+ \((given|the default of "
-                f"{OFFLINE_MODEL})\\)",
+                f"{OFFLINE_MODEL}, rmac-trim)\\)",
                 done.stdout,
             ), f"{command}\n{done.stdout}"
         if verb == "failures":
@@ -107,8 +107,8 @@ def test_the_python_snippet_as_a_script(tmp_path, image_server):
     assert done.returncode == 0, done.stderr
     threshold = get_spec(OFFLINE_MODEL).threshold
     assert (
-        f"kept pairs with similarity >= {threshold:g} (the default of {OFFLINE_MODEL} "
-        "(rmac-trim))" in done.stdout
+        f"kept pairs with similarity >= {threshold:g} (the default of {OFFLINE_MODEL}, "
+        "rmac-trim)" in done.stdout
     )
     assert re.search(r"\d of 2 rows of uploads and \d of 4 rows of products matched", done.stdout)
     assert "/chelsea.jpg" in done.stdout  # the smaller cat found its original
