@@ -71,7 +71,7 @@ def build_set(root: Path, seed: int, per_edit: int = 2, combos: int = 4) -> pd.D
     blown-up regions and faces are groups of their own."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
-    records = []
+    records: list[dict[str, str]] = []
 
     def save(image: Image.Image, group: str, kind: str, edit: str) -> None:
         file = root / f"{len(records):04d}-{group}-{edit.replace('+', '_')}.jpg"
