@@ -80,6 +80,13 @@ def test_calibrate_recommends_a_threshold_within_the_benchmarks_bounds_and_match
     assert matched.threshold_from == "imgsim calibrate of photos"
     given = match_sources("photos", "photos", str(store), cluster=client, threshold=0.9)
     assert given.threshold == 0.9 and given.threshold_from == "given"
+    dedupe = imgsim(
+        "dedupe", "photos", "--store", str(store), "--scheduler", client.scheduler.address
+    )
+    assert dedupe.returncode == 0, dedupe.stderr
+    assert f">= {result.threshold:g} (imgsim calibrate of photos)" in dedupe.stdout
+    info = imgsim("info", "photos", "--store", str(store))
+    assert f"threshold {result.threshold:.3f} (imgsim calibrate of photos)" in info.stdout
 
 
 @pytest.mark.slow
@@ -93,6 +100,9 @@ def test_calibrate_refuses_too_few_rows_and_images_gone(tmp_path, benchmark_dir,
         extract(str(tmp_path / "all.csv"), "all", str(store), cluster=client, model=MODEL)
     with pytest.raises(InputError, match=r"^few has 5 ok row\(s\); calibrate needs at least 20"):
         calibrate("few", str(store), cluster=client)
+    assert_usage_error(
+        imgsim("calibrate", "few", "--store", str(store)), "few has 5 ok row(s); calibrate needs"
+    )
     # the server is gone: nothing can be fetched again
     with pytest.raises(InputError) as info:
         calibrate("all", str(store), sample=48, cluster=client)
