@@ -78,6 +78,16 @@ def region_boxes(size: int, levels: int = RMAC_LEVELS) -> list[tuple[int, int, i
     return boxes
 
 
+def region_weights(size: int, levels: int = RMAC_LEVELS) -> np.ndarray:
+    """(regions, size * size) float32: row r averages the cells of region r of
+    `region_boxes`, so one matrix product gives every region's mean."""
+    boxes = region_boxes(size, levels)
+    weights = np.zeros((len(boxes), size, size), np.float32)
+    for r, (top, left, side) in enumerate(boxes):
+        weights[r, top : top + side, left : left + side] = 1.0 / (side * side)
+    return weights.reshape(len(boxes), size * size)
+
+
 def regional_gem(maps: np.ndarray, p: float = GEM_P, levels: int = RMAC_LEVELS) -> np.ndarray:
     """R-MAC with GeM regions: each region of `region_boxes` GeM-pooled and L2-normalised,
     then summed. Maps are (..., size, size, channels)."""

@@ -177,8 +177,8 @@ def side_by_side(
         Client(cluster) as client,
     ):
         client.wait_for_workers(2)
-        for _ in range(args.rounds):
-            for name, (_, extract_options) in variants.items():
+        for round_ in range(args.rounds):  # alternate the order: a, b, then b, a, ...
+            for name, (_, extract_options) in list(variants.items())[:: 1 - 2 * (round_ % 2)]:
                 seconds[name].append(
                     run_imgsim(client, csv, work / "store", name, {**options, **extract_options})
                 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..descriptor import GEM_EPSILON, GEM_P, RMAC_LEVELS, region_boxes
+from ..descriptor import GEM_EPSILON, GEM_P, RMAC_LEVELS, region_weights
 
 if TYPE_CHECKING:
     import keras
@@ -28,12 +28,15 @@ def pooling_layer(pooling: str) -> keras.layers.Layer:
         return keras.layers.Lambda(gem, name="gem_pool")
 
     def rmac(x):
-        total = 0.0
-        for top, left, side in region_boxes(int(x.shape[1]), RMAC_LEVELS):
-            pooled = gem(x[:, top : top + side, left : left + side, :])
-            norm = ops.sqrt(ops.sum(pooled * pooled, axis=-1, keepdims=True))
-            total = total + pooled / ops.maximum(norm, 1e-12)
-        return total
+        # every region's mean of x^p in one matmul: (regions, cells) weights @ (cells, channels)
+        size, channels = int(x.shape[1]), int(x.shape[-1])
+        powered = ops.reshape(
+            ops.power(ops.maximum(x, GEM_EPSILON), GEM_P), (-1, size * size, channels)
+        )
+        means = ops.matmul(ops.convert_to_tensor(region_weights(size, RMAC_LEVELS)), powered)
+        pooled = ops.power(means, 1.0 / GEM_P)  # (batch, regions, channels)
+        norm = ops.sqrt(ops.sum(pooled * pooled, axis=-1, keepdims=True))
+        return ops.sum(pooled / ops.maximum(norm, 1e-12), axis=1)
 
     if pooling == "rmac":
         return keras.layers.Lambda(rmac, name="rmac_pool")
