@@ -18,7 +18,7 @@ from distributed import Worker, WorkerPlugin, get_worker
 from .fetch import FetchedPartition
 from .models import Weights, build_model
 from .quiet import filtered_native_stderr
-from .runtime import Predictor, make_predictor
+from .runtime import Predictor, load_predictor
 from .schema import OK
 
 
@@ -55,13 +55,17 @@ class ModelPlugin(WorkerPlugin):
         self._workdir = worker.local_directory
 
     def predictor(self) -> Predictor:
-        """The model under its runtime (`runtime.py`), built on first use."""
+        """The model under its runtime (`runtime.py`), loaded on first use."""
         with self._lock:
             if self._predictor is None:
                 with filtered_native_stderr():  # TensorFlow's start-up chatter
-                    model = build_model(self.weights, self._workdir, self.pooling)
-                    self._predictor = make_predictor(model, self.runtime)
+                    self._predictor = load_predictor(
+                        self.weights, self.pooling, self.runtime, self._build
+                    )
             return self._predictor
+
+    def _build(self):
+        return build_model(self.weights, self._workdir, self.pooling)
 
 
 def batch_rows(images: int, batch_size: int) -> int:

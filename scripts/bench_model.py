@@ -27,7 +27,7 @@ xla = tf.function(lambda t: model(t, training=False), jit_compile=True)
 runs = {
     "keras predict_on_batch": KerasPredictor(model),
     "tf.function jit_compile=True": lambda batch: xla(batch).numpy(),
-    "openvino (float32, latency hint, uint8 in)": OpenVINOPredictor(model),
+    "openvino (float32, latency hint, uint8 in)": OpenVINOPredictor.from_keras(model),
 }
 
 

@@ -101,3 +101,22 @@ def test_native_chatter_is_dropped_and_real_lines_kept(capfd, monkeypatch):
     with filtered_native_stderr():
         os.write(2, b"Could not find cuda drivers\n")
     assert capfd.readouterr().err == "Could not find cuda drivers\n"
+
+
+def test_the_package_names_import_when_first_used_and_a_worker_preload_stays_light():
+    import subprocess
+    import sys
+
+    import imgsim_dask
+
+    assert sorted(imgsim_dask.__all__) == sorted(imgsim_dask._HOMES)
+    for name in imgsim_dask.__all__:
+        assert getattr(imgsim_dask, name).__name__ == name
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        imgsim_dask.nothing  # noqa: B018
+    # each local-cluster worker loads this preload (and, spawned, the CLI's module) at start
+    light = "import sys, imgsim_dask.workerinit, imgsim_dask.cli; print(sorted(sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", light], capture_output=True, text=True)
+    assert loaded.returncode == 0, loaded.stderr
+    for heavy in ("'pandas'", "'zarr'", "'distributed'", "'tensorflow'"):
+        assert heavy not in loaded.stdout

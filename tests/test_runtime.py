@@ -3,6 +3,8 @@ runtime that cannot run is one clear line."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -13,7 +15,15 @@ from imgsim_dask import ExtractOptions, extract
 from imgsim_dask.embed import embed_pixels
 from imgsim_dask.errors import ImgsimError
 from imgsim_dask.models import build_model, resolve_weights
-from imgsim_dask.runtime import KerasPredictor, OpenVINOPredictor, resolve_runtime
+from imgsim_dask.runtime import (
+    GPU_DEVICE_NODES,
+    KerasPredictor,
+    OpenVINOPredictor,
+    ir_cache_dir,
+    ir_key,
+    load_predictor,
+    resolve_runtime,
+)
 
 from support.images import sample_images
 
@@ -32,7 +42,7 @@ def test_openvino_features_equal_keras_float32(model, mobilenet_h5, tmp_path):
     keras_model = build_model(weights, str(tmp_path))
     pixels = photos()
     reference = embed_pixels(KerasPredictor(keras_model), pixels, 8)
-    openvino = OpenVINOPredictor(keras_model)
+    openvino = OpenVINOPredictor.from_keras(keras_model)
     features = embed_pixels(openvino, pixels, 8)
     assert openvino.dim == reference.shape[1]
     assert np.einsum("ij,ij->i", features, reference).min() > 1 - 1e-5
@@ -82,3 +92,56 @@ def test_extract_records_the_runtime_and_both_agree(client, image_dir, tmp_path)
     assert sources["keras"].meta.runtime == ["keras"]
     auto, keras_ = (sources[r].features[:] for r in ("auto", "keras"))
     assert np.einsum("ij,ij->i", auto, keras_).min() > 1 - 1e-5
+
+
+@pytest.mark.slow
+def test_a_second_load_reads_the_cached_model_without_building_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    weights = resolve_weights("mobilenet", "random")
+    built: list[str] = []
+
+    def build(pooling: str):
+        def make():
+            built.append(pooling)
+            return build_model(weights, str(tmp_path), pooling)
+
+        return make
+
+    first = load_predictor(weights, "avg", "openvino", build("avg"))
+    second = load_predictor(weights, "avg", "openvino", build("avg"))
+    assert built == ["avg"]  # the second came from the cache
+    pixels = photos()
+    cached = embed_pixels(second, pixels, 8)
+    assert np.array_equal(embed_pixels(first, pixels, 8), cached)
+    reference = embed_pixels(KerasPredictor(build_model(weights, str(tmp_path))), pixels, 8)
+    assert np.abs(cached - reference).max() < 1e-4  # float32 kept, not compressed to fp16
+    entries = sorted(p.name for p in ir_cache_dir().iterdir() if p.name != "compiled")
+    assert entries == [f"mobilenet-{ir_key(weights, 'avg')}"]
+    assert any((ir_cache_dir() / "compiled").iterdir())  # OpenVINO's compiled model
+    load_predictor(weights, "gem", "openvino", build("gem"))  # another pooling: its own entry
+    assert built == ["avg", "gem"] and len(list(ir_cache_dir().iterdir())) == 3
+    # a worker that finds the cached model neither builds it nor imports TensorFlow
+    script = (
+        "import sys\n"
+        "from imgsim_dask.models import resolve_weights\n"
+        "from imgsim_dask.runtime import load_predictor\n"
+        "def build(): raise AssertionError('built')\n"
+        "p = load_predictor(resolve_weights('mobilenet', 'random'), 'avg', 'auto', build)\n"
+        "print(p.name, p.dim, 'tensorflow' in sys.modules, 'keras' in sys.modules)\n"
+    )
+    if any(os.path.exists(node) for node in GPU_DEVICE_NODES):
+        pytest.skip("a GPU device is here: auto asks TensorFlow whether it sees it")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["openvino", "1024", "False", "False"]
+
+
+def test_a_cache_that_cannot_be_written_only_costs_the_export(tmp_path, monkeypatch, caplog):
+    (tmp_path / "keras").write_text("a file where the cache directory would go")
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    weights = resolve_weights("mobilenet", "random")
+    predictor = load_predictor(
+        weights, "avg", "openvino", lambda: build_model(weights, str(tmp_path))
+    )
+    assert predictor.dim == 1024 and predictor(photos()[:8]).shape == (8, 1024)
+    assert "cannot cache the OpenVINO model in" in caplog.text
