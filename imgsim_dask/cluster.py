@@ -207,6 +207,16 @@ def _report_path(path: str) -> Path:
     return report
 
 
+def starts_a_plain_local_cluster(cluster: Cluster) -> bool:
+    """Whether `connect(cluster)` would start a local cluster that nothing in particular was
+    asked of: no scheduler, and the local cluster's options all at their defaults (no
+    worker count, dashboard address, report or keep-up time given)."""
+    if isinstance(cluster, Client) or isinstance(cluster, str):
+        return False
+    options = cluster or ClusterOptions()
+    return options == ClusterOptions() and _remote_address(options) is None
+
+
 def _remote_address(options: ClusterOptions) -> str | None:
     """The scheduler's address from the options, the scheduler file, or Dask's config."""
     if options.scheduler:

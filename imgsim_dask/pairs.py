@@ -21,6 +21,7 @@ import os
 import tempfile
 import time
 import uuid
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from upath import UPath
 
-from .cluster import Cluster, connect
+from .cluster import Cluster, connect, starts_a_plain_local_cluster
 from .descriptor import IMPORTED
 from .errors import InputError, StoreError
 from .match import connected_groups, match_features, pairs_frame
@@ -59,6 +60,7 @@ DATASET_RECORD = "_imgsim.json"  # written last: a pairs dataset without it is i
 GROUPS = "_groups.parquet"  # beside the parts, not read as one of them
 PREVIEW_ROWS = 10  # pairs a dataset run brings back to show
 TALLEST_BLOCK = 16  # --new-only: old rows per block against few new ones, in block_rows
+IN_PROCESS_CELLS = 10**8  # rows x rows up to which a plain local run scores here, without a cluster
 DRIVER_MEMORY_SHARE = 0.25  # of the memory available when a run starts, for a table held here
 
 
@@ -264,12 +266,14 @@ def match_sources(
         return MatchResult(**written, **common, seconds=time.perf_counter() - started, path=path)
 
     started = time.perf_counter()
-    with connect(cluster) as active:
+    with ExitStack() as stack:
+        small = first.meta.rows * second.meta.rows <= IN_PROCESS_CELLS
+        here = small and starts_a_plain_local_cluster(cluster)  # not worth its start-up
         found = match_features(
-            first.on_workers,
-            second.on_workers,
+            first.features if here else first.on_workers,
+            second.features if here else second.on_workers,
             options,
-            client=active,
+            client=None if here else stack.enter_context(connect(cluster)),
             self_match=self_match,
             max_held=_pairs_that_fit(first, second),
             too_many=f"; write a Parquet dataset instead: {opt('out')} DIR/",

@@ -11,7 +11,7 @@ import pytest
 
 from imgsim_dask.demo import serve_directory, write_csvs
 from imgsim_dask.errors import InputError, StoreError
-from imgsim_dask.options import ExtractOptions
+from imgsim_dask.options import ClusterOptions, ExtractOptions
 from imgsim_dask.pairs import match_sources
 from imgsim_dask.workflow import run
 
@@ -219,3 +219,22 @@ def test_run_end_to_end_over_http(client, tmp_path):
     assert result.rows1_matched == len(expected)
     meta = json.loads((root / "store" / "uploads" / "meta.json").read_text())
     assert meta["model"] == "efficientnet-lite0"
+
+
+def test_a_small_match_with_nothing_asked_of_the_cluster_scores_here(client, sources, monkeypatch):
+    store, _, _ = sources
+    on_cluster = match_sources("a", "b", str(store), threshold=0.5, cluster=client)
+
+    def no_cluster(cluster=None):
+        raise AssertionError("a cluster was started for a small match")
+
+    monkeypatch.setattr("imgsim_dask.pairs.connect", no_cluster)  # asserts it is not called
+    here = match_sources("a", "b", str(store), threshold=0.5)
+    pd.testing.assert_frame_equal(here.pairs, on_cluster.pairs)
+    assert len(here.pairs) >= 2  # the near-duplicate and the copy
+    for asked in (ClusterOptions(workers=1), ClusterOptions(report="r.html"), client):
+        with pytest.raises(AssertionError, match="a cluster was started"):
+            match_sources("a", "b", str(store), threshold=0.5, cluster=asked)
+    monkeypatch.setattr("imgsim_dask.pairs.IN_PROCESS_CELLS", 7 * 10 - 1)  # a row too many
+    with pytest.raises(AssertionError, match="a cluster was started"):
+        match_sources("a", "b", str(store), threshold=0.5)
