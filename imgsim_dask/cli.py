@@ -187,6 +187,8 @@ out_option = click.option(
 @click.option("-v", "--verbose", is_flag=True, help="Show debug logs (TensorFlow's too).")
 def cli(verbose: bool) -> None:
     """Find similar and near-duplicate images across huge collections of image URLs, on Dask."""
+    import distributed  # noqa: F401  (its logging set up first, or its INFO lines would show)
+
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("imgsim_dask").setLevel(logging.DEBUG if verbose else logging.INFO)
     quiet_native_logs(show=verbose)

@@ -46,6 +46,7 @@ def test_run_on_complete_sources_resolves_no_weights(client, image_dir, tmp_path
     assert "2 of 2 rows of uploads and 2 of 2 rows of catalogue matched" in result.stdout
     assert "weights unavailable" not in result.stderr
     assert "cuda" not in result.stderr.lower() and "absl" not in result.stderr  # a quiet terminal
+    assert "Scheduler at" not in result.stderr and "Nanny" not in result.stderr  # nor Dask's INFO
 
     (tmp_path / "uploads.csv").write_text(f"id,url\n0,{image_dir / 'rocket.jpg'}\n")
     assert_usage_error(
