@@ -245,8 +245,15 @@ def _print_summary(meta: SourceMeta, path: Any, started: dt.datetime) -> None:
         click.echo(
             f"  fetch {fetch['task_seconds']:.1f} task-s ({fetch['rows_per_task_second']} "
             f"rows/s per task), embed {embed['task_seconds']:.1f} task-s "
-            f"({embed['images_per_task_second']} images/s per task)"
+            f"({embed['images_per_task_second']} images/s per task)" + _idle(embed)
         )
+
+
+def _idle(embed: dict) -> str:
+    """', model idle 12% (4.8 s)': how long the model waited for images (older sources: '')."""
+    if embed.get("idle_share") is None:
+        return ""
+    return f", model idle {embed['idle_share']:.0%} ({embed['idle_seconds']:.1f} s)"
 
 
 @cli.command()

@@ -165,6 +165,8 @@ def extract_on(
     progress = _Progress(options.progress, job)
     submit = _Submitter(client, job, plugin.name, fetch_resources, progress.fetched.update)
     window = 2 * len(gpu_workers) + _fetch_slots(client, fetch_resources) + 2
+    job.model_slots = _model_slots(client, gpu_workers)
+    pipeline_started = time.perf_counter()
     try:
         with bounded(client, job.todo, submit, window) as finished:
             for k, future in finished:
@@ -188,6 +190,7 @@ def extract_on(
         raise
     finally:
         progress.close()
+    job.pipeline_seconds = time.perf_counter() - pipeline_started
     return seal(job, time.perf_counter() - started)
 
 
@@ -213,6 +216,8 @@ class ExtractionJob:
     )
     runtimes: set[str] = field(default_factory=set)  # what `auto` became on the model workers
     ok_before: int = 0
+    model_slots: int = 1  # embed tasks the cluster runs at once (its GPU resources)
+    pipeline_seconds: float = 0.0  # from the first submit to the last partition stored
 
     @property
     def todo(self) -> list[int]:
@@ -473,7 +478,7 @@ def seal(job: ExtractionJob, seconds: float) -> Source:
         runtime=sorted(job.runtimes),
         seconds=round(seconds, 3),
         images_per_second=round(ok_new / seconds, 2) if seconds else None,
-        stages=_stage_summary(job.stage_seconds, ok_new, job.plan.rows - job.done_rows),
+        stages=_stage_summary(job, ok_new, job.plan.rows - job.done_rows),
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         versions=_versions(),
     )
@@ -622,12 +627,17 @@ def source_plan(
     )
 
 
-def _stage_summary(stage_seconds: dict[str, float], images: int, rows: int) -> dict:
-    """Task seconds per stage (summed over tasks) and the rate one task slot achieved."""
+def _stage_summary(job: ExtractionJob, images: int, rows: int) -> dict:
+    """Task seconds per stage (summed over tasks), the rate one task slot achieved, and how
+    long the model slots waited for work while the partitions went through (`idle`: the
+    slots' time in the pipeline less the embed tasks' time; fetching too slowly shows here)."""
+    stage_seconds = job.stage_seconds
 
     def rate(count: int, seconds: float) -> float | None:
         return round(count / seconds, 2) if seconds else None
 
+    slot_seconds = job.model_slots * job.pipeline_seconds
+    idle = max(0.0, slot_seconds - stage_seconds["embed"])
     return {
         "fetch": {
             "task_seconds": round(stage_seconds["fetch"], 3),
@@ -636,8 +646,16 @@ def _stage_summary(stage_seconds: dict[str, float], images: int, rows: int) -> d
         "embed": {
             "task_seconds": round(stage_seconds["embed"], 3),
             "images_per_task_second": rate(images, stage_seconds["embed"]),
+            "idle_seconds": round(idle, 3),
+            "idle_share": round(idle / slot_seconds, 3) if slot_seconds else None,
         },
     }
+
+
+def _model_slots(client: Client, gpu_workers: list[str]) -> int:
+    """How many embed tasks (one `GPU` resource each) the cluster runs at once."""
+    workers = cluster_workers(client)
+    return max(1, sum(int(workers[w].get("resources", {}).get(GPU, 0)) for w in gpu_workers))
 
 
 def _count(counts: dict[str, int], rows: pd.DataFrame) -> None:

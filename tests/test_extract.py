@@ -65,6 +65,9 @@ def test_extract_mixed_sources(client, mixed_csv, tmp_path):
     assert meta.weights.startswith("random") and meta.dim == 1024
     assert meta.stages["fetch"]["task_seconds"] > 0 and meta.stages["embed"]["task_seconds"] > 0
     assert meta.stages["embed"]["images_per_task_second"] > 0
+    embed = meta.stages["embed"]  # the one model slot's time in the pipeline, less its tasks'
+    assert embed["idle_seconds"] >= 0 and 0 <= embed["idle_share"] < 1
+    assert embed["idle_seconds"] + embed["task_seconds"] <= meta.seconds + 1e-3
     spans = client.run_on_scheduler(
         lambda dask_scheduler: [s.name for s in dask_scheduler.extensions["spans"].spans.values()]
     )
