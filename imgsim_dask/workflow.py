@@ -105,6 +105,10 @@ def run(
         key = (source_options.model, source_options.weights)
         if key not in resolved:
             resolved[key] = resolve_weights(*key)
+    if not todo:  # the match alone: it decides where it runs (a small one runs here)
+        return match_sources(
+            names[0], names[-1], store, out=out, cluster=cluster, options=match_options
+        )
     with connect(cluster) as active:
         for csv_file, name, source_options in todo:
             weights = resolved[(source_options.model, source_options.weights)]

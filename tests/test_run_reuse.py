@@ -3,6 +3,8 @@ weights are resolved (this machine has no internet: a MobileNet download would f
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from imgsim_dask import extract
@@ -48,8 +50,23 @@ def test_run_on_complete_sources_resolves_no_weights(client, image_dir, tmp_path
     assert "cuda" not in result.stderr.lower() and "absl" not in result.stderr  # a quiet terminal
     assert "Scheduler at" not in result.stderr and "Nanny" not in result.stderr  # nor Dask's INFO
 
+    plain = imgsim("run", "uploads.csv", "catalogue.csv", "--store", "store", "--no-progress",
+                   cwd=tmp_path, env=empty_cache)  # fmt: skip
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout == result.stdout.replace(  # the same result, without a cluster
+        _seconds(result.stdout), _seconds(plain.stdout)
+    )
+    assert "dashboard:" not in plain.stderr and "dashboard:" in result.stderr
+
     (tmp_path / "uploads.csv").write_text(f"id,url\n0,{image_dir / 'rocket.jpg'}\n")
     assert_usage_error(
         run_both(),
         "uploads.csv, which has changed since (2 rows then, 1 now); pass --overwrite to start over",
     )
+
+
+def _seconds(summary: str) -> str:
+    """The run time in a match summary ('...; 0.1 s'), which differs between runs."""
+    found = re.search(r"; [0-9.]+ s", summary)
+    assert found, summary
+    return found[0]
