@@ -165,7 +165,6 @@ def extract_on(
     progress = _Progress(options.progress, job)
     submit = _Submitter(client, job, plugin.name, fetch_resources, progress.fetched.update)
     window = 2 * len(gpu_workers) + _fetch_slots(client, fetch_resources) + 2
-    job.model_slots = _model_slots(client, gpu_workers)
     pipeline_started = time.perf_counter()
     try:
         with bounded(client, job.todo, submit, window) as finished:
@@ -190,8 +189,8 @@ def extract_on(
         raise
     finally:
         progress.close()
-    job.pipeline_seconds = time.perf_counter() - pipeline_started
-    return seal(job, time.perf_counter() - started)
+    slot_seconds = _model_slots(client, gpu_workers) * (time.perf_counter() - pipeline_started)
+    return seal(job, time.perf_counter() - started, slot_seconds)
 
 
 @dataclass
@@ -216,8 +215,6 @@ class ExtractionJob:
     )
     runtimes: set[str] = field(default_factory=set)  # what `auto` became on the model workers
     ok_before: int = 0
-    model_slots: int = 1  # embed tasks the cluster runs at once (its GPU resources)
-    pipeline_seconds: float = 0.0  # from the first submit to the last partition stored
 
     @property
     def todo(self) -> list[int]:
@@ -452,8 +449,9 @@ def _bar(enabled: bool, total: int, desc: str, initial: int, position: int) -> t
     )
 
 
-def seal(job: ExtractionJob, seconds: float) -> Source:
-    """Write the source's meta.json: after this it opens as complete."""
+def seal(job: ExtractionJob, seconds: float, slot_seconds: float) -> Source:
+    """Write the source's meta.json: after this it opens as complete. `slot_seconds`: the
+    model slots' time from the first submit to the last partition stored."""
     spec = get_spec(job.options.model)
     ok_new = job.counts.get(OK, 0) - job.ok_before
     if isinstance(job.writer, SourceAppender):
@@ -478,7 +476,9 @@ def seal(job: ExtractionJob, seconds: float) -> Source:
         runtime=sorted(job.runtimes),
         seconds=round(seconds, 3),
         images_per_second=round(ok_new / seconds, 2) if seconds else None,
-        stages=_stage_summary(job, ok_new, job.plan.rows - job.done_rows),
+        stages=_stage_summary(
+            job.stage_seconds, ok_new, job.plan.rows - job.done_rows, slot_seconds
+        ),
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         versions=_versions(),
     )
@@ -627,16 +627,16 @@ def source_plan(
     )
 
 
-def _stage_summary(job: ExtractionJob, images: int, rows: int) -> dict:
+def _stage_summary(
+    stage_seconds: dict[str, float], images: int, rows: int, slot_seconds: float
+) -> dict:
     """Task seconds per stage (summed over tasks), the rate one task slot achieved, and how
     long the model slots waited for work while the partitions went through (`idle`: the
     slots' time in the pipeline less the embed tasks' time; fetching too slowly shows here)."""
-    stage_seconds = job.stage_seconds
 
     def rate(count: int, seconds: float) -> float | None:
         return round(count / seconds, 2) if seconds else None
 
-    slot_seconds = job.model_slots * job.pipeline_seconds
     idle = max(0.0, slot_seconds - stage_seconds["embed"])
     return {
         "fetch": {
