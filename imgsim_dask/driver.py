@@ -165,6 +165,7 @@ def extract_on(
     progress = _Progress(options.progress, job)
     submit = _Submitter(client, job, plugin.name, fetch_resources, progress.fetched.update)
     window = 2 * len(gpu_workers) + _fetch_slots(client, fetch_resources) + 2
+    slots = _model_slots(client, gpu_workers)  # now: a worker may be lost during the run
     pipeline_started = time.perf_counter()
     try:
         with bounded(client, job.todo, submit, window) as finished:
@@ -189,7 +190,7 @@ def extract_on(
         raise
     finally:
         progress.close()
-    slot_seconds = _model_slots(client, gpu_workers) * (time.perf_counter() - pipeline_started)
+    slot_seconds = slots * (time.perf_counter() - pipeline_started)
     return seal(job, time.perf_counter() - started, slot_seconds)
 
 
@@ -655,7 +656,8 @@ def _stage_summary(
 def _model_slots(client: Client, gpu_workers: list[str]) -> int:
     """How many embed tasks (one `GPU` resource each) the cluster runs at once."""
     workers = cluster_workers(client)
-    return max(1, sum(int(workers[w].get("resources", {}).get(GPU, 0)) for w in gpu_workers))
+    resources = [workers.get(w, {}).get("resources", {}) for w in gpu_workers]
+    return max(1, sum(int(r.get(GPU, 0)) for r in resources))
 
 
 def _count(counts: dict[str, int], rows: pd.DataFrame) -> None:
