@@ -21,7 +21,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import dask
-from distributed import Client, Nanny, Scheduler, SpecCluster, performance_report
+from distributed import Client, Nanny, Scheduler, SpecCluster, Worker, performance_report
 from distributed.security import Security
 
 from .about import PACKAGE, VERSION
@@ -67,30 +67,41 @@ def client_security(options: ClusterOptions) -> Security | None:
 
 
 def local_cluster(
-    fetch_workers: int | None = None, dashboard_address: str = "127.0.0.1:8787"
+    fetch_workers: int | None = None,
+    dashboard_address: str = "127.0.0.1:8787",
+    in_process: bool = False,
 ) -> SpecCluster:
-    """A local cluster on 127.0.0.1: one `GPU` model worker plus `fetch_workers` `NET` workers."""
+    """A local cluster on 127.0.0.1: one `GPU` model worker plus `fetch_workers` `NET` workers.
+
+    `in_process` runs the workers as threads of this process and the scheduler without its
+    dashboard: a job of a few images is done before worker processes (about 3 s here) and
+    the dashboard (1 s) would have started.
+    """
     count = fetch_workers if fetch_workers is not None else max(1, (os.cpu_count() or 2) // 2)
-    common = {
-        "host": "127.0.0.1",
-        "dashboard": False,
-        "silence_logs": logging.ERROR,
-        "preload": [*dask.config.get("distributed.worker.preload", []), "imgsim_dask.workerinit"],
-    }  # the workers leave Ctrl-C to the driver
-    workers = {"model": {"cls": Nanny, "options": {**common, "nthreads": 1, "resources": {GPU: 1}}}}
+    common: dict = {"host": "127.0.0.1", "dashboard": False}
+    if not in_process:
+        common["silence_logs"] = logging.ERROR
+        common["preload"] = [
+            *dask.config.get("distributed.worker.preload", []),
+            "imgsim_dask.workerinit",
+        ]  # the worker processes leave Ctrl-C to the driver
+    kind = Worker if in_process else Nanny
+    workers = {"model": {"cls": kind, "options": {**common, "nthreads": 1, "resources": {GPU: 1}}}}
     for i in range(count):
         workers[f"fetch-{i}"] = {
-            "cls": Nanny,
+            "cls": kind,
             "options": {
                 **common,
                 "nthreads": FETCH_THREADS_PER_WORKER,
                 "resources": {NET: FETCH_THREADS_PER_WORKER},
             },
         }
-    scheduler = {
-        "cls": Scheduler,
-        "options": {"host": "127.0.0.1", "dashboard_address": dashboard_address},
-    }
+    dashboard = (
+        {"dashboard": False, "dashboard_address": "127.0.0.1:0"}  # (its bare HTTP routes)
+        if in_process
+        else {"dashboard_address": dashboard_address}
+    )
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", **dashboard}}
     with warnings.catch_warnings():  # a busy 8787 moves the dashboard; its link is logged
         warnings.filterwarnings("ignore", message="Port .* is already in use")
         return SpecCluster(
@@ -99,7 +110,7 @@ def local_cluster(
 
 
 @contextmanager
-def connect(cluster: Cluster = None) -> Iterator[Client]:
+def connect(cluster: Cluster = None, *, small: bool = False) -> Iterator[Client]:
     """A client for where a job runs, the one way the API says it:
 
     - a `distributed.Client`: used as it is (its owner reports);
@@ -109,7 +120,8 @@ def connect(cluster: Cluster = None) -> Iterator[Client]:
     - None: `DASK_SCHEDULER_ADDRESS` (Dask's config), else a new local cluster.
 
     A client this opens logs the dashboard link and, with `ClusterOptions.report`, writes
-    Dask's performance report on exit.
+    Dask's performance report on exit. A `small` job on a plain local cluster (see
+    `starts_a_plain_local_cluster`) runs on one in this process, with no dashboard.
     """
     if isinstance(cluster, Client):
         yield cluster
@@ -122,6 +134,7 @@ def connect(cluster: Cluster = None) -> Iterator[Client]:
     report = _report_path(options.report) if options.report else None
     with ExitStack() as stack:
         address = _remote_address(options)
+        in_process = small and starts_a_plain_local_cluster(cluster)
         if address and options.workers:
             raise OptionError(
                 f"{opt('workers')} sizes the local cluster, but the run goes to "
@@ -139,7 +152,7 @@ def connect(cluster: Cluster = None) -> Iterator[Client]:
                 )
             with _hold_sigint():  # Ctrl-C here would leave a half-started cluster behind
                 local = stack.enter_context(
-                    local_cluster(options.workers, options.dashboard_address)
+                    local_cluster(options.workers, options.dashboard_address, in_process)
                 )
             active = stack.enter_context(Client(local))
             try:
@@ -149,10 +162,19 @@ def connect(cluster: Cluster = None) -> Iterator[Client]:
                     "the local cluster's workers did not start within 120 s; "
                     "see the log above (-v for more)"
                 ) from None
-        logger.info("dashboard: %s", active.dashboard_link)
+        if not in_process:
+            logger.info("dashboard: %s", active.dashboard_link)
+        else:
+            logger.debug("a small job: its local cluster's workers run here, with no dashboard")
         if report:
             stack.enter_context(performance_report(filename=str(report)))
-        yield active
+        try:
+            yield active
+        except BaseException:
+            if in_process:  # a task may hang in a fetch until its timeout: leave its thread
+                for worker in list(local.workers.values()):
+                    local.sync(worker.close, executor_wait=False, reason="job ended")
+            raise
         if options.keep_cluster and not address:
             _keep_up(active, options.keep_cluster)
     if report:

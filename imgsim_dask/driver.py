@@ -71,6 +71,9 @@ from .store import (
 )
 
 logger = logging.getLogger(__name__)
+# rows up to which a plain local run's workers are threads of this process: measured in
+# docs/benchmarks.md, 1,024 images ran as fast in process as on worker processes
+IN_PROCESS_ROWS = 1024
 
 
 def extract(
@@ -108,7 +111,7 @@ def extract(
     if options.append:
         weights = resolve_weights(options.model, options.weights)
         _check_append(store_path(store) / name, csv_file, options, weights)
-        with connect(cluster) as client:
+        with connect(cluster, small=is_small(csv_file)) as client:
             return extract_on(client, csv_file, name, store, options, weights)
     if (store_path(store) / name).exists() and not (
         options.overwrite or options.resume or options.retry_failed
@@ -127,8 +130,13 @@ def extract(
         if options.resume and not options.retry_failed and is_complete(store, name):
             logger.debug("%s: already complete in %s, nothing to do", name, store)
             return Source(store_path(store) / name)  # no cluster needed
-    with connect(cluster) as client:
+    with connect(cluster, small=is_small(csv_file)) as client:
         return extract_on(client, csv_file, name, store, options, weights)
+
+
+def is_small(csv_file: CsvFile) -> bool:
+    """Whether the CSV has so few rows that worker processes would cost more than they save."""
+    return csv_file.rows is not None and csv_file.rows <= IN_PROCESS_ROWS
 
 
 def extract_on(

@@ -18,7 +18,6 @@ import re
 import stat
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
@@ -26,6 +25,7 @@ import certifi
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from distributed.threadpoolexecutor import ThreadPoolExecutor
 from urllib3 import BaseHTTPResponse, Retry, Timeout
 from urllib3.exceptions import (
     HTTPError,
@@ -90,7 +90,9 @@ def _pool_manager(options: FetchOptions) -> GuardedPoolManager:
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
-    """A process-wide download pool, shared by the partition tasks running on this worker."""
+    """A process-wide download pool, shared by the partition tasks running on this worker.
+    Its threads are daemons (distributed's executor): a process that ends, such as a CLI
+    interrupted while a download hangs, does not wait for its timeout."""
     with _pool_lock:
         if threads not in _pools:
             _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="imgsim-fetch")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .cluster import Cluster, connect
-from .driver import adopt_plan, extract_on, reuse_complete
+from .driver import adopt_plan, extract_on, is_small, reuse_complete
 from .ingest import CsvFile, inspect_csv
 from .models import Weights, resolve_weights
 from .options import (
@@ -109,7 +109,7 @@ def run(
         return match_sources(
             names[0], names[-1], store, out=out, cluster=cluster, options=match_options
         )
-    with connect(cluster) as active:
+    with connect(cluster, small=all(is_small(f) for f in csv_files)) as active:
         for csv_file, name, source_options in todo:
             weights = resolved[(source_options.model, source_options.weights)]
             try:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import dask
 import pytest
+import requests
 from distributed import Client
 
 from imgsim_dask.cluster import GPU, NET, cluster_workers, connect, workers_with
@@ -63,3 +66,18 @@ def test_local_workers_drop_only_the_lost_heartbeat_of_a_closing_cluster():
     assert done.returncode == 0, done.stderr
     assert "a task failed" in done.stderr
     assert "heartbeat" not in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.cluster
+def test_a_small_job_runs_its_local_workers_in_this_process():
+    """A job of a few images is done before worker processes and the dashboard have started
+    (about 4 s here): its plain local cluster's workers are threads of this process, with the
+    same resources. Asking anything of the local cluster (--workers) gets worker processes."""
+    with connect(None, small=True) as client:
+        assert set(client.run(os.getpid).values()) == {os.getpid()}
+        assert len(workers_with(client, GPU)) == 1 and len(workers_with(client, NET)) == 1
+        assert requests.get(client.dashboard_link, timeout=10).status_code == 404
+    with connect(ClusterOptions(workers=1), small=True) as client:
+        pids = set(client.run(os.getpid).values())
+        assert len(pids) == 2 and os.getpid() not in pids
+        assert requests.get(client.dashboard_link, timeout=10).status_code == 200

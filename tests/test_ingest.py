@@ -325,3 +325,23 @@ def test_columns_are_kept_once(tmp_path):
 def test_unknown_protocol_is_one_line_error():
     with pytest.raises(InputError, match="cannot read"):
         inspect_csv("nosuchproto://bucket/in.csv")
+
+
+@pytest.mark.parametrize(
+    "text, header",
+    [
+        ("id,url\n1,a.jpg\n2,b.jpg\n", True),
+        ("id,url\n1,a.jpg\n\n\n2,b.jpg", True),  # blank lines are no rows; no final newline
+        ('id,title,url\n1,"two\nlines",a.jpg\n2,"",b.jpg\n3,x,c.jpg\n', True),
+        ("1,a.jpg\n2,b.jpg\n", False),
+    ],
+)
+def test_a_small_file_is_counted_at_inspection_as_the_scan_counts_it(tmp_path, text, header):
+    """The count decides whether a job is small enough to run on workers in this process."""
+    source = inspect_csv(write(tmp_path, text), CsvOptions(header=header))
+    assert source.rows == len(read_rows(source))
+
+
+def test_a_file_too_big_to_read_at_inspection_is_not_counted(tmp_path):
+    rows = "".join(f"{i},http://h/{i}.jpg\n" for i in range(10_000))  # ~220 KB
+    assert inspect_csv(write(tmp_path, f"id,url\n{rows}")).rows is None

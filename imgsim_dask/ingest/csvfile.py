@@ -58,6 +58,7 @@ class CsvFile:
     keep: tuple[str, ...]  # the columns that travel to the outputs
     url_col: str
     id_col: str
+    rows: int | None = None  # data records, when the file was small enough to read whole
 
     @property
     def base_dir(self) -> str:
@@ -137,7 +138,8 @@ def inspect_csv(path: str, options: CsvOptions | None = None) -> CsvFile:
         raise OptionError(
             f"{path}: column name {clash[0]!r} is reserved for the row table; " + remedy
         )
-    return CsvFile(path, delimiter, header, names, keep, url, ident)
+    rows = len(records) - header if whole else None
+    return CsvFile(path, delimiter, header, names, keep, url, ident, rows)
 
 
 def _read_head(path: str, delimiter: str) -> tuple[str, bool]:
