@@ -130,8 +130,10 @@ def extract(
         if options.resume and not options.retry_failed and is_complete(store, name):
             logger.debug("%s: already complete in %s, nothing to do", name, store)
             return Source(store_path(store) / name)  # no cluster needed
+    retrying = options.retry_failed or options.resume  # (a resume goes on with a retry)
+    appended = _appended_csvs(store_path(store) / name, csv_options) if retrying else []
     with connect(cluster, small=is_small(csv_file)) as client:
-        return extract_on(client, csv_file, name, store, options, weights)
+        return extract_on(client, csv_file, name, store, options, weights, appended)
 
 
 def is_small(csv_file: CsvFile) -> bool:
@@ -146,14 +148,17 @@ def extract_on(
     store: str,
     options: ExtractOptions,
     weights: Weights,
+    appended: list[Appended] | None = None,
 ) -> Source:
-    """The extraction on a connected client: plan, submit every partition, seal."""
+    """The extraction on a connected client: plan, submit every partition, seal. A retry
+    of a source with rows `appended` retries each CSV's failed rows from it, in turn."""
     started = time.perf_counter()
     gpu_workers = require_workers(client, fetch=True, stage="embed")
+    compute = lambda tasks: compute_all(client, tasks)  # noqa: E731
     job = plan_extraction(
-        csv_file, name, store, options, weights, compute=lambda tasks: compute_all(client, tasks)
+        csv_file, name, store, options, weights, compute, Segment(0) if appended else None
     )
-    if job.writer.complete:
+    if job.writer.complete and not appended:
         logger.info("%s: already complete in %s, nothing to do", name, store)
         return Source(job.writer.path)
     check_workers_see(client, job.writer.partitions)
@@ -170,11 +175,40 @@ def extract_on(
     plugin = ModelPlugin(weights, options.runtime, options.resolved_descriptor().pooling)
     client.register_plugin(plugin)
     fetch_resources = {NET: 1} if workers_with(client, NET) else None
-    progress = _Progress(options.progress, job)
-    submit = _Submitter(client, job, plugin.name, fetch_resources, progress.fetched.update)
     window = 2 * len(gpu_workers) + _fetch_slots(client, fetch_resources) + 2
     slots = _model_slots(client, gpu_workers)  # now: a worker may be lost during the run
     pipeline_started = time.perf_counter()
+    changed = bool(job.todo)
+    _run_pipeline(client, job, plugin.name, fetch_resources, window)
+    for more in appended or []:
+        job = plan_extraction(
+            more.csv_file,
+            name,
+            store,
+            options,
+            weights,
+            compute,
+            Segment(more.first_row, more.rows, job),
+        )
+        changed = changed or bool(job.todo)
+        _run_pipeline(client, job, plugin.name, fetch_resources, window)
+    if not changed:  # (a grown source with no failed rows to retry: it stays as it was)
+        logger.info("%s: no rows to retry in %s, nothing to do", name, store)
+        return Source(job.writer.path)
+    slot_seconds = slots * (time.perf_counter() - pipeline_started)
+    return seal(job, time.perf_counter() - started, slot_seconds)
+
+
+def _run_pipeline(
+    client: Client,
+    job: ExtractionJob,
+    plugin_name: str,
+    fetch_resources: dict[str, int] | None,
+    window: int,
+) -> None:
+    """Submit the job's partitions, at most `window` in flight, and count each one stored."""
+    progress = _Progress(job.options.progress, job)
+    submit = _Submitter(client, job, plugin_name, fetch_resources, progress.fetched.update)
     try:
         with bounded(client, job.todo, submit, window) as finished:
             for k, future in finished:
@@ -193,13 +227,31 @@ def extract_on(
                 if job.retry
                 else f"with {len(job.writer.written())} of {len(job.partitions)} partitions written"
             )
-            then = "run this append again" if options.append else "continue with --resume"
-            logger.warning("%s: interrupted %s; %s", name, done, then)
+            then = "run this append again" if job.options.append else "continue with --resume"
+            logger.warning("%s: interrupted %s; %s", job.name, done, then)
         raise
     finally:
         progress.close()
-    slot_seconds = slots * (time.perf_counter() - pipeline_started)
-    return seal(job, time.perf_counter() - started, slot_seconds)
+
+
+@dataclass(frozen=True)
+class Appended:
+    """The CSV an append read, and the first of the rows it added."""
+
+    csv_file: CsvFile
+    first_row: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A retry of the rows of one of a grown source's CSVs, from `first_row` on (`rows` of
+    them; the whole source's first CSV when None). `after`: the retry of the CSV before,
+    whose counts and times this one goes on from."""
+
+    first_row: int
+    rows: int | None = None
+    after: ExtractionJob | None = None
 
 
 @dataclass
@@ -217,7 +269,8 @@ class ExtractionJob:
     writer: SourceWriter | SourceAppender
     retry: dict[int, list[int]]  # partition -> its rows to fetch again
     done_rows: int  # rows already stored before this run (an append: its own rows only)
-    first_row: int = 0  # an append's first row (its partitions start there)
+    total_rows: int  # rows the summary counts: the source's (an append: its own)
+    first_row: int = 0  # where its partitions start: an append's first row, a segment's
     counts: dict[str, int] = field(default_factory=dict)  # status -> rows, stored so far
     stage_seconds: dict[str, float] = field(
         default_factory=lambda: {"fetch": 0.0, "embed": 0.0, "store": 0.0}
@@ -292,9 +345,11 @@ def plan_extraction(
     options: ExtractOptions,
     weights: Weights,
     compute: Callable | None = None,
+    segment: Segment | None = None,
 ) -> ExtractionJob:
     """Count the CSV's rows (the scan tasks run by `compute`, default `dask.compute`), cut
-    the partitions, and open (or resume) the source."""
+    the partitions, and open (or resume) the source. With `segment`, a retry of a source
+    with rows appended covers only the rows this CSV gave it."""
     spec = get_spec(options.model)
     blocks, block_lengths = read_blocks(csv_file, compute=compute)
     n_rows = sum(block_lengths)
@@ -302,24 +357,34 @@ def plan_extraction(
         raise InputError(f"{csv_file.path}: no data rows (only a header?)")
     plan = source_plan(csv_file, options, weights, n_rows, spec.dim)
     writer: SourceWriter | SourceAppender
+    first_row = segment.first_row if segment else 0
     if options.append:
         writer = SourceAppender(store, name, plan.csv, n_rows)
         first_row = writer.first_row
         writer.start()
     else:
+        if segment and segment.rows is not None:  # an appended CSV, with the first one's plan
+            if n_rows != segment.rows:
+                raise InputError(
+                    f"{csv_file.path}: {n_rows} rows, but {segment.rows} were appended from it; "
+                    f"it has changed since, so its failed rows cannot be fetched again"
+                )
+            plan = _as_stored_csv(store_path(store) / name, plan)
         resume = options.resume or options.retry_failed
         writer = SourceWriter(store, name, plan, options.overwrite, resume)
-        first_row = 0
     # partition k holds rows [k * partition_rows, ...); those before the first are done
     partitions: list[list[Piece]] = [[] for _ in range(first_row // options.partition_rows)]
     partitions += cut_partitions(block_lengths, options.partition_rows, first_row)
     done_rows = writer.done_rows()
+    total_rows = len(done_rows) if segment else plan.rows  # (a segment: the whole source's)
     retry: dict[int, list[int]] = {}
     if options.retry_failed or writer.retrying:  # (an interrupted retry goes on as one)
-        failed = done_rows.loc[done_rows["status"].isin(TRANSIENT_STATUSES), "row"]
+        mine = done_rows["row"].between(first_row, first_row + n_rows - 1)
+        failed = done_rows.loc[done_rows["status"].isin(TRANSIENT_STATUSES) & mine, "row"]
         for row in failed.astype(int):
             retry.setdefault(row // options.partition_rows, []).append(row)
-        logger.info("%s: retrying %d row(s) with transient failures", name, len(failed))
+        of = f" of the rows appended from {csv_file.path}" if first_row else ""
+        logger.info("%s: retrying %d row(s) with transient failures%s", name, len(failed), of)
         if retry:
             assert isinstance(writer, SourceWriter)  # (an append excludes a retry)
             writer.reopen()
@@ -342,10 +407,16 @@ def plan_extraction(
         writer,
         retry,
         len(done_rows),
+        total_rows,
         first_row=first_row,
     )
     _count(job.counts, done_rows)
     job.ok_before = job.counts.get(OK, 0)
+    if segment and segment.after:  # the retry goes on: count the whole of it
+        before = segment.after
+        job.done_rows = before.done_rows - sum(len(rows) for rows in retry.values())
+        job.ok_before, job.runtimes = before.ok_before, before.runtimes
+        job.stage_seconds = before.stage_seconds
     return job
 
 
@@ -432,7 +503,7 @@ class _Progress:
     """Two progress bars, rows fetched and rows embedded; off where stderr is no terminal."""
 
     def __init__(self, enabled: bool, job: ExtractionJob):
-        total = job.plan.rows  # (an append: its own rows)
+        total = job.total_rows
         self.fetched = _bar(enabled, total, f"fetch {job.name}", job.done_rows, 0)
         self.stored = _bar(enabled, total, f"embed {job.name}", job.done_rows, 1)
 
@@ -478,7 +549,7 @@ def seal(job: ExtractionJob, seconds: float, slot_seconds: float) -> Source:
         fields=list(job.csv_file.keep),
         url_col=job.csv_file.url_col,
         id_col=job.csv_file.id_col,
-        rows=job.plan.rows,
+        rows=job.total_rows,
         status_counts=dict(sorted(job.counts.items())),
         partition_rows=job.options.partition_rows,
         batch_size=job.options.batch_size,
@@ -486,7 +557,7 @@ def seal(job: ExtractionJob, seconds: float, slot_seconds: float) -> Source:
         seconds=round(seconds, 3),
         images_per_second=round(ok_new / seconds, 2) if seconds else None,
         stages=_stage_summary(
-            job.stage_seconds, ok_new, job.plan.rows - job.done_rows, slot_seconds
+            job.stage_seconds, ok_new, job.total_rows - job.done_rows, slot_seconds
         ),
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         versions=_versions(),
@@ -514,8 +585,8 @@ def reuse_complete(
 
 
 def _check_no_append_pending(path: Location, options: ExtractOptions) -> None:
-    """`--append` needs a source to add to; `--resume` and `--retry-failed` cover the rows of
-    the CSV a source was made from, so they refuse one with an append in progress or done."""
+    """`--append` needs a source to add to; `--resume` and `--retry-failed` refuse a source
+    with an append in progress (running that append again finishes it)."""
     if options.append and not (path / PLAN).is_file():
         open_source(str(path.parent), path.name)  # no such source: its one-line error
     appends = read_appends(path)
@@ -527,11 +598,35 @@ def _check_no_append_pending(path: Location, options: ExtractOptions) -> None:
             f"an append to {path.name!r} of {pending[-1]['from']} was interrupted; finish it "
             f"by running that append again ({opt('append')})"
         )
-    if options.retry_failed:
-        raise StoreError(
-            f"{path.name!r} has rows appended; {opt('retry_failed')} does not cover them yet: "
-            f"extract the failed rows again as a source of their own"
-        )
+
+
+def _appended_csvs(path: Location, csv_options: CsvOptions) -> list[Appended]:
+    """The CSVs the appends to the source at `path` read, in order, for a retry of their
+    failed rows; a one-line error for one that is gone."""
+    appended = []
+    for record in read_appends(path):
+        try:
+            csv_file = inspect_csv(record["from"], csv_options)
+        except InputError as exc:
+            raise InputError(
+                f"rows {record['first_row']}-{record['first_row'] + record['rows'] - 1} of "
+                f"{path.name!r} were appended from a CSV that cannot be read again: {exc}"
+            ) from None
+        appended.append(Appended(csv_file, record["first_row"], record["rows"]))
+    return appended
+
+
+def _as_stored_csv(path: Location, plan: SourcePlan) -> SourcePlan:
+    """`plan` with the CSV and row count of the source at `path`'s own plan: the options of
+    another CSV (an append's) checked against those the source was made with."""
+    stored = stored_plan(path)
+    return replace(
+        plan,
+        csv=stored["csv"],
+        rows=stored["rows"],
+        csv_bytes=stored.get("csv_bytes"),
+        csv_mtime_ns=stored.get("csv_mtime_ns"),
+    )
 
 
 def _check_append(
@@ -539,17 +634,8 @@ def _check_append(
 ) -> None:
     """An append takes the options the source was made with (`adopt_plan`): a given one that
     differs is refused in one line, before any cluster starts."""
-    stored = stored_plan(path)
-    plan = source_plan(csv_file, options, weights, stored["rows"], get_spec(options.model).dim)
-    check_plan(
-        path,
-        replace(
-            plan,
-            csv=stored["csv"],
-            csv_bytes=stored.get("csv_bytes"),
-            csv_mtime_ns=stored.get("csv_mtime_ns"),
-        ),
-    )
+    plan = source_plan(csv_file, options, weights, 1, get_spec(options.model).dim)
+    check_plan(path, _as_stored_csv(path, plan))
 
 
 def adopt_plan(

@@ -15,7 +15,7 @@ from distributed import get_task_stream
 
 from imgsim_dask import extract, import_features, match_sources, open_source
 from imgsim_dask.errors import InputError, OptionError, StoreError
-from imgsim_dask.options import MatchOptions
+from imgsim_dask.options import FetchOptions, MatchOptions
 from imgsim_dask.store import APPENDS, SourceAppender, read_parquet
 
 from support.cli import imgsim
@@ -262,5 +262,80 @@ def test_extract_append_refuses_what_it_cannot_add(client, image_dir, tmp_path):
         extract(first, "p", store, cluster=client, resume=True)
     finished = extract(more, "p", store, cluster=client, append=True)
     assert finished.meta.rows == 8
-    with pytest.raises(StoreError, match="has rows appended; retry_failed does not cover them"):
-        extract(first, "p", store, cluster=client, retry_failed=True)
+
+
+@pytest.mark.cluster
+def test_retry_failed_fetches_the_failed_rows_of_every_appended_csv_again(
+    client, image_server, tmp_path
+):
+    """6 rows, then 5 appended (rows 6-7 top up partition 1): rows that met a 503 in either
+    CSV, two of them in the shared partition, are fetched again from their own CSV once the
+    server recovers, and only they; the source ends as one clean extraction of both."""
+    server, base = image_server, image_server.base_url
+    server.down.set()  # /flaky/ paths answer 503 while set
+    first_urls = [f"{base}/{n}.jpg" for n in ("chelsea", "coffee", "rocket", "astronaut", "camera")]
+    first_urls[1] = f"{base}/flaky/coffee.jpg?csv=first"
+    first_urls.append(f"{base}/flaky/rocket.jpg?csv=first")  # row 5, partition 1
+    more_urls = [f"{base}/astronaut.jpg", f"{base}/flaky/camera.jpg?csv=more"]  # row 7: partition 1
+    more_urls += [f"{base}/missing.jpg", f"{base}/flaky/chelsea.jpg?csv=more", f"{base}/coffee.jpg"]
+    (tmp_path / "later").mkdir()
+    first, more = tmp_path / "first.csv", tmp_path / "later" / "more.csv"
+    pd.DataFrame({"sku": range(6), "url": first_urls}).to_csv(first, index=False)
+    pd.DataFrame({"sku": range(6, 11), "url": more_urls}).to_csv(more, index=False)
+    store = str(tmp_path / "store")
+    options = dict(cluster=client, fetch=FetchOptions(retries=0))
+    extract(str(first), "p", store, **EXTRACT, **options)
+    grown = extract(str(more), "p", store, append=True, **options)
+    failed = grown.rows()["status"].tolist()
+    assert [i for i, s in enumerate(failed) if s == "http_5xx"] == [1, 5, 7, 9]
+    untouched = grown.features[:][[0, 2, 3, 4, 6, 10]]
+
+    server.down.clear()
+    server.hits.clear()
+    retried = extract(str(first), "p", store, retry_failed=True, **options)
+    assert sorted(server.hits.elements()) == sorted(
+        [
+            "/flaky/coffee.jpg?csv=first",
+            "/flaky/rocket.jpg?csv=first",
+            "/flaky/camera.jpg?csv=more",
+            "/flaky/chelsea.jpg?csv=more",
+        ]
+    )
+    statuses = retried.rows()["status"].tolist()
+    assert statuses == ["ok"] * 8 + ["http_404", "ok", "ok"]
+    assert retried.meta.rows == 11 and retried.meta.status_counts == {"http_404": 1, "ok": 10}
+    assert retried.rows()["sku"].tolist() == [str(i) for i in range(11)]
+    np.testing.assert_array_equal(retried.features[:][[0, 2, 3, 4, 6, 10]], untouched)
+    clean_csv = tmp_path / "clean.csv"
+    pd.DataFrame({"url": [u.replace("/flaky", "") for u in first_urls + more_urls]}).to_csv(
+        clean_csv, index=False
+    )
+    clean = extract(str(clean_csv), "clean", store, **EXTRACT, **options)
+    ok = [i for i, s in enumerate(statuses) if s == "ok"]
+    np.testing.assert_allclose(retried.features[:][ok], clean.features[:][ok], atol=1e-5)
+    assert [a["done"] for a in json.loads((retried.path / APPENDS).read_text())["appends"]] == [
+        True
+    ]
+
+    meta = (retried.path / "meta.json").read_bytes()
+    server.hits.clear()
+    extract(str(first), "p", store, retry_failed=True, **options)  # nothing left to retry
+    assert not server.hits and (retried.path / "meta.json").read_bytes() == meta
+
+    # a retry interrupted before it wrote a row (as `SourceWriter.reopen` leaves the source):
+    # --resume goes on with it, over the appended rows too
+    server.down.set()
+    extract(str(first), "q", store, **EXTRACT, **options)
+    extract(str(more), "q", store, append=True, **options)
+    server.down.clear()
+    (Path(store) / "q" / "retrying").touch()
+    (Path(store) / "q" / "meta.json").unlink()
+    resumed = extract(str(first), "q", store, resume=True, **options)
+    assert resumed.rows()["status"].tolist() == statuses and resumed.meta.rows == 11
+
+    more.write_text(more.read_text() + f"11,{base}/rocket.jpg\n")
+    with pytest.raises(InputError, match="more.csv: 6 rows, but 5 were appended from it"):
+        extract(str(first), "p", store, retry_failed=True, **options)
+    more.unlink()
+    with pytest.raises(InputError, match="rows 6-10 of 'p' were appended from a CSV that cannot"):
+        extract(str(first), "p", store, retry_failed=True, **options)
