@@ -71,9 +71,9 @@ from .store import (
 )
 
 logger = logging.getLogger(__name__)
-# rows up to which a plain local run's workers are threads of this process: measured in
-# docs/benchmarks.md, 1,024 images ran as fast in process as on worker processes
-IN_PROCESS_ROWS = 1024
+# rows up to which a plain local run's workers are threads of this process: worker
+# processes win from about 1,000 images on (docs/benchmarks.md, scripts/bench_startup.py)
+IN_PROCESS_ROWS = 256
 
 
 def extract(

@@ -4,7 +4,7 @@ worker processes, side by side.
     python scripts/bench_startup.py [--rows 1 64 256 1024] [--rounds 3]
         [--imgsim-args "--model efficientnet-lite0"]
 
-A CSV of up to `IN_PROCESS_ROWS` rows, read whole when it is inspected, runs on a local
+A CSV of up to `IN_PROCESS_ROWS` (256) rows, read whole when it is inspected, runs on a local
 cluster whose workers are threads of the command's process, with no dashboard. The other
 variant asks for the same local cluster with `--workers N` (N the default fetch-worker
 count), which starts worker processes and the dashboard as every job did before. Each
