@@ -650,15 +650,8 @@ def adopt_plan(
     made = {key: stored[key] for key in ("model", "partition_rows") if key in stored}
     made["descriptor"] = {**PLAN_KEYS_ADDED, **stored}["descriptor"].split("/")[0]
     if "weights" not in given and "model" not in given:
-        made["weights"] = stored.get("weights_file") or (
-            RANDOM if str(stored.get("weights", "")).startswith(RANDOM) else None
-        )
-    fetch_fields = {f.name for f in dataclasses.fields(FetchOptions)}
-    fetch: dict[str, Any] = {
-        key: tuple(value) if isinstance(value, list) else value
-        for key, value in {**FETCH_KEYS_ADDED, **stored.get("fetch", {})}.items()
-        if key in fetch_fields and key not in given
-    }
+        made["weights"] = made_weights(stored)
+    fetch = {key: value for key, value in made_fetch(stored).items() if key not in given}
     csv = {
         key: stored[key] for key in ("url_col", "id_col", "delimiter", "header") if key in stored
     }
@@ -673,6 +666,24 @@ def adopt_plan(
         csv_options, **{key: value for key, value in csv.items() if key not in given}
     )
     return options, csv_options
+
+
+def made_weights(stored: dict) -> str | None:
+    """The weights a source's plan.json says it was made with, as the option names them: a
+    file's path, `random`, or None (the model's own)."""
+    return stored.get("weights_file") or (
+        RANDOM if str(stored.get("weights", "")).startswith(RANDOM) else None
+    )
+
+
+def made_fetch(stored: dict) -> dict[str, Any]:
+    """The `FetchOptions` fields a source's plan.json records (JSON lists as tuples again)."""
+    fields = {f.name for f in dataclasses.fields(FetchOptions)}
+    return {
+        key: tuple(value) if isinstance(value, list) else value
+        for key, value in {**FETCH_KEYS_ADDED, **stored.get("fetch", {})}.items()
+        if key in fields
+    }
 
 
 def source_plan(

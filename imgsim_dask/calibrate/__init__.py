@@ -18,7 +18,6 @@ import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -28,10 +27,11 @@ from PIL import Image, ImageOps
 from ..cluster import GPU, NET, Cluster, connect, require_workers, workers_with
 from ..decode import decode_image, sniff_format
 from ..descriptor import DESCRIPTORS
+from ..driver import made_fetch, made_weights
 from ..embed import ModelPlugin, embed_pixels
 from ..errors import InputError, OptionError, opt
 from ..fetch import read_source
-from ..models import RANDOM, get_spec, resolve_weights
+from ..models import get_spec, resolve_weights
 from ..options import TASK_RETRIES, FetchOptions
 from ..pairs import default_threshold
 from ..schema import OK, RowFailure
@@ -165,22 +165,16 @@ def _distinct(candidates: pd.DataFrame, features, limit: int, below: float) -> p
 def _how_made(source: Source) -> tuple[FetchOptions, object, str]:
     """The fetch options, weights and pooling the source was made with (its plan)."""
     plan = stored_plan(source.path)
-    known = {f.name for f in dataclasses.fields(FetchOptions)}
-    fetched: dict[str, Any] = {
-        k: tuple(v) if isinstance(v, list) else v for k, v in plan["fetch"].items()
-    }
     descriptor = DESCRIPTORS[source.meta.descriptor.split("/")[0]]
     spec = get_spec(source.meta.model)
     base_dir = "" if "://" in plan["csv"] else str(Path(plan["csv"]).parent)
     fetch = FetchOptions(
-        **{k: v for k, v in fetched.items() if k in known},
+        **made_fetch(plan),
         image_size=spec.image_size,
         trim_borders=descriptor.trim_borders,
         base_dir=base_dir,
     )
-    named = plan.get("weights_file") or (
-        RANDOM if str(plan.get("weights", "")).startswith(RANDOM) else None
-    )
+    named = made_weights(plan)
     return fetch, resolve_weights(source.meta.model, named), descriptor.pooling
 
 
