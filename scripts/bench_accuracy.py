@@ -140,7 +140,8 @@ def decoded(files: list[str], size: int, trim: bool) -> np.ndarray:
 
 
 def feature_maps(model_name: str, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
-    """The model's last feature map (before pooling) for uint8 pixels, via imgsim's runtime."""
+    """The model's last feature map (before pooling) for uint8 pixels, via imgsim's runtime;
+    pixels of another size than the model's go through its layers at their size."""
     import keras
 
     from imgsim_dask.models import build_model, resolve_weights
@@ -148,6 +149,12 @@ def feature_maps(model_name: str, pixels: np.ndarray, batch: int = 32) -> np.nda
 
     model = build_model(resolve_weights(model_name, None), tempfile.gettempdir())
     trunk = keras.Model(model.input, model.layers[-1].input)
+    if pixels.shape[1] != trunk.input_shape[1]:  # (efficientnet-lite0 only)
+        from imgsim_dask.models.efficientnet_lite import build_efficientnet_lite0
+
+        resized = build_efficientnet_lite0(image_size=pixels.shape[1])
+        resized.set_weights(model.get_weights())
+        trunk = keras.Model(resized.input, resized.layers[-1].input)
     predictor = make_predictor(trunk)
     out = []
     for start in range(0, len(pixels), batch):
@@ -307,6 +314,9 @@ def main() -> None:
     parser.add_argument("--per-edit", type=int, default=2)
     parser.add_argument("--combos", type=int, default=4)
     parser.add_argument("--tool", action="store_true", help="also run imgsim end to end")
+    parser.add_argument(
+        "--image-size", type=int, help="decode to this many pixels a side (default: the model's)"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-results/accuracy.json"))
     args = parser.parse_args()
 
@@ -318,7 +328,7 @@ def main() -> None:
     counts = table["kind"].value_counts().to_dict()
     print(f"set: {len(table)} images ({counts}), seed {args.seed}, in {work}")
     files = table["file"].tolist()
-    size = get_spec(args.model).image_size
+    size = args.image_size or get_spec(args.model).image_size
 
     started = time.perf_counter()
     trimmed = decoded(files, size, trim=True)

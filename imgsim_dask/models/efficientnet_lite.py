@@ -132,8 +132,11 @@ def _relu6(x, name: str):
     return layers.ReLU(max_value=6.0, name=name)(x)
 
 
-def build_efficientnet_lite0(include_top: bool = False, pooling: str = "avg") -> keras.Model:
-    """Build (unweighted) EfficientNet-Lite0 for raw 0..255 RGB 224x224 input.
+def build_efficientnet_lite0(
+    include_top: bool = False, pooling: str = "avg", image_size: int = IMAGE_SIZE
+) -> keras.Model:
+    """Build (unweighted) EfficientNet-Lite0 for raw 0..255 RGB input, 224x224 unless
+    `image_size` says otherwise (the weights fit any size).
 
     Output: 1280-d features, the last feature map pooled by `pooling` (`models.pooling`),
     or 1000 ImageNet logits when ``include_top`` is true (average pooling).
@@ -141,7 +144,7 @@ def build_efficientnet_lite0(include_top: bool = False, pooling: str = "avg") ->
     import keras
     from keras import layers
 
-    inputs = keras.Input(shape=INPUT_SHAPE, dtype="float32", name="image")
+    inputs = keras.Input(shape=(image_size, image_size, 3), dtype="float32", name="image")
     x = layers.Rescaling(1.0 / PIXEL_STD, offset=-PIXEL_MEAN / PIXEL_STD, name="normalize")(inputs)
 
     x, pad = _conv_input(x, 3, 2, "stem_conv")
