@@ -14,9 +14,6 @@ Results go to `bench-results/input-size.json`.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_peers import image_set
+from bench_peers import image_set, save_result
 
 BATCH = 32
 
@@ -92,13 +89,7 @@ def main() -> None:
     for size, b in best.items():
         print(f"{size:4d}  {b['model_images_s']:21.1f}  {b['decode_ms']:16.2f}  "
               f"{b['ms']:21.2f}  {first / b['ms']:7.2f}x")  # fmt: skip
-    result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "command": " ".join(sys.argv), "runs": runs, "best": best,
-    }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"written: {args.out}")
+    save_result(args.out, {"runs": runs, "best": best})
 
 
 if __name__ == "__main__":

@@ -173,16 +173,21 @@ def main() -> None:
     best = {t: min(r["whole"] for r in runs if r["tool"] == t) for t in ("fastdup", "imgsim")}
     print(f"best whole-process: fastdup {best['fastdup']:.1f} s, imgsim {best['imgsim']:.1f} s; "
           f"imgsim's throughput is {best['fastdup'] / best['imgsim']:.2f}x fastdup's")  # fmt: skip
-    result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "command": " ".join(sys.argv), "images": len(table), "runs": runs, "best": best,
-    }  # fmt: skip
+    result: dict = {"images": len(table), "runs": runs, "best": best}
     if args.accuracy:
         result["accuracy"] = accuracy(args.fastdup_python, work, extra)
         print("AP on the accuracy set:", json.dumps(result["accuracy"]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"written: {args.out}")
+    save_result(args.out, result)
+
+
+def save_result(path: Path, result: dict) -> None:
+    """Write a benchmark's `result` as JSON, with the machine and the command line."""
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        json.dumps({"machine": machine, "command": " ".join(sys.argv), **result}, indent=1)
+    )
+    print(f"written: {path}")
 
 
 if __name__ == "__main__":

@@ -16,9 +16,7 @@ the model cache (`$KERAS_HOME/imgsim/openvino`) and is not counted. Results go t
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -26,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_extract import make_images
-from bench_peers import IMGSIM, timed
+from bench_peers import IMGSIM, save_result, timed
 
 
 def main() -> None:
@@ -73,13 +71,7 @@ def main() -> None:
         print(
             f"{rows:5d} " + "  ".join(f"{best[v]:20.2f} s" for v in variants) + f"  {ratio:5.2f}x"
         )
-    result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "command": " ".join(sys.argv), "runs": runs, "best": table,
-    }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"written: {args.out}")
+    save_result(args.out, {"runs": runs, "best": table})
 
 
 if __name__ == "__main__":
