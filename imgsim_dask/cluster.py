@@ -27,6 +27,7 @@ from distributed.security import Security
 from .about import PACKAGE, VERSION
 from .errors import ImgsimError
 from .options import ClusterOptions, OptionError, opt
+from .workerinit import CLOSING_NOISE
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +151,10 @@ def connect(cluster: Cluster = None, *, small: bool = False) -> Iterator[Client]
                     f"for a remote scheduler: pass {opt('scheduler')} "
                     f"tls://HOST:PORT or {opt('scheduler_file')} too"
                 )
+            if in_process:  # its workers log to this process (see workerinit)
+                workers_log = logging.getLogger("distributed.worker")
+                workers_log.addFilter(CLOSING_NOISE)
+                stack.callback(workers_log.removeFilter, CLOSING_NOISE)
             with _hold_sigint():  # Ctrl-C here would leave a half-started cluster behind
                 local = stack.enter_context(
                     local_cluster(options.workers, options.dashboard_address, in_process)

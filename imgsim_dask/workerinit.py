@@ -5,10 +5,12 @@ A terminal's Ctrl-C reaches the whole process group, the worker processes includ
 driver cancels the work and closes the cluster, so a worker that took it too only died first,
 with a KeyboardInterrupt traceback of its own (and its nanny's errors).
 
-When the driver closes the local cluster, a worker's heartbeat can be in flight as the
-scheduler goes, and distributed logs that as an error with a 30-line traceback. The local
-scheduler is only ever gone because the driver is closing it (or has died, and the nannies
-end the workers then), so those lines are dropped here, and only here.
+When the driver closes the local cluster, distributed can log two races as errors with
+30-line tracebacks: a worker's heartbeat in flight as the scheduler goes, and a worker
+sending a result to a peer that is closing (`get_data`). The local scheduler and its workers
+only ever go because the driver is closing them (or has died, and the nannies end the
+workers then), and a transfer that fails is the receiving side's to retry, so those two
+records are dropped here, and only on local workers (`CLOSING_NOISE`).
 """
 
 import logging
@@ -16,14 +18,18 @@ import signal
 import threading
 
 HEARTBEAT_LOST = "Failed to communicate with scheduler during heartbeat"
+PEER_GONE = "failed during get data with"
 
 
-class _DropLostHeartbeat(logging.Filter):
+class _DropClosingNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(HEARTBEAT_LOST)
+        return not str(record.msg).startswith((HEARTBEAT_LOST, PEER_GONE))
+
+
+CLOSING_NOISE = _DropClosingNoise()  # on `distributed.worker` of local workers' processes
 
 
 def dask_setup(worker) -> None:
-    logging.getLogger("distributed.worker").addFilter(_DropLostHeartbeat())
+    logging.getLogger("distributed.worker").addFilter(CLOSING_NOISE)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
