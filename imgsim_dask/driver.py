@@ -634,7 +634,8 @@ def _check_append(
 ) -> None:
     """An append takes the options the source was made with (`adopt_plan`): a given one that
     differs is refused in one line, before any cluster starts."""
-    plan = source_plan(csv_file, options, weights, 1, get_spec(options.model).dim)
+    dim = get_spec(options.model).dim
+    plan = source_plan(csv_file, options, weights, 1, dim)  # (its CSV and rows: the stored)
     check_plan(path, _as_stored_csv(path, plan))
 
 
