@@ -271,7 +271,8 @@ def info(name: str | None, store: str) -> None:
     meta = source.meta
     click.echo(
         f"name      {meta.name}\npath      {source.path}\nmodel     {meta.model} "
-        f"({meta.dim}-d, weights: {meta.weights})\ndescriptor {meta.descriptor}\n"
+        f"({meta.dim}-d, weights: {meta.weights})\ndescriptor {meta.descriptor}"
+        f"{f' at {meta.image_size} px' if meta.image_size else ''}\n"
         f"threshold {_threshold_shown(source)}\nrows      {meta.rows}"
     )
     for status, count in source.status_counts().items():

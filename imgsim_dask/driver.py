@@ -172,7 +172,12 @@ def extract_on(
             len(job.writer.done),
             len(job.partitions),
         )
-    plugin = ModelPlugin(weights, options.runtime, options.resolved_descriptor().pooling)
+    plugin = ModelPlugin(
+        weights,
+        options.runtime,
+        options.resolved_descriptor().pooling,
+        options.resolved_image_size(),
+    )
     client.register_plugin(plugin)
     fetch_resources = {NET: 1} if workers_with(client, NET) else None
     window = 2 * len(gpu_workers) + _fetch_slots(client, fetch_resources) + 2
@@ -391,7 +396,7 @@ def plan_extraction(
         done_rows = done_rows[~done_rows["row"].isin(failed)]
     fetch = replace(
         options.fetch,
-        image_size=spec.image_size,
+        image_size=options.resolved_image_size(),
         trim_borders=options.resolved_descriptor().trim_borders,
         base_dir=csv_file.base_dir,
     )
@@ -541,8 +546,9 @@ def seal(job: ExtractionJob, seconds: float, slot_seconds: float) -> Source:
         name=job.name,
         model=job.options.model,
         dim=spec.dim,
-        threshold=spec.thresholds.get(descriptor.name),
+        threshold=spec.threshold_for(descriptor.name, job.options.resolved_image_size()),
         descriptor=descriptor.key,
+        image_size=job.options.resolved_image_size(),
         weights=job.weights.description,
         weights_sha256=job.weights.sha256,
         csv=job.plan.csv,
@@ -650,6 +656,7 @@ def adopt_plan(
     stored = stored_plan(path)
     made = {key: stored[key] for key in ("model", "partition_rows") if key in stored}
     made["descriptor"] = {**PLAN_KEYS_ADDED, **stored}["descriptor"].split("/")[0]
+    made["image_size"] = {**PLAN_KEYS_ADDED, **stored}["image_size"]
     if "weights" not in given and "model" not in given:
         made["weights"] = made_weights(stored)
     fetch = {key: value for key, value in made_fetch(stored).items() if key not in given}
@@ -728,6 +735,7 @@ def source_plan(
         delimiter=csv_file.delimiter,
         header=csv_file.header,
         descriptor=options.resolved_descriptor().key,
+        image_size=options.resolved_image_size(),
         csv_bytes=size,
         csv_mtime_ns=mtime,
         weights_file=weights_file,

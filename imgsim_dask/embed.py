@@ -25,13 +25,14 @@ from .schema import OK
 class ModelPlugin(WorkerPlugin):
     """Carries the weights to every worker and holds the model once built."""
 
-    idempotent = True  # registering the same weights, runtime and pooling again is a no-op
+    idempotent = True  # registering the same model again is a no-op
 
-    def __init__(self, weights: Weights, runtime: str = "auto", pooling: str = "avg"):
+    def __init__(self, weights: Weights, runtime: str, pooling: str, image_size: int):
         self.weights = weights
         self.runtime = runtime
         self.pooling = pooling
-        self.name = f"imgsim-model-{weights.token}-{runtime}-{pooling}"
+        self.image_size = image_size
+        self.name = f"imgsim-model-{weights.token}-{runtime}-{pooling}-{image_size}"
         self._unbuilt()
 
     def _unbuilt(self) -> None:
@@ -44,6 +45,7 @@ class ModelPlugin(WorkerPlugin):
             "weights": self.weights,
             "runtime": self.runtime,
             "pooling": self.pooling,
+            "image_size": self.image_size,
             "name": self.name,
         }
 
@@ -60,12 +62,12 @@ class ModelPlugin(WorkerPlugin):
             if self._predictor is None:
                 with filtered_native_stderr():  # TensorFlow's start-up chatter
                     self._predictor = load_predictor(
-                        self.weights, self.pooling, self.runtime, self._build
+                        self.weights, self.pooling, self.image_size, self.runtime, self._build
                     )
             return self._predictor
 
     def _build(self):
-        return build_model(self.weights, self._workdir, self.pooling)
+        return build_model(self.weights, self._workdir, self.pooling, self.image_size)
 
 
 def batch_rows(images: int, batch_size: int) -> int:

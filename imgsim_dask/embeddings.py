@@ -102,6 +102,7 @@ def import_features(
             dim=dim,
             threshold=threshold,  # None: no default threshold
             descriptor=IMPORTED_DESCRIPTOR,
+            image_size=None,
             weights=f"{IMPORTED}: {descriptor}",
             weights_sha256="",
             csv=plan.csv,

@@ -173,7 +173,8 @@ class FetchOptions:
         "Store a small JPEG of each ok row in the source, for `imgsim review`.",
         flag="--thumbnails/--no-thumbnails",
     )
-    # set by the extraction from the model, its descriptor and the CSV
+    # set by the extraction from its options (`ExtractOptions.resolved_image_size`), its
+    # descriptor and the CSV
     image_size: int = option(
         get_spec(DEFAULT_MODEL).image_size, "Model input size.", cli=False, minimum=1
     )
@@ -218,6 +219,14 @@ class ExtractOptions:
         "first) [default: the model's: avg for mobilenet, rmac-trim for efficientnet-lite0].",
         choices=tuple(DESCRIPTORS),
     )
+    image_size: int | None = option(
+        None,
+        "Model input, pixels a side: smaller is faster (160 halves the model's time at the "
+        "same AP on the accuracy benchmark, docs/accuracy.md); sources of different sizes "
+        "do not match [default: the model's, 224].",
+        minimum=32,
+        metavar="PIXELS",
+    )
     batch_size: int = option(64, "Images per model call.", minimum=1)
     runtime: str = option(
         "auto",
@@ -250,6 +259,10 @@ class ExtractOptions:
     def resolved_descriptor(self) -> Descriptor:
         """The descriptor asked for, or the model's default."""
         return DESCRIPTORS[self.descriptor or get_spec(self.model).default_descriptor]
+
+    def resolved_image_size(self) -> int:
+        """The input size asked for, or the model's."""
+        return self.image_size or get_spec(self.model).image_size
 
     def __post_init__(self) -> None:
         if isinstance(self.fetch, dict):

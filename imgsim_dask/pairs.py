@@ -550,7 +550,8 @@ def default_threshold(source: Source) -> tuple[float | None, str]:
         return float(meta.calibration["threshold"]), f"imgsim calibrate of {source.name}"
     if meta.threshold is None:
         reason = "its vectors were imported" if meta.descriptor == IMPORTED else (
-            f"none was measured for {meta.model} with descriptor {meta.descriptor}"
+            f"none was measured for {meta.model} with descriptor {meta.descriptor} at "
+            f"{meta.image_size} px"
         )  # fmt: skip
         return None, reason
     if meta.descriptor == IMPORTED:
@@ -571,6 +572,12 @@ def _check_compatible(first: Source, second: Source) -> None:
             f"(descriptor {b.descriptor}): extract one again with {opt('descriptor')} "
             f"{b.descriptor.split('/')[0]} (or the other with {a.descriptor.split('/')[0]}) "
             f"and {opt('overwrite')}"
+        )
+    if a.image_size != b.image_size:
+        raise InputError(
+            f"cannot match {first.name} ({a.image_size} px model input) with {second.name} "
+            f"({b.image_size} px): extract one again with {opt('image_size')} {b.image_size} "
+            f"(or the other with {a.image_size}) and {opt('overwrite')}"
         )
     # where a side has no hash (random weights, or package weights stored before they had
     # one), the descriptions decide

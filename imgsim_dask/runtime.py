@@ -10,7 +10,7 @@
 Both take pixels 0..255 of shape (batch, size, size, 3) as `input_dtype` and return float32
 features.
 
-The exported IR is cached per model, weights, pooling and code (`ir_cache_dir`), and
+The exported IR is cached per model, weights, pooling, input size and code (`ir_cache_dir`), and
 OpenVINO caches the compiled model beside it, so the second command on a machine neither
 builds the Keras model (nor imports TensorFlow) nor compiles again (`load_predictor`).
 """
@@ -110,9 +110,9 @@ def ir_cache_dir() -> Path:
     return keras_cache_dir() / "imgsim" / "openvino"
 
 
-def ir_key(weights: Weights, pooling: str) -> str:
-    """The cache entry of a model: its weights, pooling, the code that builds it and the
-    versions that export it. Any change makes a new entry; nothing stale is ever read."""
+def ir_key(weights: Weights, pooling: str, image_size: int) -> str:
+    """The cache entry of a model: its weights, pooling, input size, the code that builds it
+    and the versions that export it. Any change makes a new entry; nothing stale is read."""
     package = Path(__file__).parent
     code = hashlib.sha256()
     for path in [*sorted((package / "models").rglob("*.py")), package / "descriptor.py"]:
@@ -121,6 +121,7 @@ def ir_key(weights: Weights, pooling: str) -> str:
         "format": IR_FORMAT,
         "weights": weights.token,
         "pooling": pooling,
+        "image_size": image_size,
         "code": code.hexdigest(),
         "versions": [_version(p) for p in ("openvino", "keras", "tensorflow")],
     }
@@ -135,12 +136,12 @@ def _version(package: str) -> str:
 
 
 def cached_openvino(
-    weights: Weights, pooling: str, build: Callable[[], keras.Model]
+    weights: Weights, pooling: str, image_size: int, build: Callable[[], keras.Model]
 ) -> OpenVINOPredictor:
     """The OpenVINO predictor of a model, from its cached IR where one exists; else `build()`
     is called, exported and cached (atomically: workers on one machine may race). A cache
     that cannot be written is only logged: the IR is then compiled from a temporary copy."""
-    entry = ir_cache_dir() / f"{weights.model}-{ir_key(weights, pooling)}"
+    entry = ir_cache_dir() / f"{weights.model}-{ir_key(weights, pooling, image_size)}"
     compiled = str(ir_cache_dir() / "compiled")
     if (entry / "model.xml").is_file():
         return OpenVINOPredictor(str(entry / "model.xml"), compiled)
@@ -216,10 +217,14 @@ def make_predictor(model: keras.Model, runtime: str = "auto") -> Predictor:
 
 
 def load_predictor(
-    weights: Weights, pooling: str, runtime: str, build: Callable[[], keras.Model]
+    weights: Weights,
+    pooling: str,
+    image_size: int,
+    runtime: str,
+    build: Callable[[], keras.Model],
 ) -> Predictor:
     """The predictor of a model under `runtime` on this worker; `build()` makes its Keras
     model, called only where no cached IR serves (`cached_openvino`)."""
     if resolve_runtime(runtime) == "openvino":
-        return cached_openvino(weights, pooling, build)
+        return cached_openvino(weights, pooling, image_size, build)
     return KerasPredictor(build())

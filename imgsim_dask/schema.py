@@ -24,8 +24,9 @@ RESERVED_COLUMNS = (ROW, *STATUS_COLUMNS, THUMBNAIL, INGEST_ERROR)
 # plan.json `fetch` keys added since stores were first written, with the value that a store
 # written before the key existed had in effect (a plan without the key means that value)
 FETCH_KEYS_ADDED = {"thumbnails": False}
+LEGACY_IMAGE_SIZE = 224  # every model's input size before sources recorded it
 # plan.json keys added since, likewise
-PLAN_KEYS_ADDED = {"descriptor": LEGACY_DESCRIPTOR}
+PLAN_KEYS_ADDED = {"descriptor": LEGACY_DESCRIPTOR, "image_size": LEGACY_IMAGE_SIZE}
 
 OK = "ok"
 # Failures worth fetching again later (the server or network may do better next time).
@@ -64,6 +65,7 @@ class SourcePlan:
     delimiter: str
     header: bool
     descriptor: str = LEGACY_DESCRIPTOR  # `Descriptor.key`
+    image_size: int = LEGACY_IMAGE_SIZE  # the model's input, pixels a side
     csv_bytes: int | None = None
     csv_mtime_ns: int | None = None
     weights_file: str | None = None
@@ -113,6 +115,7 @@ class SourceMeta:
     versions: dict[str, str]
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     descriptor: str = LEGACY_DESCRIPTOR  # `Descriptor.key`; "imported" for imported vectors
+    image_size: int | None = LEGACY_IMAGE_SIZE  # the model's input; None for imported vectors
     calibration: dict[str, Any] | None = None  # `imgsim calibrate --save`: its threshold, how
     format_version: int = FORMAT_VERSION
 

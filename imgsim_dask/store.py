@@ -243,6 +243,8 @@ class Source:
                 )
                 h5.attrs["model"] = self.meta.model
                 h5.attrs["descriptor"] = self.meta.descriptor
+                if self.meta.image_size is not None:
+                    h5.attrs["image_size"] = self.meta.image_size
                 h5.create_dataset("rows", data=rows.loc[ok, "row"].to_numpy(np.int64))
                 written, step = 0, features.chunks[0]
                 for start in range(0, features.shape[0], step):
@@ -734,6 +736,7 @@ PLAN_OPTIONS = {
     "model": "model",
     "weights": "weights",
     "descriptor": "descriptor",
+    "image_size": "image_size",
     "partition_rows": "partition_rows",
     "fields": "cols",
     "url_col": "url_col",

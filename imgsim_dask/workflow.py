@@ -143,12 +143,13 @@ def csv_options_per_csv(csv_options: CsvOptions, count: int) -> list[CsvOptions]
 
 
 def _same_model(jobs: list, store: str, given: set[str]) -> list:
-    """A source to be made anew takes the model, weights and descriptor of the other, stored
-    one when the caller named none of them, so that the two can be matched."""
+    """A source to be made anew takes the model, weights, descriptor and input size of the
+    other, stored one when the caller named none of them, so that the two can be matched."""
     made = [options for _, name, options, _ in jobs if (store_path(store) / name / PLAN).is_file()]
-    if not made or given & {"model", "weights", "descriptor"}:
+    how = ("model", "weights", "descriptor", "image_size")
+    if not made or given & set(how):
         return jobs
-    taken = {key: getattr(made[0], key) for key in ("model", "weights", "descriptor")}
+    taken = {key: getattr(made[0], key) for key in how}
     return [
         (csv, name, options, per_csv)
         if (store_path(store) / name / PLAN).is_file()

@@ -103,6 +103,9 @@ def report(table: pd.DataFrame, similarity: np.ndarray, threshold: float | None)
     for task in ("match", "dedupe"):
         ia, ib, truth = pair_labels(table, task)
         out[task]["at"] = at_threshold(similarity[ia, ib], truth, chosen)
+        out[task]["sweep"] = [
+            at_threshold(similarity[ia, ib], truth, t) for t in np.arange(0.55, 0.755, 0.01)
+        ]  # (what a threshold of its own would give, for choosing one)
     out["per_edit"] = per_edit(table, similarity)
     out["negatives"] = top_negatives(table, similarity)
     return out
@@ -141,20 +144,15 @@ def decoded(files: list[str], size: int, trim: bool) -> np.ndarray:
 
 def feature_maps(model_name: str, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
     """The model's last feature map (before pooling) for uint8 pixels, via imgsim's runtime;
-    pixels of another size than the model's go through its layers at their size."""
+    the model is built for the pixels' size."""
     import keras
 
     from imgsim_dask.models import build_model, resolve_weights
     from imgsim_dask.runtime import make_predictor
 
-    model = build_model(resolve_weights(model_name, None), tempfile.gettempdir())
+    weights, size = resolve_weights(model_name, None), pixels.shape[1]
+    model = build_model(weights, tempfile.gettempdir(), "avg", size)
     trunk = keras.Model(model.input, model.layers[-1].input)
-    if pixels.shape[1] != trunk.input_shape[1]:  # (efficientnet-lite0 only)
-        from imgsim_dask.models.efficientnet_lite import build_efficientnet_lite0
-
-        resized = build_efficientnet_lite0(image_size=pixels.shape[1])
-        resized.set_weights(model.get_weights())
-        trunk = keras.Model(resized.input, resized.layers[-1].input)
     predictor = make_predictor(trunk)
     out = []
     for start in range(0, len(pixels), batch):
@@ -204,8 +202,9 @@ def phash_similarity(files: list[str]) -> np.ndarray:
 # --- the tool, end to end ----------------------------------------------------------------------
 
 
-def through_the_tool(table: pd.DataFrame, work: Path, model: str) -> dict:
-    """`imgsim extract` + `match` + `dedupe` with the defaults, scored from their pairs."""
+def through_the_tool(table: pd.DataFrame, work: Path, model: str, image_size: int) -> dict:
+    """`imgsim extract` + `match` + `dedupe` with the defaults (but the input size), scored
+    from their pairs."""
     from imgsim_dask import extract, match_sources
 
     store = work / "store"
@@ -221,7 +220,10 @@ def through_the_tool(table: pd.DataFrame, work: Path, model: str) -> dict:
     out: dict = {}
     started = time.perf_counter()
     for csv, name in ((originals_csv, "originals"), (others_csv, "others"), (all_csv, "all")):
-        source = extract(str(csv), name, str(store), url_col="file", model=model, overwrite=True)
+        source = extract(
+            str(csv), name, str(store), url_col="file", model=model, image_size=image_size,
+            overwrite=True,
+        )  # fmt: skip
         assert source.status_counts() == {"ok": source.meta.rows}, source.status_counts()
     out["extract_seconds"] = time.perf_counter() - started
     a_rows, b_rows = np.flatnonzero(~is_original), np.flatnonzero(is_original)
@@ -236,7 +238,7 @@ def through_the_tool(table: pd.DataFrame, work: Path, model: str) -> dict:
     truth = pair_labels(table, "dedupe")[2].sum()
     found = groups[deduped.pairs["row_a"]] == groups[deduped.pairs["row_b"]]
     out["dedupe"] = _precision_recall(found, truth, deduped.threshold)
-    out["seed_demo"] = seed_demo_pairs(store, model)
+    out["seed_demo"] = seed_demo_pairs(store, model, image_size)
 
     from imgsim_dask.calibrate import calibrate
     from imgsim_dask.store import open_source
@@ -261,7 +263,7 @@ def through_the_tool(table: pd.DataFrame, work: Path, model: str) -> dict:
 SEED_DEMO = Path(__file__).resolve().parents[2] / "shared" / "seed" / "demo"
 
 
-def seed_demo_pairs(store: Path, model: str) -> dict | None:
+def seed_demo_pairs(store: Path, model: str, image_size: int) -> dict | None:
     """The original's six demo covers self-matched at the default threshold: the pairs found
     and the same-cover pairs of its truth.csv (None where the seed is not beside the repo)."""
     from imgsim_dask import extract, match_sources
@@ -273,7 +275,10 @@ def seed_demo_pairs(store: Path, model: str) -> dict | None:
     csv = store.parent / "seed.csv"
     files = sorted(SEED_DEMO.glob("*.jpg"), key=lambda p: int(p.stem))
     pd.DataFrame({"file": [str(f) for f in files]}).to_csv(csv, index=False)
-    extract(str(csv), "seed", str(store), url_col="file", model=model, overwrite=True)
+    extract(
+        str(csv), "seed", str(store), url_col="file", model=model, image_size=image_size,
+        overwrite=True,
+    )  # fmt: skip
     found = match_sources("seed", "seed", str(store)).pairs
     pairs = sorted((int(a) + 1, int(b) + 1) for a, b in found[["row_a", "row_b"]].values)
     similarity = [round(float(v), 3) for v in found["similarity"]]
@@ -341,13 +346,13 @@ def main() -> None:
     spec = get_spec(args.model)
     results: dict[str, dict] = {}
     for name, features in descriptors(maps).items():
-        results[name] = report(table, features @ features.T, spec.thresholds.get(name))
+        results[name] = report(table, features @ features.T, spec.threshold_for(name, size))
     results["pHash (imagehash)"] = report(table, phash_similarity(files), None)
     if args.tool:
-        tool = through_the_tool(table, work, args.model)
+        tool = through_the_tool(table, work, args.model, size)
         features = tool.pop("features")
         results[f"imgsim extract ({spec.default_descriptor})"] = report(
-            table, features @ features.T, spec.threshold
+            table, features @ features.T, spec.threshold_for(spec.default_descriptor, size)
         )
         results["imgsim (tool)"] = tool
 

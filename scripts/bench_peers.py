@@ -1,7 +1,7 @@
 """imgsim against fastdup on one machine: whole-process seconds on the same local JPEGs.
 
     python scripts/bench_peers.py [--images 2100] [--rounds 2] [--accuracy]
-        [--fastdup-python /path/to/venv/bin/python] [--imgsim-args "--model efficientnet-lite0"]
+        [--fastdup-python /path/to/venv/bin/python] [--imgsim-args "--model efficientnet-lite0"]...
 
 Both tools read the same folder of JPEGs (the accuracy benchmark's set, `build_set`, with
 six copies per edit: 2,117 images, the first `--images` kept), one after the other in each
@@ -13,7 +13,8 @@ round, the order alternating between rounds:
   `SENTRY_OPT_OUT=1` inside `unshare -rn` (a network namespace with no interfaces), since it
   tries to send telemetry.
 - **imgsim**: `imgsim extract` (a CSV of the files, the default model) then `imgsim dedupe`
-  into a Parquet file, as two commands, on the embedded local cluster.
+  into a Parquet file, as two commands, on the embedded local cluster. Each
+  `--imgsim-args` (repeatable) is a variant of its own, run in every round.
 
 Each is timed as whole processes (interpreter start, imports, cluster start and all). With
 `--accuracy`, both tools' features of the accuracy benchmark's set (seed 0) are scored as in
@@ -126,6 +127,7 @@ def accuracy(python: str, work: Path, extra: list[str]) -> dict[str, dict[str, f
     from imgsim_dask.calibrate.benchmark import build_set
     from imgsim_dask.store import open_source
 
+    work.mkdir(parents=True, exist_ok=True)
     table = build_set(work / "accuracy-images", 0)
     run_fastdup(python, work / "accuracy-images", work / "accuracy-fastdup", work / "fd-features")
     files = json.loads((work / "fd-features.json").read_text())
@@ -145,37 +147,45 @@ def main() -> None:
                         help="an interpreter that imports fastdup (default: this one)")  # fmt: skip
     parser.add_argument(
         "--imgsim-args",
-        default="--model efficientnet-lite0",
-        help="options of imgsim extract (MobileNet's weights need a download)",
+        action="append",
+        help="options of imgsim extract, one variant each time given [default: --model "
+        "efficientnet-lite0] (MobileNet's weights need a download)",
     )
     parser.add_argument("--accuracy", action="store_true", help="also score both tools' AP")
     parser.add_argument("--out", type=Path, default=Path("bench-results/peers.json"))
     args = parser.parse_args()
     if shutil.which("unshare") is None:
         raise SystemExit("unshare (util-linux) is needed to run fastdup without a network")
-    extra = shlex.split(args.imgsim_args)
+    variants = {
+        "imgsim" if len(args.imgsim_args or []) < 2 else f"imgsim {given}": shlex.split(given)
+        for given in args.imgsim_args or ["--model efficientnet-lite0"]
+    }
 
     work = Path(tempfile.mkdtemp(prefix="imgsim-peers-"))
     table = image_set(work / "images", args.images)
     print(f"{len(table)} JPEGs in {work / 'images'}")
     runs: list[dict] = []
-    for round_ in range(args.rounds):
-        order = ("fastdup", "imgsim") if round_ % 2 == 0 else ("imgsim", "fastdup")
-        for tool in order:
+    tools = ["fastdup", *variants]
+    for round_ in range(args.rounds):  # each round starts with the next tool
+        for tool in tools[round_ % len(tools) :] + tools[: round_ % len(tools)]:
             if tool == "fastdup":
                 seconds = {"whole": run_fastdup(args.fastdup_python, work / "images", work / "fd")}
             else:
-                seconds = run_imgsim(table, work / "imgsim", extra)
+                seconds = run_imgsim(table, work / "imgsim", variants[tool])
                 seconds["whole"] = seconds["extract"] + seconds["dedupe"]
             runs.append({"round": round_, "tool": tool, **seconds})
             print(f"round {round_} {tool}: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
                   + f"  ({len(table) / seconds['whole']:.0f} images/s)", flush=True)  # fmt: skip
-    best = {t: min(r["whole"] for r in runs if r["tool"] == t) for t in ("fastdup", "imgsim")}
-    print(f"best whole-process: fastdup {best['fastdup']:.1f} s, imgsim {best['imgsim']:.1f} s; "
-          f"imgsim's throughput is {best['fastdup'] / best['imgsim']:.2f}x fastdup's")  # fmt: skip
+    best = {t: min(r["whole"] for r in runs if r["tool"] == t) for t in tools}
+    for tool in variants:
+        print(f"best whole-process: fastdup {best['fastdup']:.1f} s, {tool} {best[tool]:.1f} s; "
+              f"its throughput is {best['fastdup'] / best[tool]:.2f}x fastdup's")  # fmt: skip
     result: dict = {"images": len(table), "runs": runs, "best": best}
     if args.accuracy:
-        result["accuracy"] = accuracy(args.fastdup_python, work, extra)
+        result["accuracy"] = {
+            tool: accuracy(args.fastdup_python, work / f"accuracy-{i}", extra)
+            for i, (tool, extra) in enumerate(variants.items())
+        }
         print("AP on the accuracy set:", json.dumps(result["accuracy"]))
     save_result(args.out, result)
 

@@ -1,5 +1,5 @@
 """`imgsim calibrate` end to end on the local cluster, its refusals, `--save` feeding match,
-the edit family, and sources of different descriptors refused for matching."""
+the edit family, and sources of different descriptors or input sizes refused for matching."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 
 from imgsim_dask import extract, match_sources, open_source
-from imgsim_dask.calibrate import MIN_ROWS, calibrate
+from imgsim_dask.calibrate import MIN_ROWS, _how_made, calibrate
 from imgsim_dask.calibrate.benchmark import build_set, originals
 from imgsim_dask.calibrate.edits import SINGLE_EDITS, edited_copies, region
 from imgsim_dask.errors import InputError
+from imgsim_dask.models import get_spec
 
 from support.cli import assert_usage_error, imgsim
 from support.http import LoopbackServer
@@ -129,3 +130,32 @@ def test_sources_of_different_descriptors_are_refused_in_one_line(tmp_path, benc
         "avg/v1): extract one again with --descriptor avg (or the other with rmac-trim) "
         "and --overwrite"
     )
+
+
+@pytest.mark.slow
+def test_sources_of_different_input_sizes_are_refused_in_one_line(tmp_path, benchmark_dir, client):
+    """Each size has its own threshold and model (calibrate embeds copies at the source's
+    size); the same image at two sizes is similar, but not the same vector."""
+    store = tmp_path / "store"
+    with LoopbackServer(benchmark_dir) as server:
+        files = sorted(p.name for p in benchmark_dir.glob("*.jpg"))[:4]
+        write_csv(tmp_path / "a.csv", server, files)
+        a = extract(str(tmp_path / "a.csv"), "a", str(store), cluster=client, model=MODEL)
+        small = extract(str(tmp_path / "a.csv"), "small", str(store), cluster=client,
+                        model=MODEL, image_size=160)  # fmt: skip
+    assert (a.meta.image_size, small.meta.image_size) == (224, 160)
+    spec = get_spec(MODEL)
+    assert a.meta.threshold == spec.threshold
+    assert small.meta.threshold == spec.threshold_for("rmac-trim", 160) is not None
+    cosines = np.sum(np.asarray(a.features) * np.asarray(small.features), axis=1)
+    assert 0.8 < cosines.min() and cosines.max() < 0.9999, cosines
+    fetch, _, pooling = _how_made(small)
+    assert (fetch.image_size, fetch.trim_borders, pooling) == (160, True, "rmac")
+    result = imgsim("match", "a", "small", "--store", str(store))
+    assert_usage_error(result, "px")
+    assert result.stderr.strip() == (
+        "imgsim: error: cannot match a (224 px model input) with small (160 px): extract "
+        "one again with --image-size 160 (or the other with 224) and --overwrite"
+    )
+    info = imgsim("info", "small", "--store", str(store))
+    assert "descriptor rmac-trim/v1 at 160 px" in info.stdout

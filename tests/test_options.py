@@ -39,6 +39,11 @@ from support.cli import assert_usage_error, imgsim
             "unknown --model 'resnet'",
         ),
         (
+            lambda: ExtractOptions(image_size=16),
+            "image_size must be an integer of at least 32",
+            "--image-size must be",
+        ),
+        (
             lambda: FetchOptions(read_timeout=0.01),
             "read_timeout must be a number of at least 0.1",
             "--timeout must be",

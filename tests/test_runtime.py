@@ -100,33 +100,36 @@ def test_a_second_load_reads_the_cached_model_without_building_it(tmp_path, monk
     weights = resolve_weights("mobilenet", "random")
     built: list[str] = []
 
-    def build(pooling: str):
+    def build(pooling: str, size: int = 224):
         def make():
-            built.append(pooling)
-            return build_model(weights, str(tmp_path), pooling)
+            built.append(f"{pooling}@{size}")
+            return build_model(weights, str(tmp_path), pooling, size)
 
         return make
 
-    first = load_predictor(weights, "avg", "openvino", build("avg"))
-    second = load_predictor(weights, "avg", "openvino", build("avg"))
-    assert built == ["avg"]  # the second came from the cache
+    first = load_predictor(weights, "avg", 224, "openvino", build("avg"))
+    second = load_predictor(weights, "avg", 224, "openvino", build("avg"))
+    assert built == ["avg@224"]  # the second came from the cache
     pixels = photos()
     cached = embed_pixels(second, pixels, 8)
     assert np.array_equal(embed_pixels(first, pixels, 8), cached)
     reference = embed_pixels(KerasPredictor(build_model(weights, str(tmp_path))), pixels, 8)
     assert np.abs(cached - reference).max() < 1e-4  # float32 kept, not compressed to fp16
     entries = sorted(p.name for p in ir_cache_dir().iterdir() if p.name != "compiled")
-    assert entries == [f"mobilenet-{ir_key(weights, 'avg')}"]
+    assert entries == [f"mobilenet-{ir_key(weights, 'avg', 224)}"]
     assert any((ir_cache_dir() / "compiled").iterdir())  # OpenVINO's compiled model
-    load_predictor(weights, "gem", "openvino", build("gem"))  # another pooling: its own entry
-    assert built == ["avg", "gem"] and len(list(ir_cache_dir().iterdir())) == 3
+    load_predictor(weights, "gem", 224, "openvino", build("gem"))  # another pooling: its own
+    small = load_predictor(weights, "avg", 160, "openvino", build("avg", 160))  # and size
+    assert built == ["avg@224", "gem@224", "avg@160"] and len(list(ir_cache_dir().iterdir())) == 4
+    thumbs = np.stack([np.asarray(Image.fromarray(p).resize((160, 160))) for p in pixels])
+    assert embed_pixels(small, thumbs, 8).shape == (len(pixels), 1024)
     # a worker that finds the cached model neither builds it nor imports TensorFlow
     script = (
         "import sys\n"
         "from imgsim_dask.models import resolve_weights\n"
         "from imgsim_dask.runtime import load_predictor\n"
         "def build(): raise AssertionError('built')\n"
-        "p = load_predictor(resolve_weights('mobilenet', 'random'), 'avg', 'auto', build)\n"
+        "p = load_predictor(resolve_weights('mobilenet', 'random'), 'avg', 224, 'auto', build)\n"
         "print(p.name, p.dim, 'tensorflow' in sys.modules, 'keras' in sys.modules)\n"
     )
     if any(os.path.exists(node) for node in GPU_DEVICE_NODES):
@@ -141,7 +144,7 @@ def test_a_cache_that_cannot_be_written_only_costs_the_export(tmp_path, monkeypa
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     weights = resolve_weights("mobilenet", "random")
     predictor = load_predictor(
-        weights, "avg", "openvino", lambda: build_model(weights, str(tmp_path))
+        weights, "avg", 224, "openvino", lambda: build_model(weights, str(tmp_path))
     )
     assert predictor.dim == 1024 and predictor(photos()[:8]).shape == (8, 1024)
     assert "cannot cache the OpenVINO model in" in caplog.text

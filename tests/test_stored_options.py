@@ -40,7 +40,10 @@ def interrupt(source_path, partition=1):
 
 def test_resume_takes_every_option_from_the_plan(client, image_dir, tmp_path, monkeypatch):
     csv = write_csv(tmp_path / "big.csv", image_dir)
-    made = dict(model="efficientnet-lite0", weights="random", partition_rows=4, url_col="link")
+    made = dict(
+        model="efficientnet-lite0", weights="random", partition_rows=4, url_col="link",
+        image_size=160,
+    )  # fmt: skip
     first = extract(str(csv), "big", str(tmp_path), cluster=client, **made)
     features = np.asarray(first.features)
     interrupt(first.path)
@@ -49,6 +52,7 @@ def test_resume_takes_every_option_from_the_plan(client, image_dir, tmp_path, mo
     resumed = extract(str(csv), "big", str(tmp_path), cluster=client, resume=True)
 
     assert (resumed.meta.model, resumed.meta.partition_rows) == ("efficientnet-lite0", 4)
+    assert resumed.meta.image_size == 160  # (and the features below were embedded at 160 px)
     assert resumed.meta.url_col == "link" and resumed.meta.weights.startswith("random")
     assert resumed.meta.status_counts == first.meta.status_counts
     np.testing.assert_array_equal(np.asarray(resumed.features), features)
@@ -129,8 +133,9 @@ def test_resume_from_the_command_line(image_dir, tmp_path):
         )  # fmt: skip
 
     made = extract_big(
-        "--model", "efficientnet-lite0", "--partition-rows", "4", "--url-col", "link"
-    )
+        "--model", "efficientnet-lite0", "--partition-rows", "4", "--url-col", "link",
+        "--image-size", "192",
+    )  # fmt: skip
     assert made.returncode == 0, made.stderr
     interrupt(tmp_path / "imgsim-store" / "big")
 
@@ -142,10 +147,15 @@ def test_resume_from_the_command_line(image_dir, tmp_path):
         extract_big("--resume", "--url-col", "title"),
         "was made with --url-col 'link', not 'title'",
     )
+    assert_usage_error(
+        extract_big("--resume", "--image-size", "224"),
+        "was made with --image-size 192, not 224; leave out --image-size to go on",
+    )
     resumed = extract_big("--resume")
     assert resumed.returncode == 0, resumed.stderr
     meta = open_source(tmp_path / "imgsim-store", "big").meta
     assert (meta.model, meta.partition_rows, meta.url_col) == ("efficientnet-lite0", 4, "link")
+    assert meta.image_size == 192
 
 
 def test_run_reuses_sources_made_with_other_options(client, image_dir, tmp_path, monkeypatch):
@@ -169,14 +179,16 @@ def test_run_makes_a_new_source_with_the_stored_ones_model(client, image_dir, tm
     store = str(tmp_path / "store")
     csv = write_csv(tmp_path / "products.csv", image_dir, url_col="url")
     extract(str(csv), "products", store, cluster=client, model="efficientnet-lite0",
-            weights="random", url_col="url")  # fmt: skip
+            weights="random", url_col="url", image_size=160)  # fmt: skip
     write_csv(tmp_path / "uploads.csv", image_dir, url_col="image_url", rows=6)
     result = run(
         str(tmp_path / "uploads.csv"), str(csv), store=store, cluster=client,
         url_col="image_url,url",
     )  # fmt: skip
     uploads = open_source(store, "uploads").meta
-    assert (uploads.model, uploads.url_col) == ("efficientnet-lite0", "image_url")
+    assert (uploads.model, uploads.url_col, uploads.image_size) == (
+        "efficientnet-lite0", "image_url", 160,
+    )  # fmt: skip
     assert result.rows1_matched == 5
 
 

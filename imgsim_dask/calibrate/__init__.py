@@ -163,14 +163,14 @@ def _distinct(candidates: pd.DataFrame, features, limit: int, below: float) -> p
 
 
 def _how_made(source: Source) -> tuple[FetchOptions, object, str]:
-    """The fetch options, weights and pooling the source was made with (its plan)."""
+    """The fetch options (input size included), weights and pooling the source was made
+    with (its plan and meta)."""
     plan = stored_plan(source.path)
     descriptor = DESCRIPTORS[source.meta.descriptor.split("/")[0]]
-    spec = get_spec(source.meta.model)
     base_dir = "" if "://" in plan["csv"] else str(Path(plan["csv"]).parent)
     fetch = FetchOptions(
         **made_fetch(plan),
-        image_size=spec.image_size,
+        image_size=source.meta.image_size or get_spec(source.meta.model).image_size,
         trim_borders=descriptor.trim_borders,
         base_dir=base_dir,
     )
@@ -190,7 +190,7 @@ def _synthesised(
     """The features of every edited copy (`row`: the row it copies), their edits, and the
     reasons of the images that could not be fetched again."""
     require_workers(client, fetch=True, stage="calibrate")
-    plugin = ModelPlugin(weights, "auto", pooling)
+    plugin = ModelPlugin(weights, "auto", pooling, fetch.image_size)
     client.register_plugin(plugin)
     fetch_resources = {NET: 1} if workers_with(client, NET) else None
     futures = []

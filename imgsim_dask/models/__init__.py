@@ -55,7 +55,10 @@ def resolve_weights(model: str, weights: str | None) -> Weights:
     return resolve(get_spec(model), weights)
 
 
-def build_model(weights: Weights, workdir: str, pooling: str = "avg") -> keras.Model:
-    """Build the Keras model for `weights` and `pooling` (on a worker); file weights are
-    written to `workdir`."""
-    return build(get_spec(weights.model), weights, workdir, pooling)
+def build_model(
+    weights: Weights, workdir: str, pooling: str = "avg", image_size: int | None = None
+) -> keras.Model:
+    """Build the Keras model for `weights`, `pooling` and an input size (None: the model's),
+    on a worker; file weights are written to `workdir`."""
+    spec = get_spec(weights.model)
+    return build(spec, weights, workdir, pooling, image_size or spec.image_size)

@@ -16,11 +16,13 @@ if TYPE_CHECKING:
     from .spec import ModelSpec
 
 
-def build(spec: ModelSpec, weights: Weights, workdir: str, pooling: str = "avg") -> keras.Model:
-    """Build `spec`'s Keras model with `weights` and `pooling`; file weights are written to
-    `workdir`."""
+def build(
+    spec: ModelSpec, weights: Weights, workdir: str, pooling: str, image_size: int
+) -> keras.Model:
+    """Build `spec`'s Keras model with `weights`, `pooling` and `image_size` pixels a side of
+    input; file weights are written to `workdir`."""
     quiet_native_logs()  # before TensorFlow loads: its C++ start-up chatter
-    model = spec.build(pooling)
+    model = spec.build(pooling, image_size)
     if weights.is_random:
         set_seeded_weights(model)
     else:

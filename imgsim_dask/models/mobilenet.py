@@ -1,4 +1,5 @@
 """MobileNet v1 (alpha 1.0, 224, no top, global average pooling): the original's 1024-d features.
+Another input size takes the same weights (every layer is convolutional).
 
 Keras is imported only to build the model or download its weights, so the driver can check
 a weights file against `weight_shapes` without TensorFlow. `SPEC` is the model's registry entry.
@@ -30,9 +31,11 @@ WEIGHTS_URL = (
 _BLOCK_CHANNELS = (64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024)
 
 
-def build_mobilenet(weights_path: str | None = None, pooling: str = "avg") -> keras.Model:
-    """A model taking raw RGB pixels 0..255 (float32, 224x224) and returning 1024-d features,
-    its last feature map pooled by `pooling` (`models.pooling`).
+def build_mobilenet(
+    weights_path: str | None = None, pooling: str = "avg", image_size: int = IMAGE_SIZE
+) -> keras.Model:
+    """A model taking raw RGB pixels 0..255 (float32, `image_size` a side, 224 unless told)
+    and returning 1024-d features, its last feature map pooled by `pooling` (`models.pooling`).
 
     MobileNet's preprocessing (scale to [-1, 1]) is the model's first layer, so workers
     can ship uint8 pixels and never hold float copies. `weights_path=None` keeps the
@@ -42,16 +45,16 @@ def build_mobilenet(weights_path: str | None = None, pooling: str = "avg") -> ke
     from keras import layers
 
     backbone = keras.applications.MobileNet(
-        input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3),
+        input_shape=(image_size, image_size, 3),
         alpha=1.0,
         include_top=False,
         weights=None,
         pooling="avg" if pooling == "avg" else None,  # avg: the original's model, exactly
-        name=BACKBONE,
+        name=BACKBONE,  # (at any size: the weights files name it so)
     )
     if weights_path is not None:
         backbone.load_weights(weights_path)
-    pixels = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3), name="pixels")
+    pixels = keras.Input((image_size, image_size, 3), name="pixels")
     scaled = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="mobilenet_preprocess")(pixels)
     features = backbone(scaled)
     if pooling != "avg":
@@ -113,6 +116,6 @@ SPEC = ModelSpec(
     summary="MobileNet v1, ImageNet, global average pooling (as the original)",
     weight_shapes=weight_shapes,
     default_weights=default_weights,
-    build=lambda pooling: build_mobilenet(pooling=pooling),
+    build=lambda pooling, size: build_mobilenet(pooling=pooling, image_size=size),
     load_weights=_load_weights,
 )

@@ -21,18 +21,20 @@ class ModelSpec:
 
     name: str
     dim: int  # feature dimension
-    image_size: int  # input pixels a side (square)
+    image_size: int  # input pixels a side (square), unless an extraction asks for another
     default_descriptor: str  # a name in `descriptor.DESCRIPTORS`
     thresholds: dict[str, float]
-    """The cosine threshold for "same image" measured for each descriptor (docs/accuracy.md);
-    a descriptor without one has no default threshold (calibrate, or pass one)."""
+    """The cosine threshold for "same image" measured for each descriptor (docs/accuracy.md),
+    by its name at `image_size` and as `name@size` at another input size; one without a
+    threshold has none by default (calibrate, or pass one)."""
     summary: str
     weight_shapes: Callable[[], list[tuple[int, ...]]]
     """Every weight shape of the Keras model (no top), in order, computed without Keras."""
     default_weights: Callable[[ModelSpec], Weights]
     """The weights used when none are named, found on the driver."""
-    build: Callable[[str], keras.Model]
-    """The Keras model, unweighted, for a pooling (`models.pooling`), on a worker."""
+    build: Callable[[str, int], keras.Model]
+    """The Keras model, unweighted, for a pooling (`models.pooling`) and an input size (pixels
+    a side), on a worker."""
     load_weights: Callable[[keras.Model, str | None, str], None]
     """Load into a built model the weights file at a path, in the format its suffix names
     (`weights.HDF5`, `weights.KERAS3`, `weights.TORCH`); None: the default weights, which
@@ -43,5 +45,10 @@ class ModelSpec:
 
     @property
     def threshold(self) -> float:
-        """The threshold of the model's default descriptor."""
+        """The threshold of the model's default descriptor at its own input size."""
         return self.thresholds[self.default_descriptor]
+
+    def threshold_for(self, descriptor: str, image_size: int) -> float | None:
+        """The measured threshold of a descriptor (by name) at an input size, if any."""
+        key = descriptor if image_size == self.image_size else f"{descriptor}@{image_size}"
+        return self.thresholds.get(key)
