@@ -37,7 +37,7 @@ from upath import UPath
 from .cluster import Cluster, connect, starts_a_plain_local_cluster
 from .descriptor import IMPORTED
 from .errors import InputError, StoreError
-from .match import connected_groups, match_features, pairs_frame
+from .match import GroupForest, connected_groups, match_features, pairs_frame
 from .match.engine import prepared, scored_blocks
 from .match.kernel import Pairs, concat_pairs, dedupe, merge_top_k
 from .options import DEFAULT_STORE, MatchOptions, OptionError, opt, with_overrides
@@ -453,7 +453,7 @@ def _write_dataset(
     total = sum(p["pairs"] for p in counted.values())
     groups = None
     if self_match:
-        groups = _write_groups(path, n, total)
+        groups = _write_groups(path, list(counted.values()))
         if len(best):
             best["group"] = groups.reindex(best["row_a"]).to_numpy()
     record = {
@@ -530,14 +530,16 @@ def _empty_dataset(path: Location) -> None:
         Path(str(path)).mkdir()
 
 
-def _write_groups(path: Location, rows: int, pairs: int) -> pd.Series:
+def _write_groups(path: Location, parts: list[dict]) -> pd.Series:
     """`_groups.parquet`: the near-duplicate group of every row in a pair (the smallest row id
-    of its connected component); only the dataset's row columns are read back here."""
-    empty = pd.DataFrame({"row_a": np.empty(0, np.int64), "row_b": np.empty(0, np.int64)})
-    found = read_parquet(path, columns=["row_a", "row_b"]) if pairs else empty
-    ids = connected_groups(found["row_a"].to_numpy(), found["row_b"].to_numpy(), rows)
-    members = np.unique(found[["row_a", "row_b"]].to_numpy())
-    groups = pd.Series(ids[members], index=pd.Index(members, name="row"), name="group")
+    of its connected component), from the dataset's row columns read back part by part into
+    a `GroupForest`, so this process never holds all the pairs."""
+    forest = GroupForest()
+    for part in parts:
+        if part["pairs"]:
+            found = read_parquet(path / part["name"], columns=["row_a", "row_b"])
+            forest.add(found["row_a"].to_numpy(), found["row_b"].to_numpy())
+    groups = forest.groups()
     atomic_write(path / GROUPS, lambda tmp: groups.reset_index().to_parquet(tmp, index=False))
     return groups
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from imgsim_dask.errors import ImgsimError, InputError
 from imgsim_dask.match import (
+    GroupForest,
     connected_groups,
     estimate_pairs,
     kernel,
@@ -313,6 +314,30 @@ def test_connected_groups():
     assert groups.tolist() == [0, 0, 2, 3, 0, 5, 5, 3, 3, 9]
     assert groups.dtype == np.int64
     assert connected_groups(np.array([], int), np.array([], int), 3).tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("batch", [1, 7, 10**6])
+def test_a_group_forest_fed_in_pieces_finds_the_groups_of_all_the_pairs(batch):
+    """Pieces of a random graph (chains across pieces, repeated pairs, a row paired with
+    itself): the groups of every row in a pair, as `connected_groups` finds them at once,
+    while the forest never holds more edges than rows in pairs plus one batch."""
+    rng = np.random.default_rng(3)
+    rows_a = rng.integers(0, 400, 300)
+    rows_b = rng.integers(0, 400, 300)
+    rows_a[:40], rows_b[:40] = np.arange(40), np.arange(1, 41)  # a chain split across pieces
+    rows_a, rows_b = np.append(rows_a, [7, 7, 500]), np.append(rows_b, [8, 8, 500])
+    forest = GroupForest(batch=batch)
+    cuts = np.sort(rng.choice(np.arange(1, len(rows_a)), 20, replace=False))
+    for a, b in zip(np.split(rows_a, cuts), np.split(rows_b, cuts)):
+        forest.add(a, b)
+        assert len(forest._rows) < len(np.union1d(rows_a, rows_b))  # a forest, not the pairs
+    groups = forest.groups()
+    members = np.union1d(rows_a, rows_b)
+    assert groups.index.tolist() == members.tolist()
+    expected = connected_groups(rows_a, rows_b, 501)[members]
+    assert groups.to_numpy().tolist() == expected.tolist()
+    assert groups.loc[40] == 0 and groups.loc[500] == 500  # the chain's end; a self-pair alone
+    assert GroupForest().groups().empty
 
 
 @pytest.mark.parametrize(

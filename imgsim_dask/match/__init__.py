@@ -6,10 +6,11 @@ cluster, `groups` turns a self match's pairs into near-duplicate groups.
 """
 
 from .engine import check_shapes, estimate_pairs, match_features, pairs_frame
-from .groups import connected_groups
+from .groups import GroupForest, connected_groups
 from .kernel import available_cpus, score_block, valid_rows
 
 __all__ = [
+    "GroupForest",
     "available_cpus",
     "check_shapes",
     "connected_groups",
