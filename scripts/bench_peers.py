@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_accuracy import average_precision, pair_labels
+from bench_accuracy import average_precision, pair_labels, require_whole_set
 
 IMGSIM = str(Path(sys.executable).parent / "imgsim")
 FASTDUP_FEATURE_DIM = 576  # its bundled model's feature length
@@ -154,6 +154,7 @@ def main() -> None:
     parser.add_argument("--accuracy", action="store_true", help="also score both tools' AP")
     parser.add_argument("--out", type=Path, default=Path("bench-results/peers.json"))
     args = parser.parse_args()
+    require_whole_set()
     if shutil.which("unshare") is None:
         raise SystemExit("unshare (util-linux) is needed to run fastdup without a network")
     variants = {
