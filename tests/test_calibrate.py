@@ -140,17 +140,18 @@ def test_sources_of_different_input_sizes_are_refused_in_one_line(tmp_path, benc
     with LoopbackServer(benchmark_dir) as server:
         files = sorted(p.name for p in benchmark_dir.glob("*.jpg"))[:4]
         write_csv(tmp_path / "a.csv", server, files)
-        a = extract(str(tmp_path / "a.csv"), "a", str(store), cluster=client, model=MODEL)
+        a = extract(str(tmp_path / "a.csv"), "a", str(store), cluster=client, model=MODEL,
+                    image_size=224)  # fmt: skip
         small = extract(str(tmp_path / "a.csv"), "small", str(store), cluster=client,
-                        model=MODEL, image_size=160)  # fmt: skip
-    assert (a.meta.image_size, small.meta.image_size) == (224, 160)
+                        model=MODEL)  # fmt: skip
+    assert (a.meta.image_size, small.meta.image_size) == (224, 160)  # 160: the model's own
     spec = get_spec(MODEL)
-    assert a.meta.threshold == spec.threshold
-    assert small.meta.threshold == spec.threshold_for("rmac-trim", 160) is not None
+    assert small.meta.threshold == spec.threshold == 0.63
+    assert a.meta.threshold == spec.threshold_for("rmac-trim", 224) == 0.65
     cosines = np.sum(np.asarray(a.features) * np.asarray(small.features), axis=1)
     assert 0.8 < cosines.min() and cosines.max() < 0.9999, cosines
-    fetch, _, pooling = _how_made(small)
-    assert (fetch.image_size, fetch.trim_borders, pooling) == (160, True, "rmac")
+    fetch, _, pooling = _how_made(a)
+    assert (fetch.image_size, fetch.trim_borders, pooling) == (224, True, "rmac")
     result = imgsim("match", "a", "small", "--store", str(store))
     assert_usage_error(result, "px")
     assert result.stderr.strip() == (

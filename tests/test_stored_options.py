@@ -42,7 +42,7 @@ def test_resume_takes_every_option_from_the_plan(client, image_dir, tmp_path, mo
     csv = write_csv(tmp_path / "big.csv", image_dir)
     made = dict(
         model="efficientnet-lite0", weights="random", partition_rows=4, url_col="link",
-        image_size=160,
+        image_size=192,
     )  # fmt: skip
     first = extract(str(csv), "big", str(tmp_path), cluster=client, **made)
     features = np.asarray(first.features)
@@ -52,7 +52,7 @@ def test_resume_takes_every_option_from_the_plan(client, image_dir, tmp_path, mo
     resumed = extract(str(csv), "big", str(tmp_path), cluster=client, resume=True)
 
     assert (resumed.meta.model, resumed.meta.partition_rows) == ("efficientnet-lite0", 4)
-    assert resumed.meta.image_size == 160  # (and the features below were embedded at 160 px)
+    assert resumed.meta.image_size == 192  # (and the features below were embedded at 192 px)
     assert resumed.meta.url_col == "link" and resumed.meta.weights.startswith("random")
     assert resumed.meta.status_counts == first.meta.status_counts
     np.testing.assert_array_equal(np.asarray(resumed.features), features)
@@ -179,7 +179,7 @@ def test_run_makes_a_new_source_with_the_stored_ones_model(client, image_dir, tm
     store = str(tmp_path / "store")
     csv = write_csv(tmp_path / "products.csv", image_dir, url_col="url")
     extract(str(csv), "products", store, cluster=client, model="efficientnet-lite0",
-            weights="random", url_col="url", image_size=160)  # fmt: skip
+            weights="random", url_col="url", image_size=224)  # fmt: skip
     write_csv(tmp_path / "uploads.csv", image_dir, url_col="image_url", rows=6)
     result = run(
         str(tmp_path / "uploads.csv"), str(csv), store=store, cluster=client,
@@ -187,7 +187,7 @@ def test_run_makes_a_new_source_with_the_stored_ones_model(client, image_dir, tm
     )  # fmt: skip
     uploads = open_source(store, "uploads").meta
     assert (uploads.model, uploads.url_col, uploads.image_size) == (
-        "efficientnet-lite0", "image_url", 160,
+        "efficientnet-lite0", "image_url", 224,
     )  # fmt: skip
     assert result.rows1_matched == 5
 

@@ -36,8 +36,8 @@ def _smallest_in_component(rows_a: np.ndarray, rows_b: np.ndarray, n: int) -> np
 class GroupForest:
     """The connected components of pairs added in pieces, held as a spanning forest: an edge
     from each component's smallest row to each of its other rows, and the rows paired only
-    with themselves. It holds the rows in any pair, plus the pairs added since it last reduced (at most `batch`, or as many as the
-    forest has edges), never all the pairs at once."""
+    with themselves. It holds the rows in any pair, plus the pairs added since it last
+    reduced (at most `batch`, or as many as the forest has edges), never all the pairs."""
 
     def __init__(self, batch: int = FOREST_BATCH):
         self.batch = batch
