@@ -221,9 +221,9 @@ class ExtractOptions:
     )
     image_size: int | None = option(
         None,
-        "Model input, pixels a side: smaller is faster (160 halves the model's time at the "
-        "same AP on the accuracy benchmark, docs/accuracy.md); sources of different sizes "
-        "do not match [default: the model's, 224].",
+        "Model input, pixels a side: smaller is faster (160 takes half the model time of "
+        "224, docs/accuracy.md); sources of different sizes do not match [default: the "
+        "model's: 224 for mobilenet, 160 for efficientnet-lite0].",
         minimum=32,
         metavar="PIXELS",
     )

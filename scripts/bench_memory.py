@@ -9,7 +9,8 @@ Rows are local paths: one in `--ok-every` points at a small real JPEG (it goes t
 decode and the model), the rest at files that do not exist (`not_found`), so the row
 machinery (CSV blocks, partitions, row tables, Zarr chunks, Parquet parts) carries every
 row while the model time stays affordable on 2 cores. Each size runs on a fresh local
-cluster; peaks are above each process's RSS when the run starts (after warm-up).
+cluster, in a fresh process; peaks are above each process's RSS when the run starts
+(after warm-up).
 
 `--match`: A is `--rows` random unit vectors (`--dim`, imported), one row in 1,000 a noisy
 copy of a row of B (`--b-rows`, the same for every size); `match_sources(A, B, out=DIR/)`
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -36,6 +38,8 @@ from bench_match import (
     scoring_cluster,
 )
 from PIL import Image
+
+from imgsim_dask.options import MatchOptions
 
 PLANT_EVERY = 1000  # one row of A in this many copies a row of B
 MATCH_THRESHOLD = 0.8  # random 128-d unit vectors stay below about 0.5; the copies are >= 0.9
@@ -130,7 +134,7 @@ def write_match_sources(work: Path, rows: int, b_rows: int, dim: int) -> set[tup
     return planted
 
 
-def measure_match(rows: int, b_rows: int, dim: int, work: Path) -> dict:
+def measure_match(rows: int, b_rows: int, dim: int, block_rows: int, work: Path) -> dict:
     from distributed import Client
 
     from imgsim_dask import match_sources
@@ -144,8 +148,9 @@ def measure_match(rows: int, b_rows: int, dim: int, work: Path) -> dict:
         client.run(_worker_sampler_start)
         with RssSampler() as driver:
             result = match_sources(
-                "a", "b", store, cluster=client, threshold=MATCH_THRESHOLD, out=f"{work / 'pairs'}/"
-            )
+                "a", "b", store, cluster=client, threshold=MATCH_THRESHOLD,
+                out=f"{work / 'pairs'}/", block_rows=block_rows,
+            )  # fmt: skip
         workers = client.run(_worker_sampler_stop)
     pairs = pd.read_parquet(work / "pairs", columns=["row_a", "row_b"])
     found = set(zip(pairs["row_a"].tolist(), pairs["row_b"].tolist()))
@@ -153,6 +158,7 @@ def measure_match(rows: int, b_rows: int, dim: int, work: Path) -> dict:
     return {
         "rows": rows,
         "b_rows": b_rows,
+        "block_rows": block_rows,
         "pairs": len(found),
         "seconds": result.seconds,
         "driver_peak": driver.peak,
@@ -169,16 +175,29 @@ def main() -> None:
     parser.add_argument("--match", action="store_true", help="match imported sources instead")
     parser.add_argument("--b-rows", type=int, default=5_000, help="--match: rows of B")
     parser.add_argument("--dim", type=int, default=128, help="--match: vector length")
+    parser.add_argument(
+        "--block-rows",
+        type=int,
+        default=MatchOptions().block_rows,
+        help="--match: rows of A per task",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-results/memory.json"))
     args = parser.parse_args()
 
     results = []
     for rows in args.rows:
-        with tempfile.TemporaryDirectory(prefix="imgsim-mem-") as tmp:
+        # each size in a fresh process: what one run leaves allocated does not count in the next
+        with (
+            tempfile.TemporaryDirectory(prefix="imgsim-mem-") as tmp,
+            ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh,
+        ):
             if args.match:
-                results.append(measure_match(rows, args.b_rows, args.dim, Path(tmp)))
+                run = fresh.submit(
+                    measure_match, rows, args.b_rows, args.dim, args.block_rows, Path(tmp)
+                )
             else:
-                results.append(measure(rows, args.ok_every, Path(tmp)))
+                run = fresh.submit(measure, rows, args.ok_every, Path(tmp))
+            results.append(run.result())
     first = results[0]
     counted = "pairs" if args.match else "ok rows"
     print(
