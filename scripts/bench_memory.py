@@ -66,7 +66,8 @@ def measure(rows: int, ok_every: int, work: Path) -> dict:
     from imgsim_dask import extract
     from imgsim_dask.cluster import local_cluster
 
-    csv = write_csv(work, rows, ok_every)
+    with ProcessPoolExecutor(1) as other:  # (so that this process's RSS holds none of it)
+        csv = other.submit(write_csv, work, rows, ok_every).result()
     with (
         local_cluster(fetch_workers=1, dashboard_address="127.0.0.1:0") as cluster,
         Client(cluster) as client,
