@@ -14,7 +14,7 @@ from PIL import Image
 from imgsim_dask import ExtractOptions, extract
 from imgsim_dask.embed import embed_pixels
 from imgsim_dask.errors import ImgsimError
-from imgsim_dask.models import build_model, resolve_weights
+from imgsim_dask.models import build_model, get_spec, resolve_weights
 from imgsim_dask.runtime import (
     GPU_DEVICE_NODES,
     KerasPredictor,
@@ -28,9 +28,11 @@ from imgsim_dask.runtime import (
 from support.images import sample_images
 
 
-def photos() -> np.ndarray:
-    """The sample photographs at 224 x 224, plus a darker copy of each (near-duplicates)."""
-    resized = [np.asarray(Image.fromarray(p).resize((224, 224))) for p in sample_images().values()]
+def photos(size: int = 224) -> np.ndarray:
+    """The sample photographs at `size` x `size`, plus a darker copy of each (near-duplicates)."""
+    resized = [
+        np.asarray(Image.fromarray(p).resize((size, size))) for p in sample_images().values()
+    ]
     darker = [(image * 0.8).astype(np.uint8) for image in resized]
     return np.stack(resized + darker)
 
@@ -40,7 +42,7 @@ def photos() -> np.ndarray:
 def test_openvino_features_equal_keras_float32(model, mobilenet_h5, tmp_path):
     weights = resolve_weights(model, str(mobilenet_h5) if model == "mobilenet" else None)
     keras_model = build_model(weights, str(tmp_path))
-    pixels = photos()
+    pixels = photos(get_spec(model).image_size)  # (efficientnet-lite0's is 160)
     reference = embed_pixels(KerasPredictor(keras_model), pixels, 8)
     openvino = OpenVINOPredictor.from_keras(keras_model)
     features = embed_pixels(openvino, pixels, 8)
@@ -121,8 +123,7 @@ def test_a_second_load_reads_the_cached_model_without_building_it(tmp_path, monk
     load_predictor(weights, "gem", 224, "openvino", build("gem"))  # another pooling: its own
     small = load_predictor(weights, "avg", 160, "openvino", build("avg", 160))  # and size
     assert built == ["avg@224", "gem@224", "avg@160"] and len(list(ir_cache_dir().iterdir())) == 4
-    thumbs = np.stack([np.asarray(Image.fromarray(p).resize((160, 160))) for p in pixels])
-    assert embed_pixels(small, thumbs, 8).shape == (len(pixels), 1024)
+    assert embed_pixels(small, photos(160), 8).shape == (len(pixels), 1024)
     # a worker that finds the cached model neither builds it nor imports TensorFlow
     script = (
         "import sys\n"
