@@ -89,6 +89,7 @@ def test_extract_mixed_sources(client, mixed_csv, tmp_path):
     h5, fields = source.export_h5(h5_path)
     with h5py.File(h5, "r") as f:
         assert np.array_equal(f["data"][:], features[~failed])
+        assert (f.attrs["model"], f.attrs["image_size"]) == ("mobilenet", 224)  # how it was made
     exported = pd.read_csv(fields, sep="\t", dtype=str, keep_default_na=False)
     assert exported["id"].tolist() == rows.loc[~failed, "id"].tolist()
 
